@@ -1,0 +1,6 @@
+"""dfkd-deploy: data-free distillation of a deployed image classifier into a small, exported student."""
+from ._compat import import_torchvision as _import_torchvision
+
+_import_torchvision()  # once, before anything (onnx2torch included) imports torchvision
+
+__version__ = "0.1.0"

@@ -1,0 +1,94 @@
+"""What the rest of the pipeline knows about a teacher, whatever file it came from.
+
+Conventions used across the project:
+- *pixel space*: NCHW float tensors in [0, 1]. The generator, the image pool, real eval data and
+  the probes live here.
+- *model space*: what the teacher file itself expects, but always NCHW: ``Normalizer`` maps
+  pixel space to it (scale to the value range, subtract mean, divide by std).
+- ``Teacher.module`` takes model-space NCHW input and returns logits (log-probabilities for a
+  teacher whose output is probabilities). Layout conversion for NHWC teachers lives inside it.
+- Students are trained on model-space input, so an exported student is a drop-in replacement
+  for the teacher file (the exporter puts the NHWC permute back where the teacher had one).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TeacherSpec:
+    format: str                          # onnx | torchscript | exported | state_dict | pickle
+    source: str                          # the file it came from
+    input_shape: tuple[int, int, int]    # C, H, W (NCHW view, whatever the file's layout)
+    layout: str = "NCHW"                 # the file's own layout: NCHW | NHWC
+    num_classes: int = 0
+    output: str = "logits"               # logits | probabilities
+    mean: Optional[tuple[float, ...]] = None
+    std: Optional[tuple[float, ...]] = None
+    value_range: float = 1.0             # pixel maximum the file expects before mean/std
+    bn_layers: int = 0
+    arch: Optional[str] = None
+    converter_max_abs_diff: Optional[float] = None   # onnx only: torch vs onnxruntime
+    notes: list[str] = field(default_factory=list)    # what was assumed rather than read
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        return d
+
+
+class Normalizer(nn.Module):
+    """Pixel space ([0,1], NCHW) -> model space, differentiably."""
+
+    def __init__(self, spec: TeacherSpec):
+        super().__init__()
+        c = spec.input_shape[0]
+        mean = torch.tensor(spec.mean if spec.mean else [0.0] * c, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(spec.std if spec.std else [1.0] * c, dtype=torch.float32).view(1, -1, 1, 1)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+        self.value_range = float(spec.value_range)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.value_range - self.mean) / self.std
+
+
+class TeacherModule(nn.Module):
+    """Wraps the raw loaded model: NCHW model-space input -> logits (or log-probabilities)."""
+
+    def __init__(self, model: nn.Module, layout: str = "NCHW", output: str = "logits"):
+        super().__init__()
+        self.model = model
+        self.layout = layout
+        self.output = output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "NHWC":
+            x = x.permute(0, 2, 3, 1)
+        out = self.model(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if self.output == "probabilities":
+            out = torch.log(out.clamp_min(1e-12))
+        return out
+
+
+@dataclass
+class Teacher:
+    module: TeacherModule   # frozen, eval mode, gradients flow to its input
+    spec: TeacherSpec
+
+    def normalizer(self) -> Normalizer:
+        return Normalizer(self.spec)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Eval mode, no parameter gradients; inputs still receive gradients."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
