@@ -1,0 +1,256 @@
+"""Command line: parse arguments, call the library, map errors to exit codes. Nothing else.
+
+Exit codes: 0 success, 2 usage or input error (one line, no traceback unless --debug),
+1 an unexpected internal error (one line and a hint to rerun with --debug).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from functools import wraps
+from pathlib import Path
+
+import click
+import yaml
+
+from .errors import DfkdError
+
+_DEBUG = {"on": False}
+
+
+def _fail(msg: str, code: int) -> None:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn):
+    """One line per failure; tracebacks only with --debug."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DfkdError as exc:
+            if _DEBUG["on"]:
+                raise
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted; the last checkpoint is kept (rerun with --resume)", 130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - last resort: never a bare traceback
+            if _DEBUG["on"]:
+                raise
+            _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1)
+
+    return wrapper
+
+
+def _parse_sets(values: tuple[str, ...]) -> dict:
+    out = {}
+    for item in values:
+        if "=" not in item:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE, e.g. distillation.epochs=5", param_hint="--set")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def _recipe(recipe_path, sets, teacher_arch=None, seed=None):
+    from .recipe import load_recipe
+
+    overrides = _parse_sets(sets)
+    if teacher_arch:
+        overrides["teacher.arch"] = teacher_arch
+    if seed is not None:
+        overrides["seed"] = seed
+    return load_recipe(recipe_path, overrides)
+
+
+def teacher_options(fn):
+    fn = click.option("--teacher-arch", help="zoo architecture of a plain state_dict teacher (see `list students`)")(fn)
+    fn = click.option("--trust-pickle", is_flag=True, help="allow loading a pickled whole module (unpickling runs code)")(fn)
+    return fn
+
+
+def run_options(fn):
+    fn = click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), help="recipe YAML (default: built-in defaults)")(fn)
+    fn = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="override a recipe value, e.g. --set distillation.epochs=5")(fn)
+    fn = click.option("--seed", type=int, help="random seed (overrides the recipe's)")(fn)
+    fn = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)(fn)
+    fn = click.option("--quiet", is_flag=True, help="no progress display")(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="show full tracebacks on errors")
+@click.version_option(package_name="dfkd-deploy")
+def cli(debug: bool):
+    """Compress a deployed image classifier without its training data."""
+    _DEBUG["on"] = debug
+
+
+@cli.command()
+@click.argument("teacher", type=click.Path())
+@run_options
+@teacher_options
+@click.option("--eval-data", type=click.Path(), help=".npz (images, labels) or ImageFolder directory for real accuracy")
+@click.option("--out", type=click.Path(file_okay=False), help="run directory (default: runs/<teacher name>)")
+@click.option("--dry-run", is_flag=True, help="check the recipe and teacher, print the plan, run nothing")
+@click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
+@handle_errors
+def compress(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, trust_pickle, eval_data, out, dry_run, resume):
+    """Distill TEACHER into a small student, export it to ONNX and validate it."""
+    from . import api
+    from .teachers import load_teacher
+
+    recipe = _recipe(recipe_path, sets, teacher_arch, seed)
+    out = out or str(Path("runs") / Path(teacher).stem)
+    if dry_run:
+        t = load_teacher(teacher, recipe.teacher, trust_pickle=trust_pickle)
+        click.echo(yaml.safe_dump({"plan": api.plan(t, recipe), "out": out}, sort_keys=False))
+        return
+    result = api.compress(teacher, recipe, out, device=device, eval_data=eval_data, trust_pickle=trust_pickle,
+                          resume=resume, show_progress=not quiet)
+    _print_summary(result.report, result.run_dir)
+
+
+def _print_summary(report: dict, run_dir) -> None:
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.2f}%"
+
+    t, s, a, f = report["teacher"], report["student"], report["agreement"], report["fidelity"]
+    click.echo(f"teacher accuracy {pct(t.get('accuracy'))}   student accuracy {pct(s.get('accuracy'))}   "
+               f"agreement on held-out probes {pct(a.get('top1'))}   ONNX max |diff| {f.get('onnx_max_abs_diff')}")
+    click.echo(f"artifacts in {run_dir}")
+
+
+@cli.command()
+@click.argument("teacher", type=click.Path())
+@teacher_options
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@handle_errors
+def inspect(teacher, teacher_arch, trust_pickle, recipe_path, sets, as_json):
+    """Show what was found in TEACHER: format, input, layout, classes, BN layers, converter parity."""
+    from .teachers import load_teacher
+
+    recipe = _recipe(recipe_path, sets, teacher_arch)
+    spec = load_teacher(teacher, recipe.teacher, trust_pickle=trust_pickle).spec.to_dict()
+    if as_json:
+        click.echo(json.dumps(spec, indent=2))
+        return
+    for key, value in spec.items():
+        if key == "notes":
+            continue
+        click.echo(f"{key:24s} {value}")
+    for note in spec.get("notes") or []:
+        click.echo(f"assumed: {note}")
+
+
+@cli.command()
+@click.argument("teacher", type=click.Path())
+@run_options
+@teacher_options
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="directory for the image pool")
+@click.option("--rounds", type=int, default=None, help="batches to synthesize (default: the recipe's warm-up epochs x rounds)")
+@handle_errors
+def synthesize(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, trust_pickle, out, rounds):
+    """Synthesize images from TEACHER alone into a pool (no student)."""
+    from . import stages
+
+    recipe = _recipe(recipe_path, sets, teacher_arch, seed)
+    info = stages.synthesize(teacher, recipe, out, device=device, rounds=rounds, trust_pickle=trust_pickle,
+                             show_progress=not quiet)
+    click.echo(f"{info['images']} images in {info['pool']} ({info['seconds']:.1f}s)")
+
+
+@cli.command()
+@click.argument("teacher", type=click.Path())
+@run_options
+@teacher_options
+@click.option("--pool", type=click.Path(file_okay=False), required=True, help="pool made by `synthesize`")
+@click.option("--out", type=click.Path(file_okay=False), required=True)
+@handle_errors
+def distill(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, trust_pickle, pool, out):
+    """Train a student by KD on an existing pool (no further synthesis); writes student.pt."""
+    from . import stages
+
+    recipe = _recipe(recipe_path, sets, teacher_arch, seed)
+    path = stages.distill_on_pool(teacher, recipe, pool, out, device=device, trust_pickle=trust_pickle,
+                                  show_progress=not quiet)
+    click.echo(f"student written to {path}")
+
+
+@cli.command()
+@click.argument("student", type=click.Path())
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="ONNX file to write")
+@click.option("--opset", type=int, default=17, show_default=True)
+@handle_errors
+def export(student, out, opset):
+    """Export a student.pt to ONNX (BN folded, dynamic batch) and check parity."""
+    from . import stages
+
+    result = stages.export(student, out, opset=opset)
+    click.echo(f"{result.path}: opset {result.opset}, max |diff| vs torch {result.max_abs_diff:.2e}")
+
+
+@cli.command()
+@click.argument("student", type=click.Path())
+@click.option("--teacher", required=True, type=click.Path(), help="the teacher, in any form `compress` takes")
+@teacher_options
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
+@click.option("--eval-data", type=click.Path(), help=".npz or ImageFolder for real accuracy")
+@click.option("--probes", type=int, default=256, show_default=True, help="synthetic probe images")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def validate(student, teacher, teacher_arch, trust_pickle, recipe_path, sets, eval_data, probes, seed, as_json):
+    """Compare STUDENT (student.pt or .onnx) with the teacher on synthetic probes and real data."""
+    from . import stages
+
+    recipe = _recipe(recipe_path, sets, teacher_arch, seed)
+    metrics = stages.validate(student, teacher, recipe, eval_data=eval_data, probes=probes,
+                              trust_pickle=trust_pickle)
+    click.echo(json.dumps(metrics, indent=2) if as_json else
+               "\n".join(f"{k:28s} {v}" for k, v in metrics.items()))
+
+
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False), default="runs/demo", show_default=True)
+@click.option("--quiet", is_flag=True)
+@handle_errors
+def demo(out, quiet):
+    """Built-in default: a digits teacher (trained once, cached) compressed data-free."""
+    from .demo import run_demo
+
+    res = run_demo(out, show_progress=not quiet)
+    click.echo(f"digits teacher accuracy {100 * res['teacher_accuracy']:.2f}%   "
+               f"student accuracy {100 * res['student_accuracy']:.2f}%   "
+               f"({100 * res['student_accuracy'] / res['teacher_accuracy']:.1f}% of the teacher)   "
+               f"student {res['student_params']} params vs teacher {res['teacher_params']}")
+    click.echo(f"artifacts in {res['run_dir']}")
+
+
+@cli.group("list")
+def list_group():
+    """List registered components."""
+
+
+@list_group.command("students")
+def list_students():
+    """Architectures a recipe may name as student.arch (or --teacher-arch)."""
+    from .models import get_entry, model_names
+
+    for name in model_names():
+        click.echo(f"{name:18s} {get_entry(name).description}")
+
+
+def main() -> None:
+    cli(prog_name="dfkd-deploy")
+
+
+if __name__ == "__main__":
+    main()

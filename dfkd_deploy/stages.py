@@ -1,0 +1,115 @@
+"""Single stages of the pipeline, for users who run them one at a time (`synthesize`,
+`distill`, `export`, `validate` on the command line)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .api import distill, make_probes, make_synthesizer, prepare_run_dir
+from .device import resolve_device
+from .distill.trainer import seed_everything
+from .errors import UsageError
+from .models.student_file import load_student, save_student
+from .progress import task
+from .recipe import Recipe
+from .synthesis.pool import ImagePool
+from .teachers import load_teacher
+
+
+PROBE_WARMUP_ROUNDS = 5
+
+
+def synthesize(teacher_path, recipe: Recipe, out, *, device="auto", rounds: int | None = None,
+               trust_pickle: bool = False, show_progress: bool = True) -> dict:
+    """Teacher-only synthesis (no student, so no adversarial term) into a pool at ``out``."""
+    dev = resolve_device(device)
+    teacher = load_teacher(teacher_path, recipe.teacher, trust_pickle=trust_pickle)
+    teacher.module.to(dev)
+    seed_everything(recipe.seed)
+    synth = make_synthesizer(teacher, recipe, dev)
+    pool = ImagePool(out)
+    n = rounds if rounds is not None else max(1, recipe.distillation.warmup) * recipe.synthesis.rounds_per_epoch
+    t0 = time.perf_counter()
+    with task("synthesize (batches)", n, show_progress) as bar:
+        for _ in range(n):
+            images, st = synth.synthesize(None)
+            pool.add(images)
+            bar.advance(1, f"confidence={st.confidence:.3f}")
+    return {"pool": str(out), "images": len(pool), "seconds": time.perf_counter() - t0}
+
+
+def distill_on_pool(teacher_path, recipe: Recipe, pool_dir, out, *, device="auto", trust_pickle=False,
+                    show_progress=True) -> Path:
+    """KD on an existing pool: every epoch trains (no warm-up, no synthesis)."""
+    if not (Path(pool_dir) / "index.json").is_file():
+        raise UsageError(f"{pool_dir} is not an image pool (no index.json; run `dfkd-deploy synthesize` first)")
+    src = ImagePool(pool_dir)
+    if len(src) == 0:
+        raise UsageError(f"{pool_dir} holds no synthesized images (run `dfkd-deploy synthesize` first)")
+    dev = resolve_device(device)
+    teacher = load_teacher(teacher_path, recipe.teacher, trust_pickle=trust_pickle)
+    teacher.module.to(dev)
+    run_dir = prepare_run_dir(out, resume=False)
+    recipe = recipe.model_copy(deep=True)
+    recipe.distillation.warmup = 0   # the pool is ready: every epoch trains
+    student, _, _ = distill(teacher, recipe, run_dir, dev, show_progress=show_progress,
+                            synthesize_more=False, pool=src)
+    return save_student(run_dir / "student.pt", student, arch=recipe.student.arch,
+                        num_classes=teacher.spec.num_classes, input_shape=teacher.spec.input_shape,
+                        teacher_spec=teacher.spec.to_dict())
+
+
+def export(student_path, out, *, opset: int = 17):
+    from exporters.onnx_export import export_student_onnx
+
+    student, meta = load_student(student_path)
+    spec = meta["teacher_spec"]
+    return export_student_onnx(student, out, input_shape=tuple(meta["input_shape"]),
+                               layout=spec.get("layout", "NCHW"), opset=opset)
+
+
+def validate(student_path, teacher_path, recipe: Recipe, *, eval_data=None, probes: int = 256,
+             trust_pickle: bool = False, device="auto") -> dict:
+    """Teacher vs student (student.pt, or an exported .onnx) on fresh synthetic probes and real data."""
+    from exporters.onnx_export import onnx_predict
+
+    from .validate.data import load_eval_data, to_pixels
+    from .validate.metrics import predict, top1_accuracy, top1_agreement
+
+    dev = resolve_device(device)
+    teacher = load_teacher(teacher_path, recipe.teacher, trust_pickle=trust_pickle)
+    teacher.module.to(dev)
+    norm = teacher.normalizer().to(dev)
+    student_path = Path(student_path)
+    if student_path.suffix == ".onnx":
+        layout = teacher.spec.layout
+
+        def student_logits(pixels):
+            with torch.no_grad():
+                return torch.from_numpy(onnx_predict(student_path, norm(pixels.to(dev)).cpu(), layout=layout))
+    else:
+        student, _ = load_student(student_path)
+        student.to(dev)
+
+        def student_logits(pixels):
+            return predict(student, pixels, normalizer=norm, device=dev)
+
+    seed_everything(recipe.seed)
+    synth = make_synthesizer(teacher, recipe, dev)
+    for _ in range(PROBE_WARMUP_ROUNDS):   # a fresh generator first learns what the teacher likes
+        synth.synthesize(None)
+    probe_pixels = make_probes(synth, probes, recipe.synthesis.batch_size, recipe.seed)
+    t = predict(teacher.module, probe_pixels, normalizer=norm, device=dev)
+    out = {"probe_images": probes, "probe_agreement": top1_agreement(t, student_logits(probe_pixels))}
+    if eval_data is not None:
+        data = load_eval_data(eval_data, input_shape=teacher.spec.input_shape, num_classes=teacher.spec.num_classes)
+        pixels = to_pixels(data.images)
+        t_real = predict(teacher.module, pixels, normalizer=norm, device=dev)
+        s_real = student_logits(pixels)
+        labels = torch.from_numpy(data.labels)
+        out.update({"eval_images": len(data), "teacher_accuracy": top1_accuracy(t_real, labels),
+                    "student_accuracy": top1_accuracy(s_real, labels),
+                    "eval_agreement": top1_agreement(t_real, s_real)})
+    return out
