@@ -44,7 +44,8 @@ def build_student(recipe: Recipe, teacher: Teacher) -> nn.Module:
 
 def make_synthesizer(teacher: Teacher, recipe: Recipe, device: torch.device) -> FastSynthesizer:
     return FastSynthesizer(teacher.module, teacher.normalizer(), teacher.spec.input_shape,
-                           teacher.spec.num_classes, recipe.synthesis, device)
+                           teacher.spec.num_classes, recipe.synthesis, device,
+                           use_bn_statistics=teacher.spec.bn_layers > 0)
 
 
 def plan(teacher: Teacher, recipe: Recipe) -> dict:

@@ -129,11 +129,13 @@ class Distiller:
         self.history = state["history"]
 
     # -- the loop ----------------------------------------------------------------------------
-    def run(self) -> DistillResult:
+    def run(self, until_epoch: int | None = None) -> DistillResult:
+        """Train up to the recipe's last epoch (or ``until_epoch``, to stop early and resume later)."""
         d = self.recipe.distillation
+        stop = d.epochs if until_epoch is None else min(until_epoch, d.epochs)
         with task("distill (epochs)", d.epochs, self.show_progress) as bar:
             bar.advance(self.epoch)
-            while self.epoch < d.epochs:
+            while self.epoch < stop:
                 row = {"epoch": self.epoch + 1}
                 if self.synth is not None:
                     row.update(self._synthesize(self.epoch))

@@ -34,7 +34,8 @@ class RoundStats:
 
 class FastSynthesizer:
     def __init__(self, teacher: nn.Module, normalizer: nn.Module, input_shape: tuple[int, int, int],
-                 num_classes: int, opts: SynthesisOptions, device: torch.device | str = "cpu"):
+                 num_classes: int, opts: SynthesisOptions, device: torch.device | str = "cpu",
+                 use_bn_statistics: bool = True):
         self.teacher = teacher
         self.normalizer = normalizer.to(device)
         self.opts = opts
@@ -45,7 +46,9 @@ class FastSynthesizer:
         # Adam with betas (0.5, 0.999) for both loops, meta lr scaled by g_steps, as the reference.
         self.meta_optimizer = torch.optim.Adam(self.generator.parameters(), opts.lr_g * opts.g_steps,
                                                betas=(0.5, 0.999))
-        self.bn_stats = BNStatistics(teacher, momentum=opts.bn_mmt)
+        # A teacher whose BN layers cannot be trusted to see whole batches (the loader reports
+        # bn_layers=0 then) gets no BN term rather than a wrong one.
+        self.bn_stats = BNStatistics(teacher if use_bn_statistics else nn.Identity(), momentum=opts.bn_mmt)
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         a = self.opts.augment

@@ -1,0 +1,565 @@
+"""Loading a teacher file, whatever it is, into a :class:`Teacher`.
+
+The format is chosen from the file's content (ONNX protobuf, TorchScript zip, ``torch.export``
+zip, ``torch.save`` pickle) and checked against its extension, so a mislabelled file gets a
+one-line error instead of a deep traceback from the wrong loader. Each format reports what it
+could read (:class:`Detected`); :func:`finish` then applies the recipe's overrides, refuses
+contradictions, and checks with one forward pass that the resolved input shape really works.
+"""
+from __future__ import annotations
+
+import collections
+import operator
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..errors import TeacherError, UsageError
+from ..models import build_model, get_entry, model_names
+from ..recipe import TeacherOptions
+from .batchnorm import count_batchnorms
+from .spec import Teacher, TeacherModule, TeacherSpec, freeze
+
+# Which content kinds each extension may hold. ``.pt``-style names are used for every torch
+# format in the wild (TorchScript included), so those accept all three torch kinds.
+_TORCH_KINDS = ("torchscript", "exported", "torch_pickle")
+EXTENSIONS: dict[str, tuple[str, ...]] = {
+    ".onnx": ("onnx",),
+    ".pt2": ("exported",),
+    ".ts": ("torchscript",), ".torchscript": ("torchscript",), ".jit": ("torchscript",),
+    ".pt": _TORCH_KINDS, ".pth": _TORCH_KINDS, ".th": _TORCH_KINDS, ".ckpt": _TORCH_KINDS,
+    ".bin": _TORCH_KINDS, ".tar": _TORCH_KINDS,
+}
+_KIND_WORDS = {"onnx": "an ONNX model", "torchscript": "a TorchScript archive",
+               "exported": "a torch.export program (.pt2)", "torch_pickle": "a torch.save checkpoint"}
+_KIND_EXT = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2", "torch_pickle": ".pth"}
+
+# Image sizes tried, in order, when a torch module carries no record of its input size.
+_PROBE_SIZES = (32, 224, 28, 64, 96, 299)
+
+
+@dataclass
+class Detected:
+    """What a format loader read off the file. ``None`` means "not knowable from the file"."""
+
+    model: nn.Module
+    format: str
+    file_shape: Optional[tuple[Optional[int], ...]] = None  # input dims in the file's layout, no batch
+    file_batch: Optional[int] = None        # a static batch size the model is fixed to, if any
+    layout: Optional[str] = None            # detected layout (None: decide from file_shape)
+    num_classes: Optional[int] = None
+    output: str = "logits"
+    arch: Optional[str] = None
+    mean: Optional[tuple[float, ...]] = None
+    std: Optional[tuple[float, ...]] = None
+    default_size: Optional[int] = None      # H = W to use when nothing else says (state_dict)
+    in_channels: Optional[int] = None       # known channels when file_shape is not
+    converter_max_abs_diff: Optional[float] = None
+    bn_layers: Optional[int] = None         # None: count nn.BatchNorm / OnnxBatchNorm modules
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_teacher(path, options: TeacherOptions | None = None, *, trust_pickle: bool = False) -> Teacher:
+    """Load ``path`` as a frozen teacher: model-space NCHW in, logits (or log-probs) out."""
+    options = options or TeacherOptions()
+    p = Path(path)
+    if not p.exists():
+        raise TeacherError(f"teacher file not found: {p}")
+    if not p.is_file():
+        raise TeacherError(f"teacher path is not a file: {p}")
+    if p.stat().st_size == 0:
+        raise TeacherError(f"teacher file is empty: {p}")
+    ext = p.suffix.lower()
+    if ext not in EXTENSIONS:
+        raise TeacherError(f"{p.name}: unknown teacher extension {ext or '(none)'!r}; "
+                           f"expected one of {', '.join(sorted(EXTENSIONS))}")
+    # ONNX has no magic number: a .onnx file that is neither zip nor pickle goes to the ONNX
+    # parser, which says clearly whether it is a model.
+    kind = sniff(p) or ("onnx" if ext == ".onnx" else None)
+    if kind is None:
+        raise TeacherError(f"{p.name}: not a recognised model file (neither ONNX nor a PyTorch archive); "
+                           "is it truncated or corrupt?")
+    if kind not in EXTENSIONS[ext]:
+        raise TeacherError(f"{p.name}: the extension says {ext} but the content is {_KIND_WORDS[kind]}; "
+                           f"rename it to {_KIND_EXT[kind]}")
+    if kind == "onnx":
+        from .onnx_teacher import load_onnx  # onnx/onnx2torch are heavy: import on demand
+        detected = load_onnx(p, options)
+    elif kind == "torchscript":
+        detected = _load_torchscript(p)
+    elif kind == "exported":
+        detected = _load_exported(p)
+    else:
+        detected = _load_torch_pickle(p, options, trust_pickle)
+    return finish(detected, p, options)
+
+
+def sniff(path: Path) -> Optional[str]:
+    """Classify by content: torch formats are zips (told apart by their members), legacy
+    ``torch.save`` files are raw pickles, ONNX protobufs usually start with ir_version.
+    None: none of these (the caller still tries ONNX for a ``.onnx`` name)."""
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return None
+        tails = {n.split("/", 1)[-1] for n in names}
+        if "archive_format" in tails or any(t.startswith("models/") and t.endswith(".json") for t in tails):
+            return "exported"
+        if "constants.pkl" in tails or any(t.startswith("code/") for t in tails):
+            return "torchscript"
+        if "data.pkl" in tails:
+            return "torch_pickle"
+        return None
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    if head[:1] == b"\x80":          # pickle protocol marker: legacy (non-zip) torch.save
+        return "torch_pickle"
+    if head[:1] == b"\x08":          # ModelProto field 1 (ir_version, varint): how ONNX files usually start
+        return "onnx"
+    return None
+
+
+# --------------------------------------------------------------------------- resolving options
+
+
+def guess_layout(file_shape, options: TeacherOptions, notes: list[str]) -> str:
+    """NHWC when the recipe says so, or when the last input dim looks like channels (1 or 3)
+    and the second does not; NCHW otherwise. The basis is recorded in ``notes``."""
+    if options.layout:
+        notes.append(f"layout {options.layout} from the recipe")
+        return options.layout
+    if file_shape and len(file_shape) == 3:
+        first, last = file_shape[0], file_shape[2]
+        if last in (1, 3) and first not in (1, 3):
+            notes.append(f"layout NHWC assumed: the input's last dim is {last}, its second is {first}")
+            return "NHWC"
+    notes.append("layout NCHW assumed")
+    return "NCHW"
+
+
+def resolve_shape(det: Detected, layout: str, options: TeacherOptions, notes: list[str]):
+    """C, H, W in NCHW order: the file's static dims, checked against and completed by the recipe."""
+    want = tuple(options.input_shape) if options.input_shape else None
+    if det.file_shape is not None:
+        dims = det.file_shape
+        chw = (dims[2], dims[0], dims[1]) if layout == "NHWC" else tuple(dims)
+        if want:
+            for name, have, asked in zip("CHW", chw, want):
+                if have is not None and have != asked:
+                    raise TeacherError(f"teacher.input_shape {list(want)} contradicts the file: its input "
+                                       f"has {name}={have} (NCHW view {list(chw)})")
+            return want
+        if any(d is None for d in chw):
+            raise TeacherError(f"the teacher's input shape is not fully static (NCHW view "
+                               f"{['?' if d is None else d for d in chw]}); set teacher.input_shape: [C, H, W]")
+        return chw
+    if want:
+        if det.in_channels is not None and det.in_channels != want[0]:
+            raise TeacherError(f"teacher.input_shape {list(want)} contradicts the file: its first conv takes "
+                               f"{det.in_channels} channels")
+        return want
+    if det.default_size is not None and det.in_channels is not None:
+        notes.append(f"input size {det.default_size}x{det.default_size} assumed; set teacher.input_shape if wrong")
+        return (det.in_channels, det.default_size, det.default_size)
+    return _probe_shape(det, layout, notes)
+
+
+def _probe_shape(det: Detected, layout: str, notes: list[str]):
+    """No recorded input size: try common sizes and keep the first that runs (recorded as a guess)."""
+    channels = [det.in_channels] if det.in_channels else [3, 1]
+    for size in _PROBE_SIZES:
+        for c in channels:
+            try:
+                with torch.no_grad():
+                    TeacherModule(det.model, layout)(torch.zeros(2, c, size, size))
+            except Exception:  # noqa: BLE001 - any failure just means "not this shape"
+                continue
+            notes.append(f"input shape {[c, size, size]} guessed by a trial forward pass (the file does not "
+                         "record it); set teacher.input_shape if wrong")
+            return (c, size, size)
+    raise TeacherError("cannot tell the teacher's input shape (no common size ran); set teacher.input_shape: [C, H, W]")
+
+
+def finish(det: Detected, path: Path, options: TeacherOptions) -> Teacher:
+    """Apply recipe overrides to what was detected, wrap, freeze and sanity-check one forward pass."""
+    notes = list(det.notes)
+    layout = det.layout or guess_layout(det.file_shape, options, notes)  # ONNX decides it earlier
+    shape = resolve_shape(det, layout, options, notes)
+
+    output = det.output
+    if options.output and options.output != output:
+        notes.append(f"output {options.output} from the recipe (detected {output})")
+        output = options.output
+
+    mean, std = det.mean, det.std
+    if options.mean is not None:
+        mean = tuple(options.mean)
+    if options.std is not None:
+        std = tuple(options.std)
+    for name, v in (("mean", mean), ("std", std)):
+        if v is not None and len(v) not in (1, shape[0]):
+            raise TeacherError(f"teacher.{name} has {len(v)} entries but the teacher takes {shape[0]} channels")
+    # A single value means "the same for every channel" (common for grayscale recipes).
+    mean = tuple(mean) * shape[0] if mean is not None and len(mean) == 1 else mean
+    std = tuple(std) * shape[0] if std is not None and len(std) == 1 else std
+
+    model = det.model
+    if det.file_batch is not None:
+        model = _batch_adapter(model, det.file_batch, shape, layout, notes)
+    chunked = isinstance(model, _FixedBatch)
+    module = freeze(TeacherModule(model, layout=layout, output=output))
+    num_classes = _check_forward(module, shape, det.num_classes, path)
+    if options.num_classes is not None and options.num_classes != num_classes:
+        raise TeacherError(f"teacher.num_classes={options.num_classes} contradicts the file: it outputs "
+                           f"{num_classes} classes")
+
+    bn = det.bn_layers if det.bn_layers is not None else count_batchnorms(module)
+    if chunked and bn:
+        # Hooks would fire once per chunk with that chunk's statistics, not the batch's.
+        notes.append(f"{bn} BatchNorm layers not offered for hooks (bn_layers=0): the batch runs in chunks")
+        bn = 0
+    spec = TeacherSpec(format=det.format, source=str(path), input_shape=tuple(int(d) for d in shape),
+                       layout=layout, num_classes=num_classes, output=output, mean=mean, std=std,
+                       value_range=float(options.value_range or 1.0), bn_layers=bn, arch=det.arch,
+                       converter_max_abs_diff=det.converter_max_abs_diff, notes=notes)
+    return Teacher(module=module, spec=spec)
+
+
+def _check_forward(module: TeacherModule, shape, detected_classes, path: Path) -> int:
+    """One forward pass at the resolved shape: catches a wrong input_shape override early, with
+    the shape in the message, and reads num_classes where the file does not state it."""
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(2, *shape))
+    except Exception as exc:  # noqa: BLE001 - the user's model: any failure is reported in one line
+        raise TeacherError(f"{path.name}: a forward pass with input shape {list(shape)} (NCHW) failed: "
+                           f"{_one_line(exc)}") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TeacherError(f"{path.name}: expected a classifier output of shape (batch, classes), got {got}")
+    classes = int(out.shape[1])
+    if detected_classes is not None and detected_classes != classes:
+        raise TeacherError(f"{path.name}: declared output size {detected_classes} but produced {classes}")
+    return classes
+
+
+class _FixedBatch(nn.Module):
+    """Runs a model whose batch size is baked in (B) on any batch: chunks of B, last one padded."""
+
+    def __init__(self, model: nn.Module, batch: int):
+        super().__init__()
+        self.model = model
+        self.batch = batch
+
+    def forward(self, x):
+        n = x.shape[0]
+        pad = (-n) % self.batch
+        if pad:
+            x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
+        outs = [self.model(chunk) for chunk in x.split(self.batch)]
+        outs = [o[0] if isinstance(o, (tuple, list)) else o for o in outs]
+        return torch.cat(outs)[:n]
+
+
+def _batch_adapter(model, batch, shape, layout, notes):
+    """Keep the model as is when it happens to accept other batch sizes; chunk otherwise."""
+    x = torch.zeros(batch + 1, *shape)
+    try:
+        with torch.no_grad():
+            TeacherModule(model, layout)(x)
+        return model
+    except Exception:  # noqa: BLE001
+        notes.append(f"the file fixes the batch size to {batch}: inputs are run in chunks of {batch}")
+        return _FixedBatch(model, batch)
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------- TorchScript
+
+
+def _load_torchscript(path: Path) -> Detected:
+    try:
+        model = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # noqa: BLE001
+        raise TeacherError(f"{path.name}: cannot load the TorchScript archive: {_one_line(exc)}") from None
+    notes = []
+    # Script modules refuse forward hooks, so their BN layers cannot feed the BN-statistics loss.
+    n_bn = sum(1 for m in model.modules() if getattr(m, "original_name", "").startswith("BatchNorm"))
+    if n_bn:
+        notes.append(f"{n_bn} BatchNorm layers found, but TorchScript modules do not accept forward hooks: "
+                     "bn_layers=0, the BN-statistics loss is unavailable (use ONNX or a state_dict + arch)")
+    traced = _traced_input_shape(path)
+    file_shape = tuple(traced[1:]) if traced and len(traced) == 4 else None
+    if file_shape:
+        notes.append(f"input shape read from the trace's example input {list(traced)}")
+    return Detected(model=model, format="torchscript", file_shape=file_shape, bn_layers=0,
+                    in_channels=_first_conv_channels(model.named_parameters()), notes=notes)
+
+
+class _ShapeOnlyUnpickler(pickle.Unpickler):
+    """Reads ``traced_inputs.pkl`` without running anything: tensors become their sizes and only
+    the few globals such a file uses are resolved (to harmless stand-ins)."""
+
+    _ALLOWED = {
+        ("torch._utils", "_rebuild_tensor_v2"): lambda storage, offset, size, *rest: tuple(size),
+        ("torch.jit._pickle", "restore_type_tag"): lambda value, _type: value,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return self._ALLOWED[(module, name)]
+        if module == "torch" and name.endswith("Storage"):
+            return name
+        raise pickle.UnpicklingError(f"{module}.{name} not allowed")
+
+    def persistent_load(self, pid):
+        return None
+
+
+def _traced_input_shape(path: Path) -> Optional[tuple[int, ...]]:
+    """``torch.jit.trace`` stores its example inputs; their shape is the model's input shape."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            name = next((n for n in zf.namelist() if n.endswith("/traced_inputs.pkl")), None)
+            if name is None:
+                return None
+            data = _ShapeOnlyUnpickler(zf.open(name)).load()
+        first = data["forward"][0]
+        return first if isinstance(first, tuple) and all(isinstance(d, int) for d in first) else None
+    except Exception:  # noqa: BLE001 - an unreadable record only means falling back to probing
+        return None
+
+
+def _first_conv_channels(named_tensors) -> Optional[int]:
+    for _name, t in named_tensors:
+        if t.dim() == 4:
+            return int(t.shape[1])
+    return None
+
+
+# --------------------------------------------------------------------------- torch.export
+
+
+def _load_exported(path: Path) -> Detected:
+    try:
+        program = torch.export.load(str(path))
+        model = program.module()
+    except Exception as exc:  # noqa: BLE001
+        raise TeacherError(f"{path.name}: cannot load the torch.export program: {_one_line(exc)}") from None
+    # .module() blocks train()/eval() because the mode was baked in at export time; freeze()
+    # needs eval() to walk the tree, which is harmless here, so restore nn.Module's methods.
+    for name in ("train", "eval"):
+        model.__dict__.pop(name, None)
+    notes = []
+    user = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in program.graph_signature.user_inputs]
+    if len(user) != 1:
+        raise TeacherError(f"{path.name}: the program takes {len(user)} inputs; a teacher takes one image batch")
+    val = user[0].meta.get("val")
+    dims = [d if isinstance(d, int) else None for d in val.shape] if val is not None else None
+    if dims is not None and len(dims) != 4:
+        raise TeacherError(f"{path.name}: the program's input has rank {len(dims)}; expected an image batch (rank 4)")
+    out_node = next(n for n in program.graph.nodes if n.op == "output")
+    outs = out_node.args[0]
+    out_val = (outs[0] if isinstance(outs, (tuple, list)) else outs).meta.get("val")
+    num_classes = out_val.shape[-1] if out_val is not None and isinstance(out_val.shape[-1], int) else None
+
+    file_batch = dims[0] if dims else None
+    if file_batch is not None:
+        # A fixed batch means running big batches in chunks (see finish), and per-chunk BN
+        # statistics would mislead the BN-statistics loss: leave the BN calls functional.
+        notes.append(f"exported with a fixed batch size of {file_batch}: BatchNorm layers are not exposed; "
+                     "re-export with dynamic_shapes (batch Dim.DYNAMIC) to use the BN-statistics loss")
+        recovered, left = 0, 0
+    else:
+        recovered, left = recover_batchnorms(model)
+    if recovered:
+        notes.append(f"{recovered} functional batch_norm calls turned back into nn.BatchNorm2d modules")
+    if left:
+        notes.append(f"{left} batch_norm calls stay functional (no hooks): the BN-statistics loss skips them")
+    return Detected(model=model, format="exported", file_shape=tuple(dims[1:]) if dims else None,
+                    file_batch=file_batch, num_classes=num_classes, notes=notes)
+
+
+class _EvalBatchNorm2d(nn.BatchNorm2d):
+    """A BN recovered from an exported graph: the graph used running statistics, so this one
+    always does, whatever train()/eval() says."""
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+_BN_TARGETS = ("aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default")
+
+
+def recover_batchnorms(gm: torch.fx.GraphModule) -> tuple[int, int]:
+    """Replace inference-mode ``batch_norm`` calls on 4-D tensors by ``nn.BatchNorm2d`` submodules
+    sharing the same tensors, so that forward hooks (the BN-statistics loss) can see them.
+
+    Only the clear case is rewritten: eval-mode calls whose parameters are module attributes.
+    Everything else is left as it is; returns (rewritten, left functional).
+    """
+    attrs = dict(gm.named_parameters()) | dict(gm.named_buffers())
+    done = left = 0
+    for node in list(gm.graph.nodes):
+        target = str(node.target)
+        if node.op != "call_function" or target not in _BN_TARGETS:
+            continue
+        legit = target.startswith("aten._native")
+        x, weight, bias, mean, var = node.args[:5]
+        training = False if legit else node.args[5]
+        eps = node.args[6] if legit else node.args[7]
+        getters = [a for a in (weight, bias, mean, var) if a is not None]
+        val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+        users_ok = not legit or all(u.target is operator.getitem and u.args[1] == 0 for u in node.users)
+        if (training or val is None or val.dim() != 4 or mean is None or var is None or not users_ok
+                or any(getattr(a, "op", None) != "get_attr" or a.target not in attrs for a in getters)):
+            left += 1
+            continue
+        bn = _EvalBatchNorm2d(val.shape[1], eps=eps, affine=weight is not None)
+        if weight is not None:
+            bn.weight, bn.bias = _as_param(attrs[weight.target]), _as_param(attrs[bias.target])
+        bn.running_mean, bn.running_var = attrs[mean.target], attrs[var.target]
+        name = f"recovered_bn{done}"
+        gm.add_submodule(name, bn)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, (x,))
+        for user in list(node.users) if legit else [node]:
+            user.replace_all_uses_with(new)
+            gm.graph.erase_node(user)
+        if legit:
+            gm.graph.erase_node(node)
+        done += 1
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return done, left
+
+
+def _as_param(t: torch.Tensor) -> nn.Parameter:
+    return t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+
+
+# --------------------------------------------------------------------------- torch.save files
+
+
+def _load_torch_pickle(path: Path, options: TeacherOptions, trust_pickle: bool) -> Detected:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refuses anything but tensors and containers: here, a pickled module/class.
+        if not trust_pickle:
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            what = f" (it references {found.group(1)})" if found else ""
+            raise TeacherError(f"{path.name} is a pickled Python object, not plain weights{what}; unpickling "
+                               "runs code from the file: pass --trust-pickle only if you trust it") from None
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        except Exception as exc2:  # noqa: BLE001 - e.g. the class it needs cannot be imported
+            raise TeacherError(f"{path.name}: cannot unpickle: {_one_line(exc2)}") from None
+    except Exception as exc:  # noqa: BLE001
+        raise TeacherError(f"{path.name}: cannot read the checkpoint: {_one_line(exc)}") from None
+
+    if isinstance(obj, nn.Module):
+        return _from_module(obj)
+    state = _find_state_dict(obj)
+    if state is None:
+        raise TeacherError(f"{path.name}: holds {type(obj).__name__} with no state_dict of tensors "
+                           "(looked at the top level and under state_dict / model / model_state_dict)")
+    return _from_state_dict(state, path, options)
+
+
+def _from_module(model: nn.Module) -> Detected:
+    # A whole module records nothing about its input: channels from the first conv, size by probing.
+    return Detected(model=model, format="pickle", in_channels=_first_conv_channels(model.state_dict().items()))
+
+
+def _find_state_dict(obj) -> Optional[dict]:
+    if isinstance(obj, nn.Module):
+        return None
+    if isinstance(obj, dict):
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        for key in ("state_dict", "model_state_dict", "model", "net", "ema"):
+            inner = obj.get(key)
+            if isinstance(inner, nn.Module):
+                inner = inner.state_dict()
+            found = _find_state_dict(inner) if inner is not None else None
+            if found is not None:
+                return found
+    return None
+
+
+def _strip_prefix(state: dict) -> dict:
+    """DataParallel / DDP / torch.compile wrap keys as ``module.`` / ``_orig_mod.``."""
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _from_state_dict(state: dict, path: Path, options: TeacherOptions) -> Detected:
+    if not options.arch:
+        raise TeacherError(f"{path.name} holds only weights: name its architecture with --teacher-arch NAME "
+                           f"(one of: {', '.join(model_names())})")
+    try:
+        entry = get_entry(options.arch)
+    except UsageError as exc:
+        raise TeacherError(str(exc)) from None
+    state = _strip_prefix(state)
+    notes = []
+    # The classifier is the last 2-D weight; the stem is the first 4-D weight (dict order = module order).
+    linear = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
+    # The recipe's num_classes is only a fallback here: finish() refuses it if it contradicts.
+    num_classes = int(linear[-1].shape[0]) if linear else options.num_classes
+    if num_classes is None:
+        raise TeacherError(f"{path.name}: no Linear weight to read the number of classes from; set teacher.num_classes")
+    in_channels = _first_conv_channels(state.items()) or 3
+    if options.input_shape:
+        size = tuple(options.input_shape[1:])
+    else:
+        side = 32 if options.arch.startswith("cifar_") else 224
+        size = (side, side)
+    try:
+        model = build_model(options.arch, num_classes=num_classes, in_channels=in_channels, input_size=size)
+        missing, unexpected = _load_strict(model, state)
+    except Exception as exc:  # noqa: BLE001 - e.g. a shape mismatch inside load_state_dict
+        raise TeacherError(f"{path.name}: weights do not fit --teacher-arch {options.arch}: {_one_line(exc)}") from None
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}")
+        raise TeacherError(f"{path.name}: weights do not fit --teacher-arch {options.arch}: {'; '.join(parts)}")
+    if options.mean is None and entry.default_mean:
+        notes.append(f"mean/std: the {options.arch} defaults")
+    return Detected(model=model, format="state_dict", arch=options.arch, num_classes=num_classes,
+                    mean=entry.default_mean, std=entry.default_std, default_size=size[0],
+                    in_channels=in_channels, notes=notes)
+
+
+def _load_strict(model: nn.Module, state: dict):
+    """Strict load, but returning the missing/unexpected keys so the error can list them.
+
+    ``num_batches_tracked`` is the one key allowed to be missing: old checkpoints predate it and
+    it has no effect in eval mode. Shape mismatches still raise (the caller reports them).
+    """
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    return missing, list(result.unexpected_keys)

@@ -1,0 +1,158 @@
+"""Real labelled images for validation, brought to the teacher's input shape.
+
+Two sources are accepted: an ``.npz`` with ``images`` (N,H,W,C or N,H,W, uint8) and ``labels``,
+or an ImageFolder directory (one sub-folder per class, classes in sorted name order, which
+is then assumed to be the teacher's class order). Images stay uint8 NCHW until
+:func:`to_pixels`, so a large set costs a quarter of the float memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+@dataclass
+class EvalData:
+    images: np.ndarray                 # uint8, N x C x H x W, already at the teacher's shape
+    labels: np.ndarray                 # int64, N
+    source: str
+    class_names: Optional[list[str]] = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_eval_data(path: str | Path, *, input_shape: tuple[int, int, int],
+                   num_classes: int | None = None) -> EvalData:
+    """Read ``path`` (npz or ImageFolder) and conform it to ``input_shape`` (C, H, W).
+
+    ``num_classes``, when given, rejects labels the teacher cannot predict, which would
+    otherwise silently count as errors.
+    """
+    path = Path(path)
+    c, h, w = (int(v) for v in input_shape)
+    if c not in (1, 3):
+        raise DataError(f"eval data can only be prepared for 1- or 3-channel teachers, not {c} channels")
+    if not path.exists():
+        raise DataError(f"eval data not found: {path}")
+    if path.is_dir():
+        images, labels, class_names = _read_folder(path, (c, h, w))
+    elif path.suffix.lower() == ".npz":
+        images, labels, class_names = _read_npz(path, (c, h, w))
+    else:
+        raise DataError(f"unsupported eval data {path.name}: expected an .npz file or an image folder")
+    if num_classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"eval data {path.name} has labels outside 0..{num_classes - 1} "
+                        f"(found {labels.min()}..{labels.max()})")
+    return EvalData(images=images, labels=labels, source=str(path), class_names=class_names)
+
+
+def to_pixels(images_uint8_nchw: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW -> float32 pixel space in [0, 1]."""
+    return torch.as_tensor(np.asarray(images_uint8_nchw)).float().div_(255.0)
+
+
+# --- npz -----------------------------------------------------------------------------------------
+
+def _read_npz(path: Path, chw: tuple[int, int, int]):
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - zip/format errors come in many types
+        raise DataError(f"cannot read eval data {path.name}: {exc}") from None
+    with archive:
+        missing = [k for k in ("images", "labels") if k not in archive.files]
+        if missing:
+            raise DataError(f"eval data {path.name} lacks key(s) {', '.join(missing)} "
+                            f"(has: {', '.join(archive.files) or 'nothing'})")
+        images, labels = archive["images"], archive["labels"]
+        class_names = [str(s) for s in archive["class_names"]] if "class_names" in archive.files else None
+    if images.dtype != np.uint8:
+        raise DataError(f"eval data {path.name}: images must be uint8, got {images.dtype}")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+        raise DataError(f"eval data {path.name}: images must be N,H,W,C (C in 1,3,4) or N,H,W; "
+                        f"got shape {images.shape}")
+    labels = _labels(labels, path.name)
+    if len(images) != len(labels):
+        raise DataError(f"eval data {path.name}: {len(images)} images but {len(labels)} labels")
+    if len(images) == 0:
+        raise DataError(f"eval data {path.name} is empty")
+    return _conform_batch(images, chw), labels, class_names
+
+
+def _labels(labels: np.ndarray, name: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"eval data {name}: labels must be a 1-D integer array, "
+                        f"got {labels.dtype} of shape {labels.shape}")
+    return labels.astype(np.int64)
+
+
+def _conform_batch(images_nhwc: np.ndarray, chw: tuple[int, int, int]) -> np.ndarray:
+    c, h, w = chw
+    n, ih, iw, ic = images_nhwc.shape
+    if (ih, iw, ic) == (h, w, c):
+        # Already right: a transpose, no per-image work (10,000 CIFAR images stay instant).
+        return np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2))
+    out = np.empty((n, c, h, w), np.uint8)
+    for i, img in enumerate(images_nhwc):
+        out[i] = _conform(_to_pil(img), chw)
+    return out
+
+
+# --- ImageFolder ---------------------------------------------------------------------------------
+
+def _read_folder(root: Path, chw: tuple[int, int, int]):
+    from PIL import Image
+
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"eval folder {root} has no class sub-folders")
+    files, labels = [], []
+    for idx, name in enumerate(classes):
+        for f in sorted((root / name).rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."):
+                files.append(f)
+                labels.append(idx)
+    if not files:
+        raise DataError(f"eval folder {root} contains no images "
+                        f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    images = np.empty((len(files), *chw), np.uint8)
+    for i, f in enumerate(files):
+        try:
+            with Image.open(f) as img:
+                img.load()
+                images[i] = _conform(img, chw)
+        except Exception as exc:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError...
+            raise DataError(f"cannot read image {f.relative_to(root)} in {root}: {exc}") from None
+    return images, np.asarray(labels, np.int64), classes
+
+
+# --- per image -----------------------------------------------------------------------------------
+
+def _to_pil(img_hwc: np.ndarray):
+    from PIL import Image
+
+    # PIL infers L / RGB / RGBA from a uint8 array's shape.
+    return Image.fromarray(img_hwc[..., 0] if img_hwc.shape[-1] == 1 else img_hwc)
+
+
+def _conform(img, chw: tuple[int, int, int]) -> np.ndarray:
+    """PIL image -> uint8 C,H,W at the teacher's channels and size (PIL bilinear resize)."""
+    from PIL import Image
+
+    c, h, w = chw
+    img = img.convert("L" if c == 1 else "RGB")   # also drops alpha and expands palettes
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)

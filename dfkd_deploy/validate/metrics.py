@@ -1,0 +1,106 @@
+"""Accuracy and teacher-student agreement, batched and without gradients."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import DataError
+from .data import EvalData, to_pixels
+
+
+@torch.no_grad()
+def predict(model: nn.Module, inputs: torch.Tensor, *, normalizer: Optional[nn.Module] = None,
+            batch_size: int = 256, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Logits (float32, on CPU) of ``model`` for ``inputs``.
+
+    ``inputs`` are pixels when a ``normalizer`` is given (it maps them to model space batch by
+    batch), model-space inputs otherwise. The model runs in eval mode and gets its previous
+    mode back afterwards, so calling this mid-training does not disturb BatchNorm statistics.
+    """
+    inputs = torch.as_tensor(inputs)
+    was_training = model.training
+    model.eval()
+    if normalizer is not None:
+        normalizer = normalizer.to(device)
+    outs = []
+    try:
+        for i in range(0, len(inputs), batch_size):
+            x = inputs[i:i + batch_size].to(device, torch.float32)
+            if normalizer is not None:
+                x = normalizer(x)
+            out = model(x)
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            outs.append(out.float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(outs) if outs else torch.zeros(0, 0)
+
+
+def top1_accuracy(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> float:
+    logits, labels = torch.as_tensor(logits), torch.as_tensor(labels)
+    if len(labels) == 0:
+        return float("nan")
+    return (logits.argmax(1) == labels.to(logits.device)).float().mean().item()
+
+
+def top1_agreement(logits_a: torch.Tensor | np.ndarray, logits_b: torch.Tensor | np.ndarray) -> float:
+    """Fraction of inputs on which both models pick the same class."""
+    a, b = torch.as_tensor(logits_a), torch.as_tensor(logits_b)
+    if len(a) != len(b):
+        raise ValueError(f"cannot compare {len(a)} predictions with {len(b)}")
+    if len(a) == 0:
+        return float("nan")
+    return (a.argmax(1) == b.argmax(1).to(a.device)).float().mean().item()
+
+
+def evaluate(teacher_module: nn.Module, student: Optional[nn.Module], normalizer: nn.Module,
+             data: EvalData, *, batch_size: int = 256, device: str | torch.device = "cpu",
+             onnx_path: str | Path | None = None, onnx_layout: str = "NCHW") -> dict:
+    """Teacher and student accuracy and their top-1 agreement on real labelled data.
+
+    Images are converted to pixels one batch at a time (a full float copy of a large set would
+    not fit in memory). With ``onnx_path`` the exported file is scored too, on ONNX Runtime,
+    so the report shows the accuracy of what actually ships.
+    """
+    if len(data) == 0:
+        raise DataError(f"eval data {data.source} is empty")
+    session = None
+    if onnx_path is not None:
+        from exporters.onnx_export import load_session, onnx_predict
+
+        session = load_session(onnx_path)   # one session for all batches
+    teacher_logits, student_logits, onnx_logits = [], [], []
+    for i in range(0, len(data), batch_size):
+        pixels = to_pixels(data.images[i:i + batch_size])
+        teacher_logits.append(predict(teacher_module, pixels, normalizer=normalizer,
+                                      batch_size=batch_size, device=device))
+        if student is not None:
+            student_logits.append(predict(student, pixels, normalizer=normalizer,
+                                          batch_size=batch_size, device=device))
+        if session is not None:
+            with torch.no_grad():
+                model_space = normalizer(pixels.to(device)).cpu()
+            onnx_logits.append(torch.from_numpy(onnx_predict(session, model_space, layout=onnx_layout,
+                                                             batch_size=batch_size)))
+
+    labels = torch.from_numpy(data.labels)
+    t = torch.cat(teacher_logits)
+    result = {
+        "source": data.source,
+        "images": len(data),
+        "teacher_accuracy": top1_accuracy(t, labels),
+        "student_accuracy": None,
+        "agreement": None,
+    }
+    if student is not None:
+        s = torch.cat(student_logits)
+        result["student_accuracy"] = top1_accuracy(s, labels)
+        result["agreement"] = top1_agreement(t, s)
+    if onnx_path is not None:
+        result["onnx_accuracy"] = top1_accuracy(torch.cat(onnx_logits), labels)
+    return result

@@ -1,0 +1,278 @@
+"""Export a trained student to ONNX and prove the file computes what the student computes.
+
+The exported file is meant to replace the teacher file as it is: same layout (an NHWC teacher
+gets an NHWC student), same model-space input, logits out, any batch size. Everything is
+checked before the file lands: the ONNX checker, BatchNorm folding, parity with the torch
+student on probes and a run at batch sizes 1 and 7. The checks run on the temporary file of
+:func:`dfkd_deploy.io.atomic_path`, so a failed export never replaces a previous good file.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from dfkd_deploy.errors import ExportError
+from dfkd_deploy.io import atomic_path
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+LAYOUTS = ("NCHW", "NHWC")
+_DYNAMIC_BATCHES = (1, 7)   # 1: the deployment case; 7: odd, so nothing may assume the export batch
+
+# Conv type -> the BatchNorm type that can be folded into it.
+_CONV_BN = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
+
+
+@dataclass
+class OnnxExportResult:
+    path: Path
+    opset: int
+    input_name: str
+    output_name: str
+    max_abs_diff: float          # ONNX Runtime vs torch student, over the probes
+    top1_agreement: float        # fraction of probes where both pick the same class
+    bn_nodes_remaining: int      # BatchNormalization nodes left in the graph (0 when all folded)
+    layout: str = "NCHW"
+    probes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "path": str(self.path), "opset": self.opset, "input_name": self.input_name,
+            "output_name": self.output_name, "layout": self.layout,
+            "max_abs_diff": self.max_abs_diff, "top1_agreement": self.top1_agreement,
+            "bn_nodes_remaining": self.bn_nodes_remaining, "probes": self.probes,
+            "notes": list(self.notes),
+        }
+
+
+class NHWCInput(nn.Module):
+    """Takes NHWC input and hands NCHW to the wrapped model: the permute ends up in the graph."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.permute(0, 3, 1, 2))
+
+
+def export_student_onnx(student: nn.Module, path: str | Path, *, input_shape: tuple[int, int, int],
+                        layout: str = "NCHW", opset: int = 17, probes: torch.Tensor | None = None,
+                        tolerance: float = 1e-3) -> OnnxExportResult:
+    """Export ``student`` (model-space NCHW -> logits) to ``path`` and check it; see module doc."""
+    layout = layout.upper()
+    if layout not in LAYOUTS:
+        raise ExportError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    c, h, w = (int(v) for v in input_shape)
+    probes = _probes(probes, (c, h, w))
+
+    # A copy, so the caller's student keeps its device, mode and BatchNorm layers.
+    model = copy.deepcopy(student).cpu().eval()
+    with torch.no_grad():
+        expected = _torch_logits(model, probes)
+        extra_inputs = [torch.randn((n, c, h, w), generator=torch.Generator().manual_seed(n))
+                        for n in _DYNAMIC_BATCHES]
+        extra_expected = [_torch_logits(model, x) for x in extra_inputs]
+
+    path = Path(path)
+    notes: list[str] = []
+    with atomic_path(path) as tmp:
+        _export(model, tmp, (c, h, w), layout, opset)
+        graph = _load_checked(tmp)
+        bn_total, bn_foldable = _count_batchnorm(graph)
+        if bn_foldable:
+            # torch folds BN into the preceding Conv during constant folding; when it did not
+            # (an unusual graph), fold the pairs in torch ourselves and export again.
+            folded, n = fold_conv_bn(model)
+            if n:
+                notes.append(f"folded {n} Conv+BatchNorm pair(s) in torch before export")
+                _export(folded, tmp, (c, h, w), layout, opset)
+                graph = _load_checked(tmp)
+                bn_total, bn_foldable = _count_batchnorm(graph)
+        if bn_total:
+            notes.append(f"{bn_total} BatchNormalization node(s) left ({bn_foldable} after a Conv)")
+
+        session = load_session(tmp)
+        got = onnx_predict(session, probes, layout=layout)
+        max_diff, agreement = _compare(got, expected)
+        if not np.isfinite(max_diff) or max_diff > tolerance:
+            raise ExportError(
+                f"ONNX export disagrees with the torch student: max abs diff {max_diff:.3g} > tolerance "
+                f"{tolerance:.3g} over {len(probes)} probes (top-1 agreement {agreement:.4f})")
+        for x, want in zip(extra_inputs, extra_expected):
+            out = onnx_predict(session, x, layout=layout)
+            if out.shape != tuple(want.shape):
+                raise ExportError(f"ONNX export does not take a dynamic batch: batch {len(x)} gave "
+                                  f"output shape {out.shape}, expected {tuple(want.shape)}")
+            diff = _compare(out, want)[0]
+            if not np.isfinite(diff) or diff > tolerance:
+                raise ExportError(f"ONNX export disagrees with the torch student at batch {len(x)}: "
+                                  f"max abs diff {diff:.3g} > tolerance {tolerance:.3g}")
+
+    return OnnxExportResult(path=path, opset=opset, input_name=INPUT_NAME, output_name=OUTPUT_NAME,
+                            max_abs_diff=max_diff, top1_agreement=agreement, bn_nodes_remaining=bn_total,
+                            layout=layout, probes=len(probes), notes=notes)
+
+
+def onnx_predict(path: str | Path | ort.InferenceSession, inputs_nchw: np.ndarray | torch.Tensor,
+                 layout: str = "NCHW", batch_size: int = 256) -> np.ndarray:
+    """Logits of the ONNX file at ``path`` for model-space NCHW ``inputs_nchw``, on CPU.
+
+    ``layout`` is the file's own input layout; NHWC files get the inputs permuted here, so
+    callers always speak NCHW like the rest of the project. ``path`` may also be a session
+    from :func:`load_session`, for callers that predict batch after batch.
+    """
+    if isinstance(inputs_nchw, torch.Tensor):
+        inputs_nchw = inputs_nchw.detach().cpu().numpy()
+    x = np.asarray(inputs_nchw, dtype=np.float32)
+    if x.ndim != 4:
+        raise ExportError(f"onnx_predict expects NCHW inputs, got shape {x.shape}")
+    if layout.upper() == "NHWC":
+        x = x.transpose(0, 2, 3, 1)
+    sess = load_session(path) if isinstance(path, (str, Path)) else path
+    name = sess.get_inputs()[0].name
+    outs = [sess.run(None, {name: np.ascontiguousarray(x[i:i + batch_size])})[0]
+            for i in range(0, len(x), max(1, batch_size))]
+    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+
+def load_session(path: str | Path):
+    """An ONNX Runtime CPU session for ``path``; ExportError (one line) when it cannot load."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3   # ORT warns about unused initializers etc.; not the user's concern
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
+        raise ExportError(f"onnxruntime cannot load {Path(path).name}: {_first_line(exc)}") from None
+
+
+def fold_conv_bn(model: nn.Module) -> tuple[nn.Module, int]:
+    """Fold every eval-mode BatchNorm that directly follows a Conv into that Conv.
+
+    Returns the rewritten module (a ``torch.fx.GraphModule``, or ``model`` itself when it cannot
+    be traced) and the number of pairs folded. Only safe pairs are folded: the Conv module is
+    called once and its output feeds nothing but the BatchNorm. ``model`` itself is not changed.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - data-dependent control flow etc.: leave the BN in place
+        return model, 0
+    modules = dict(gm.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+
+    folded = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not node.args:
+            continue
+        bn, prev = modules[node.target], node.args[0]
+        if not isinstance(prev, torch.fx.Node) or prev.op != "call_module":
+            continue
+        conv = modules[prev.target]
+        if _CONV_BN.get(type(conv)) is not type(bn) or bn.running_mean is None:
+            continue
+        if calls[prev.target] != 1 or len(prev.users) != 1:
+            continue
+        _set_submodule(gm, prev.target, fuse_conv_bn_eval(conv.eval(), bn.eval()))
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)
+        folded += 1
+    if folded:
+        gm.graph.lint()
+        gm.delete_all_unused_submodules()   # the folded BN modules, so nothing can call them again
+        gm.recompile()
+    return gm.eval(), folded
+
+
+# --- internals ---------------------------------------------------------------------------------
+
+def _probes(probes: torch.Tensor | None, chw: tuple[int, int, int]) -> torch.Tensor:
+    if probes is None:
+        return torch.randn((16, *chw), generator=torch.Generator().manual_seed(0))
+    probes = torch.as_tensor(probes).detach().float().cpu()
+    if probes.ndim != 4 or tuple(probes.shape[1:]) != chw or len(probes) == 0:
+        raise ExportError(f"probes must be model-space NCHW of shape (N, {chw[0]}, {chw[1]}, {chw[2]}), "
+                          f"got {tuple(probes.shape)}")
+    return probes
+
+
+def _torch_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    outs = []
+    for i in range(0, len(x), batch_size):
+        out = model(x[i:i + batch_size])
+        outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+    return torch.cat(outs).float()
+
+
+def _export(model: nn.Module, path: Path, chw: tuple[int, int, int], layout: str, opset: int) -> None:
+    c, h, w = chw
+    if layout == "NHWC":
+        model, dummy = NHWCInput(model).eval(), torch.zeros(1, h, w, c)
+    else:
+        dummy = torch.zeros(1, c, h, w)
+    try:
+        with warnings.catch_warnings():
+            # The legacy exporter is deprecated and chatty (constant-folding notes on Slice etc.);
+            # it is still the one that folds BatchNorm, and its warnings are no news to the user.
+            warnings.simplefilter("ignore")
+            with torch.no_grad():
+                torch.onnx.export(
+                    model, (dummy,), str(path), dynamo=False, opset_version=opset,
+                    do_constant_folding=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+    except Exception as exc:  # noqa: BLE001 - torch raises many types; the user needs one line
+        raise ExportError(f"ONNX export of the student failed: {type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def _load_checked(path: Path):
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"exported ONNX file fails the ONNX checker: {_first_line(exc)}") from None
+    return onnx.load(str(path)).graph
+
+
+def _count_batchnorm(graph) -> tuple[int, int]:
+    """(all BatchNormalization nodes, those whose input is produced by a Conv node)."""
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    bns = [n for n in graph.node if n.op_type == "BatchNormalization"]
+    after_conv = sum(1 for n in bns if producer.get(n.input[0]) == "Conv")
+    return len(bns), after_conv
+
+
+def _compare(got: np.ndarray, expected: torch.Tensor) -> tuple[float, float]:
+    want = expected.numpy()
+    if got.shape != want.shape:
+        raise ExportError(f"ONNX output shape {got.shape} differs from the torch student's {want.shape}")
+    max_diff = float(np.abs(got.astype(np.float64) - want).max()) if got.size else 0.0
+    agreement = float((got.argmax(1) == want.argmax(1)).mean()) if len(got) else 1.0
+    return max_diff, agreement
+
+
+def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

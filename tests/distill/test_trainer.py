@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from dfkd_deploy.api import build_student, make_probes, make_synthesizer
+from dfkd_deploy.distill.trainer import Distiller, seed_everything
+from dfkd_deploy.errors import TrainingError
+from dfkd_deploy.synthesis.pool import ImagePool
+from dfkd_deploy.validate.metrics import predict, top1_agreement
+
+from ..conftest import quick_recipe
+
+
+def _distiller(teacher, recipe, run_dir):
+    seed_everything(recipe.seed)   # as api.distill: same initial student and generator every time
+    student = build_student(recipe, teacher)
+    synth = make_synthesizer(teacher, recipe, "cpu")
+    return Distiller(teacher.module, teacher.normalizer(), student, synth, ImagePool(run_dir / "pool"),
+                     recipe, run_dir, "cpu", show_progress=False)
+
+
+def _agreement(teacher, student, probes):
+    norm = teacher.normalizer()
+    return top1_agreement(predict(teacher.module, probes, normalizer=norm),
+                          predict(student, probes, normalizer=norm))
+
+
+def test_synthesis_raises_teacher_confidence_in_sampled_labels(digits_teacher):
+    recipe = quick_recipe(**{"synthesis.batch_size": 64, "synthesis.g_steps": 5})
+    torch.manual_seed(0)
+    synth = make_synthesizer(digits_teacher, recipe, "cpu")
+    first = [synth.synthesize(None)[1] for _ in range(2)]
+    for _ in range(14):
+        synth.synthesize(None)
+    last = [synth.synthesize(None)[1] for _ in range(2)]
+    chance = 1 / digits_teacher.spec.num_classes
+    conf_first = sum(s.confidence for s in first) / 2
+    conf_last = sum(s.confidence for s in last) / 2
+    assert conf_last > conf_first + 0.03 and conf_last > 2 * chance
+    assert sum(s.bn for s in last) < sum(s.bn for s in first)    # BN statistics matched better
+
+
+def test_meta_update_changes_generator_and_probes_do_not(digits_teacher):
+    recipe = quick_recipe()
+    synth = make_synthesizer(digits_teacher, recipe, "cpu")
+    before = [p.clone() for p in synth.generator.parameters()]
+    make_probes(synth, 40, 32, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(before, synth.generator.parameters()))
+    synth.synthesize(None)
+    assert any(not torch.equal(a, b) for a, b in zip(before, synth.generator.parameters()))
+
+
+def test_kd_raises_agreement_and_checkpoints_every_epoch(digits_teacher, tmp_path):
+    recipe = quick_recipe(**{"distillation.epochs": 8, "distillation.kd_steps": 10})
+    d = _distiller(digits_teacher, recipe, tmp_path)
+    probes = make_probes(make_synthesizer(digits_teacher, recipe, "cpu"), 128, 64, seed=5)
+    before = _agreement(digits_teacher, d.student, probes)
+    result = d.run()
+    after = _agreement(digits_teacher, d.student, probes)
+    assert after > before + 0.1
+    assert result.images == 8 * recipe.synthesis.batch_size == len(ImagePool(tmp_path / "pool"))
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+    assert [row["epoch"] for row in result.history] == list(range(1, 9))
+    assert "kd_loss" not in result.history[0] and "kd_loss" in result.history[-1]   # warm-up only synthesizes
+
+
+def test_resume_continues_to_the_same_student(digits_teacher, tmp_path):
+    recipe = quick_recipe(**{"distillation.epochs": 4})
+    full = _distiller(digits_teacher, recipe, tmp_path / "a")
+    full.run()
+
+    half = _distiller(digits_teacher, recipe, tmp_path / "b")
+    half.run(until_epoch=2)             # as if killed after epoch 2
+    resumed = _distiller(digits_teacher, recipe, tmp_path / "b")
+    resumed.resume()
+    assert resumed.epoch == 2
+    resumed.run()
+    for (k, a), b in zip(full.student.state_dict().items(), resumed.student.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), k
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_checkpoint(digits_teacher, tmp_path, monkeypatch):
+    recipe = quick_recipe(**{"distillation.epochs": 3})
+    d = _distiller(digits_teacher, recipe, tmp_path)
+    calls = {"n": 0}
+    real_forward = d.student.forward
+
+    def poisoned(x):
+        calls["n"] += 1
+        out = real_forward(x)
+        return out * float("nan") if d.epoch >= 2 and d.student.training else out
+
+    monkeypatch.setattr(d.student, "forward", poisoned)
+    with pytest.raises(TrainingError, match=r"KD loss is nan at epoch 3, step 1"):
+        d.run()
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()

@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dfkd_deploy.errors import RecipeError
+from dfkd_deploy.recipe import Recipe, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["tiny", "cifar-resnet20", "resnet18"])
+def test_shipped_recipes_validate(name):
+    r = load_recipe(REPO / "recipes" / f"{name}.yaml")
+    assert r.synthesis.method == "fastdfkd"
+
+
+def test_unknown_key_is_named(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("synthesis:\n  gsteps: 5\n")
+    with pytest.raises(RecipeError, match=r"unknown key 'synthesis.gsteps'"):
+        load_recipe(p)
+
+
+def test_bad_choice_lists_allowed_values(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("teacher:\n  layout: NWHC\n")
+    with pytest.raises(RecipeError, match=r"teacher.layout: 'NWHC' is not allowed; allowed values: 'NCHW' or 'NHWC'"):
+        load_recipe(p)
+
+
+def test_out_of_range_value_names_key(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("distillation:\n  epochs: 0\n")
+    with pytest.raises(RecipeError, match=r"distillation.epochs: .*greater than or equal to 1"):
+        load_recipe(p)
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("synthesis: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML at line"):
+        load_recipe(p)
+    with pytest.raises(RecipeError, match="recipe not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    p.write_text("- a list\n")
+    with pytest.raises(RecipeError, match="mapping of sections"):
+        load_recipe(p)
+
+
+def test_overrides_apply_and_are_checked():
+    r = load_recipe(None, {"synthesis.g_steps": 10, "teacher.arch": "cifar_resnet56"})
+    assert r.synthesis.g_steps == 10 and r.teacher.arch == "cifar_resnet56"
+    with pytest.raises(RecipeError, match="unknown key 'student.width'"):
+        load_recipe(None, {"student.width": 3})
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    r = load_recipe(REPO / "recipes" / "tiny.yaml", {"seed": 7})
+    p = tmp_path / "resolved.yaml"
+    p.write_text(r.resolved_yaml())
+    again = load_recipe(p)
+    assert again == r and again.seed == 7
+    assert yaml.safe_load(r.resolved_yaml())["distillation"]["epochs"] == r.distillation.epochs
+
+
+def test_defaults_are_the_paper_fast5_setting():
+    r = Recipe()
+    assert (r.synthesis.g_steps, r.synthesis.lr_g, r.synthesis.bn, r.synthesis.oh, r.synthesis.adv) == (5, 3e-3, 10.0, 0.5, 1.33)
+    assert (r.distillation.epochs, r.distillation.warmup, r.distillation.temperature) == (220, 20, 20.0)
