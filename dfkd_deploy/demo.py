@@ -75,13 +75,10 @@ def train_digits_teacher(x_train: np.ndarray, y_train: np.ndarray, epochs: int =
 
 
 def export_teacher_onnx(model: torch.nn.Module, path: Path, input_shape=(1, 8, 8)) -> Path:
-    """Legacy exporter with BatchNorm kept as nodes (as many deployed files have them)."""
-    with atomic_path(path) as tmp:
-        torch.onnx.export(model.eval(), torch.zeros(1, *input_shape), str(tmp), dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                          do_constant_folding=False, training=torch.onnx.TrainingMode.PRESERVE)
-    return path
+    """BatchNorm kept as nodes, as many deployed files have them."""
+    from exporters.onnx_export import export_teacher_onnx as export
+
+    return export(model, path, input_shape=input_shape)
 
 
 def ensure_teacher() -> tuple[Path, Path]:

@@ -113,3 +113,19 @@ def validate(student_path, teacher_path, recipe: Recipe, *, eval_data=None, prob
                     "student_accuracy": top1_accuracy(s_real, labels),
                     "eval_agreement": top1_agreement(t_real, s_real)})
     return out
+
+
+def export_teacher(teacher_path, recipe: Recipe, out, *, trust_pickle: bool = False, opset: int = 17) -> Path:
+    """Any teacher `compress` takes -> ONNX with BatchNorm kept and its normalisation in metadata,
+    for runtimes (or users) that want the teacher as ONNX too."""
+    from exporters.onnx_export import export_teacher_onnx
+
+    from .teachers.spec import TeacherModule
+
+    teacher = load_teacher(teacher_path, recipe.teacher, trust_pickle=trust_pickle)
+    spec = teacher.spec
+    # The raw output passes through (output="logits" means no log applied), so a probability
+    # teacher stays one; the exporter puts the file's layout back on the input.
+    raw = TeacherModule(teacher.module.model, layout=spec.layout, output="logits")
+    return export_teacher_onnx(raw, out, input_shape=spec.input_shape, layout=spec.layout, opset=opset,
+                               mean=spec.mean, std=spec.std, value_range=spec.value_range)

@@ -221,7 +221,36 @@ def _torch_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> t
     return torch.cat(outs).float()
 
 
-def _export(model: nn.Module, path: Path, chw: tuple[int, int, int], layout: str, opset: int) -> None:
+def export_teacher_onnx(model: nn.Module, path: str | Path, *, input_shape: tuple[int, int, int],
+                        layout: str = "NCHW", opset: int = 17, mean=None, std=None,
+                        value_range: float | None = None) -> Path:
+    """Export a *teacher* with its BatchNorm layers kept as nodes.
+
+    Folding BN (right for a deployed student) would erase the running statistics that
+    synthesis matches, so a teacher is exported without constant folding. The input
+    normalisation, which lives outside the graph, is recorded in the file's metadata
+    (``dfkd_deploy.mean``/``std``/``value_range``), where the ONNX teacher loader finds it.
+    """
+    import json
+
+    import onnx
+
+    model = copy.deepcopy(model).cpu().eval()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        _export(model, tmp, tuple(int(v) for v in input_shape), layout.upper(), opset, fold=False)
+        _load_checked(tmp)
+        proto = onnx.load(str(tmp))
+        for key, value in (("mean", mean), ("std", std), ("value_range", value_range)):
+            if value is not None:
+                prop = proto.metadata_props.add()
+                prop.key, prop.value = f"dfkd_deploy.{key}", json.dumps(list(value) if key != "value_range" else value)
+        onnx.save(proto, str(tmp))
+    return path
+
+
+def _export(model: nn.Module, path: Path, chw: tuple[int, int, int], layout: str, opset: int,
+            fold: bool = True) -> None:
     c, h, w = chw
     if layout == "NHWC":
         model, dummy = NHWCInput(model).eval(), torch.zeros(1, h, w, c)
@@ -235,7 +264,7 @@ def _export(model: nn.Module, path: Path, chw: tuple[int, int, int], layout: str
             with torch.no_grad():
                 torch.onnx.export(
                     model, (dummy,), str(path), dynamo=False, opset_version=opset,
-                    do_constant_folding=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                    do_constant_folding=fold, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                     dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
     except Exception as exc:  # noqa: BLE001 - torch raises many types; the user needs one line
         raise ExportError(f"ONNX export of the student failed: {type(exc).__name__}: {_first_line(exc)}") from None

@@ -58,6 +58,7 @@ class Detected:
     arch: Optional[str] = None
     mean: Optional[tuple[float, ...]] = None
     std: Optional[tuple[float, ...]] = None
+    value_range: Optional[float] = None
     default_size: Optional[int] = None      # H = W to use when nothing else says (state_dict)
     in_channels: Optional[int] = None       # known channels when file_shape is not
     converter_max_abs_diff: Optional[float] = None
@@ -231,7 +232,7 @@ def finish(det: Detected, path: Path, options: TeacherOptions) -> Teacher:
         bn = 0
     spec = TeacherSpec(format=det.format, source=str(path), input_shape=tuple(int(d) for d in shape),
                        layout=layout, num_classes=num_classes, output=output, mean=mean, std=std,
-                       value_range=float(options.value_range or 1.0), bn_layers=bn, arch=det.arch,
+                       value_range=float(options.value_range or det.value_range or 1.0), bn_layers=bn, arch=det.arch,
                        converter_max_abs_diff=det.converter_max_abs_diff, notes=notes)
     return Teacher(module=module, spec=spec)
 

@@ -53,6 +53,7 @@ def load_onnx(path: Path, options: TeacherOptions) -> Detected:
     det = Detected(model=module, format="onnx", file_shape=file_shape, file_batch=file_batch, layout=layout,
                    num_classes=out_dims[-1] if out_dims else None,
                    output="probabilities" if _ends_in_softmax(graph) else "logits", notes=notes)
+    _read_input_metadata(model, det)
     if det.output == "probabilities":
         notes.append("output is probabilities (the graph ends in Softmax): the teacher returns log-probabilities")
     if file_batch is None:
@@ -66,6 +67,28 @@ def load_onnx(path: Path, options: TeacherOptions) -> Detected:
                               f"{det.converter_max_abs_diff:.3g} (max abs), above the tolerance "
                               f"{options.parity_tolerance:g} (teacher.parity_tolerance)")
     return det
+
+
+# Written by exporters.onnx_export.export_teacher_onnx: the normalisation the graph expects
+# before its input, so a converted teacher keeps it without the user restating it.
+META_KEYS = {"dfkd_deploy.mean": "mean", "dfkd_deploy.std": "std", "dfkd_deploy.value_range": "value_range"}
+
+
+def _read_input_metadata(model, det: Detected) -> None:
+    import json
+
+    for prop in model.metadata_props:
+        attr = META_KEYS.get(prop.key)
+        if attr is None:
+            continue
+        try:
+            value = json.loads(prop.value)
+            value = tuple(float(v) for v in value) if isinstance(value, list) else float(value)
+        except (ValueError, TypeError):
+            det.notes.append(f"ignored unreadable metadata {prop.key}={prop.value!r}")
+            continue
+        setattr(det, attr, value)
+        det.notes.append(f"{attr} {value} from the file's metadata")
 
 
 def _dims(value_info) -> list[Optional[int]]:
