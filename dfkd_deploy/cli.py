@@ -82,7 +82,14 @@ def run_options(fn):
     return fn
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class GuardedGroup(click.Group):
+    """Applies the same error mapping to every subcommand, including groups added later (spline)."""
+
+    def invoke(self, ctx):
+        return handle_errors(super().invoke)(ctx)
+
+
+@click.group(cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="show full tracebacks on errors")
 @click.version_option(package_name="dfkd-deploy")
 def cli(debug: bool):
@@ -224,16 +231,71 @@ def export_teacher(teacher, teacher_arch, trust_pickle, recipe_path, sets, out, 
 @click.option("--probes", type=int, default=256, show_default=True, help="synthetic probe images")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--min-agreement", type=click.FloatRange(0, 1), help="fail (exit 1) below this top-1 agreement "
+              "with the teacher (eval data when given, else probes), e.g. 0.9")
+@click.option("--min-accuracy", type=click.FloatRange(0, 1), help="fail below this student accuracy on --eval-data")
+@click.option("--baseline", type=click.Path(dir_okay=False), help="an earlier report.json or `validate --json` output")
+@click.option("--max-drop", type=click.FloatRange(min=0), help="points the figures may drop against --baseline")
+@click.option("--junit", type=click.Path(dir_okay=False), help="write JUnit XML, one testcase per threshold")
 @handle_errors
-def validate(student, teacher, teacher_arch, trust_pickle, recipe_path, sets, eval_data, probes, seed, as_json):
-    """Compare STUDENT (student.pt or .onnx) with the teacher on synthetic probes and real data."""
-    from . import stages
+def validate(student, teacher, teacher_arch, trust_pickle, recipe_path, sets, eval_data, probes, seed, as_json,
+             min_agreement, min_accuracy, baseline, max_drop, junit):
+    """Compare STUDENT (student.pt or .onnx) with the teacher on synthetic probes and real data.
 
-    recipe = _recipe(recipe_path, sets, teacher_arch, seed)
-    metrics = stages.validate(student, teacher, recipe, eval_data=eval_data, probes=probes,
-                              trust_pickle=trust_pickle)
-    click.echo(json.dumps(metrics, indent=2) if as_json else
-               "\n".join(f"{k:28s} {v}" for k, v in metrics.items()))
+    With thresholds this is a CI gate: exit 0 when every threshold holds, 1 when one fails,
+    2 on a usage or input error.
+    """
+    from . import gate, stages
+    from .errors import DfkdError
+
+    try:   # input errors still leave a JUnit file behind, so CI shows why the gate did not run
+        gate.check_options(eval_data=eval_data, min_accuracy=min_accuracy, baseline=baseline, max_drop=max_drop)
+        recipe = _recipe(recipe_path, sets, teacher_arch, seed)
+        metrics = stages.validate(student, teacher, recipe, eval_data=eval_data, probes=probes,
+                                  trust_pickle=trust_pickle)
+        checks = gate.run_gate(metrics, min_agreement=min_agreement, min_accuracy=min_accuracy,
+                               baseline=gate.load_baseline(baseline) if baseline else None, max_drop=max_drop)
+    except DfkdError as exc:
+        if junit:
+            gate.write_junit(junit, [], error=str(exc))
+        raise
+    if junit:
+        gate.write_junit(junit, checks, metrics=metrics)
+    if as_json:
+        click.echo(json.dumps({**metrics, "checks": [c.to_dict() for c in checks]} if checks else metrics, indent=2))
+    else:
+        click.echo("\n".join(f"{k:28s} {v}" for k, v in metrics.items()))
+        for c in checks:
+            click.echo(f"{'PASS' if c.passed else 'FAIL'} {c.name}: {c.message}")
+    failed = [c for c in checks if not c.passed]
+    if failed:
+        click.echo(f"validation gate failed: {', '.join(c.name for c in failed)}", err=True)
+        sys.exit(1)
+
+
+@cli.group("bundle")
+def bundle_group():
+    """The deployment bundle a run writes to RUN/bundle/."""
+
+
+@bundle_group.command("verify")
+@click.argument("directory", type=click.Path())
+@handle_errors
+def bundle_verify(directory):
+    """Check a bundle: file hashes, then ONNX Runtime fp32/int8 rerun vs the recorded figures.
+
+    Exit 0 when it all holds, 1 on any mismatch, 2 when DIRECTORY is not a bundle.
+    """
+    from .report.bundle import verify_bundle
+
+    result = verify_bundle(directory)
+    for key, value in result.checks.items():
+        click.echo(f"{key:32s} {value}")
+    for problem in result.problems:
+        click.echo(f"FAIL {problem}")
+    if not result.ok:
+        sys.exit(1)
+    click.echo(f"bundle {directory} verified")
 
 
 @cli.command()
@@ -264,6 +326,15 @@ def list_students():
 
     for name in model_names():
         click.echo(f"{name:18s} {get_entry(name).description}")
+
+
+def _register_optional_groups() -> None:
+    from .spline.cli import spline  # imports py-earth2 lazily, only when a spline command runs
+
+    cli.add_command(spline)
+
+
+_register_optional_groups()
 
 
 def main() -> None:

@@ -131,6 +131,7 @@ def test_export_teacher_keeps_bn_and_normalisation(tmp_path):
     (["compress", "{teacher}", "--device", "cuda", "--out", "{tmp}/x"], None),
     (["validate", "{tmp}/nothing.pt", "--teacher", "{teacher}"], "student file not found"),
     (["distill", "{teacher}", "--pool", "{tmp}", "--out", "{tmp}/kd"], "not an image pool"),
+    (["spline", "fit", "{tmp}/none.csv", "--target", "y"], "no such file"),
 ])
 def test_input_errors_exit_2_with_one_line(args, message, digits_teacher_onnx, tmp_path):
     (tmp_path / "empty.onnx").write_bytes(b"")
