@@ -118,7 +118,7 @@ def distill(teacher: Teacher, recipe: Recipe, run_dir: Path, device: torch.devic
 
 def compress(teacher_path: str | Path, recipe: Recipe, out: str | Path, *, device: str = "auto",
              eval_data: str | Path | None = None, trust_pickle: bool = False, resume: bool = False,
-             show_progress: bool = True) -> CompressResult:
+             show_progress: bool = True, bundle_dir: str | Path | None = None) -> CompressResult:
     from .pipeline import finish_run  # export + validation + reports
 
     dev = resolve_device(device)
@@ -132,6 +132,6 @@ def compress(teacher_path: str | Path, recipe: Recipe, out: str | Path, *, devic
         bar.advance()
     report = finish_run(teacher, student, recipe, run_dir, probes=probes, distill_result=result,
                         eval_data=eval_data, device=dev, wall_seconds=time.time() - started,
-                        show_progress=show_progress)
+                        show_progress=show_progress, bundle_dir=Path(bundle_dir) if bundle_dir else None)
     console.print(f"[green]done[/green]: {run_dir}")
     return CompressResult(run_dir, report)

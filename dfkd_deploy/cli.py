@@ -105,8 +105,10 @@ def cli(debug: bool):
 @click.option("--out", type=click.Path(file_okay=False), help="run directory (default: runs/<teacher name>)")
 @click.option("--dry-run", is_flag=True, help="check the recipe and teacher, print the plan, run nothing")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
+@click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False), help="edge hand-off bundle directory (default: OUT/bundle)")
 @handle_errors
-def compress(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, trust_pickle, eval_data, out, dry_run, resume):
+def compress(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, trust_pickle, eval_data, out, dry_run, resume,
+             bundle_dir):
     """Distill TEACHER into a small student, export it to ONNX and validate it."""
     from . import api
     from .teachers import load_teacher
@@ -118,7 +120,7 @@ def compress(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, trus
         click.echo(yaml.safe_dump({"plan": api.plan(t, recipe), "out": out}, sort_keys=False))
         return
     result = api.compress(teacher, recipe, out, device=device, eval_data=eval_data, trust_pickle=trust_pickle,
-                          resume=resume, show_progress=not quiet)
+                          resume=resume, show_progress=not quiet, bundle_dir=bundle_dir)
     _print_summary(result.report, result.run_dir)
 
 

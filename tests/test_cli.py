@@ -30,7 +30,7 @@ def recipe_file(tmp_path_factory):
 def compressed(digits_teacher_onnx, digits_eval_npz, recipe_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "run"
     result = run("compress", digits_teacher_onnx, "--recipe", recipe_file, "--eval-data", digits_eval_npz,
-                 "--out", out, "--quiet", "--device", "cpu")
+                 "--out", out, "--quiet", "--device", "cpu", "--bundle", out.parent / "handoff")
     assert result.exit_code == 0, result.output
     return out, result
 
@@ -51,6 +51,8 @@ def test_compress_writes_every_artifact_and_report_key(compressed):
     assert manifest["seed"] == 0 and manifest["versions"]["torch"]
     assert yaml.safe_load((out / "recipe.resolved.yaml").read_text())["distillation"]["epochs"] == 4
     assert "teacher accuracy" in result.output
+    assert (out.parent / "handoff" / "manifest.json").is_file() and not (out / "bundle").exists()
+    assert run("bundle", "verify", out.parent / "handoff").exit_code == 0
 
 
 def test_compress_refuses_to_overwrite_a_run_and_resume_needs_one(compressed, digits_teacher_onnx, recipe_file, tmp_path):

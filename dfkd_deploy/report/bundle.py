@@ -1,0 +1,384 @@
+"""The deployment bundle: everything a device engineer needs, in one directory, checkable.
+
+Contents: student.onnx, student.int8.onnx (Q/DQ), calibration.npz (synthetic calibration and
+probe images as uint8, the normalisation, and the fp32 logits on the probes), build_engine.sh
+and calib_loader.py (TensorRT), README.md and manifest.json (input contract, hashes, versions,
+validation figures). Engines built here (TensorRT present) are added to it.
+
+:func:`verify_bundle` rechecks the hashes and reruns the ONNX Runtime validation on the bundled
+probes, so a bundle copied to another machine can be trusted before anyone builds from it.
+Everything is written in two steps (:func:`stage_bundle` copies the files and tries TensorRT;
+:func:`seal_bundle` adds the validation figures, README and manifest once they are measured).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from ..errors import DataError
+from ..io import atomic_path, sha256_file, write_bytes, write_json, write_text
+from .manifest import library_versions, verify_manifest
+
+BUNDLE_VERSION = 1
+MANIFEST = "manifest.json"
+CALIBRATION = "calibration.npz"
+FP32, INT8 = "student.onnx", "student.int8.onnx"
+FP32_ATOL = 1e-4            # verify: ORT fp32 logits vs the recorded ones (same file, same inputs)
+INT8_AGREEMENT_SLACK = 0.02  # verify: int8 kernels differ a little across CPUs (VNNI or not)
+
+
+@dataclass
+class StagedBundle:
+    path: Path
+    files: list[str]
+    tensorrt: dict
+    has_int8: bool
+
+    def engine_files(self) -> list[str]:
+        return [e["file"] for e in self.tensorrt.get("engines", {}).values() if e.get("file")]
+
+
+def stage_bundle(bundle_dir: str | Path, *, student_onnx: str | Path, student_int8_onnx: str | Path | None,
+                 calibration_uint8: np.ndarray, probes_uint8: np.ndarray, probe_logits_fp32: np.ndarray,
+                 spec, trt_precisions: Sequence[str] = ("fp32", "fp16", "int8"),
+                 profile_batches: Optional[Sequence[int]] = None) -> StagedBundle:
+    """Copy the models, write calibration.npz and build_engine.sh, build engines when TensorRT is here.
+
+    ``spec`` is the teacher's :class:`~dfkd_deploy.teachers.spec.TeacherSpec`: the student
+    takes the same input (layout, normalisation) as the teacher file.
+    """
+    from exporters.tensorrt import PROFILE_BATCHES, build_engines
+
+    out = Path(bundle_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [FP32]
+    write_bytes(out / FP32, Path(student_onnx).read_bytes())
+    has_int8 = bool(student_int8_onnx) and Path(student_int8_onnx).is_file()
+    if has_int8:
+        write_bytes(out / INT8, Path(student_int8_onnx).read_bytes())
+        files.append(INT8)
+    elif (out / INT8).exists():
+        (out / INT8).unlink()   # a stale int8 file from an earlier bundle would not match this student
+    c = spec.input_shape[0]
+    with atomic_path(out / CALIBRATION) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(
+                fh, calibration=np.asarray(calibration_uint8, np.uint8), probes=np.asarray(probes_uint8, np.uint8),
+                probe_logits_fp32=np.asarray(probe_logits_fp32, np.float32),
+                mean=np.asarray(spec.mean or [0.0] * c, np.float32), std=np.asarray(spec.std or [1.0] * c, np.float32),
+                value_range=np.float32(spec.value_range))
+    files.append(CALIBRATION)
+    calib_ms = _model_space(np.asarray(calibration_uint8), spec.mean, spec.std, spec.value_range)
+    trt = build_engines(out, out / FP32, input_shape=spec.input_shape, layout=spec.layout,
+                        precisions=trt_precisions, int8_onnx=out / INT8 if has_int8 else None,
+                        calibration=calib_ms, batches=tuple(profile_batches or PROFILE_BATCHES))
+    files += ["build_engine.sh", "calib_loader.py"]
+    staged = StagedBundle(out, files, trt.to_dict(), has_int8)
+    staged.tensorrt["script"] = "build_engine.sh"   # relative: the bundle moves between machines
+    staged.files += staged.engine_files() + (["timing.cache"] if (out / "timing.cache").is_file() else [])
+    return staged
+
+
+def seal_bundle(staged: StagedBundle, *, spec, validation: Mapping[str, Any], class_names: Optional[list[str]] = None,
+                comparison_md: str = "", seed: Optional[int] = None) -> dict:
+    """Write README.md and manifest.json (hashing every bundled file); returns the manifest."""
+    from exporters.onnx_export import INPUT_NAME, OUTPUT_NAME
+
+    out = staged.path
+    profile = staged.tensorrt.get("profile") or {}
+    manifest = {
+        "bundle_version": BUNDLE_VERSION,
+        "seed": seed,
+        "input": {"name": INPUT_NAME, "dtype": "float32", "layout": spec.layout,
+                  "shape": ["batch", *_layout_shape(spec.input_shape, spec.layout)], "shape_range": profile},
+        "output": {"name": OUTPUT_NAME, "kind": "logits", "shape": ["batch", spec.num_classes]},
+        "normalisation": {
+            "mean": list(spec.mean) if spec.mean else None, "std": list(spec.std) if spec.std else None,
+            "value_range": spec.value_range,
+            "formula": "input = (pixel / 255 * value_range - mean) / std   (pixel: uint8; no mean/std means 0/1)",
+        },
+        "classes": {"count": spec.num_classes, "names": class_names},
+        "teacher": {"source": Path(spec.source).name, "format": spec.format},
+        "versions": library_versions(),
+        "tensorrt": staged.tensorrt,
+        "validation": dict(validation),
+    }
+    write_text(out / "README.md", render_readme(manifest, staged, comparison_md))
+    names = list(dict.fromkeys(staged.files + ["README.md"]))
+    manifest["artifacts"] = {n: {"sha256": sha256_file(out / n), "bytes": (out / n).stat().st_size} for n in names}
+    write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+@dataclass
+class BundleCheck:
+    problems: list[str] = field(default_factory=list)
+    checks: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_bundle(bundle_dir: str | Path) -> BundleCheck:
+    """Hashes, then ONNX Runtime fp32/int8 on the bundled probes vs the recorded figures.
+
+    Raises :class:`DataError` (exit 2) when ``bundle_dir`` is not a bundle at all; returns the
+    problems (exit 1 when any) otherwise.
+    """
+    from exporters.onnx_export import onnx_predict
+
+    out = Path(bundle_dir)
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        layout, validation = manifest["input"]["layout"], manifest["validation"]
+        manifest["artifacts"]
+    except FileNotFoundError:
+        raise DataError(f"{out} is not a bundle: {MANIFEST} missing") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{out / MANIFEST} is unreadable: {type(exc).__name__}: {exc}") from None
+
+    result = BundleCheck(problems=verify_manifest(out))
+    if result.problems or not (out / CALIBRATION).is_file():
+        return result   # changed files: rerunning them would only restate the mismatch
+    with np.load(out / CALIBRATION) as npz:
+        probes = _model_space(npz["probes"], npz["mean"], npz["std"], float(npz["value_range"]))
+        recorded = npz["probe_logits_fp32"]
+    fp32 = onnx_predict(out / FP32, probes, layout=layout)
+    diff = float(np.abs(fp32.astype(np.float64) - recorded).max()) if fp32.size else 0.0
+    result.checks["fp32_max_abs_diff_vs_recorded"] = diff
+    if fp32.shape != recorded.shape or diff > FP32_ATOL:
+        result.problems.append(f"{FP32}: logits differ from the recorded ones by {diff:.3g} (> {FP32_ATOL:g})")
+    want = (validation.get("int8") or {}).get("top1_agreement_vs_fp32")
+    if (out / INT8).is_file() and want is not None:
+        int8 = onnx_predict(out / INT8, probes, layout=layout)
+        agree = float((int8.argmax(1) == fp32.argmax(1)).mean())
+        result.checks["int8_top1_agreement_vs_fp32"] = agree
+        if agree < want - INT8_AGREEMENT_SLACK:
+            result.problems.append(f"{INT8}: top-1 agreement with fp32 {agree:.4f}, recorded {want:.4f} "
+                                   f"(allowed slack {INT8_AGREEMENT_SLACK})")
+    return result
+
+
+# --- README ------------------------------------------------------------------------------------
+
+def render_readme(manifest: Mapping[str, Any], staged: StagedBundle, comparison_md: str = "") -> str:
+    inp, norm, trt = manifest["input"], manifest["normalisation"], manifest["tensorrt"]
+    val = manifest.get("validation") or {}
+    rng = inp.get("shape_range") or {}
+    lines = [
+        "# Student model: deployment bundle",
+        "",
+        "A data-free distilled student, a drop-in replacement for the teacher "
+        f"`{manifest['teacher']['source']}` (same input, logits out).",
+        "",
+        "## Files",
+        "",
+        "| File | What |",
+        "|---|---|",
+        f"| `{FP32}` | fp32 student, dynamic batch |",
+    ]
+    if staged.has_int8:
+        lines.append(f"| `{INT8}` | int8 Q/DQ student (symmetric, calibrated on synthetic images only) |")
+    lines += [
+        f"| `{CALIBRATION}` | synthetic calibration images and held-out probes (uint8 NCHW), their normalisation, fp32 probe logits |",
+        "| `build_engine.sh` | TensorRT engine builds (trtexec); `calib_loader.py` feeds polygraphy calibration |",
+        f"| `{MANIFEST}` | input contract, sha256 of every file, versions, validation figures |",
+        "",
+        "## Input contract",
+        "",
+        f"- tensor `{inp['name']}`, {inp['dtype']}, layout {inp['layout']}, shape {inp['shape']}",
+        f"- TensorRT profile: min {rng.get('min')}, opt {rng.get('opt')}, max {rng.get('max')}",
+        f"- normalisation: {norm['formula']}; mean {norm['mean']}, std {norm['std']}, value_range {norm['value_range']}",
+        f"- output `{manifest['output']['name']}`: {manifest['output']['shape']} logits, "
+        f"{manifest['classes']['count']} classes" + (f" ({', '.join(manifest['classes']['names'])})"
+                                                     if manifest['classes'].get('names') else ""),
+        "",
+        "## Building engines",
+        "",
+        "```",
+        "./build_engine.sh            # fp32, fp16 and int8 (int8 from the Q/DQ model)",
+        "./build_engine.sh int8-calib # int8 calibrated by TensorRT on calibration.npz (polygraphy)",
+        "```",
+        "",
+    ]
+    if trt.get("available"):
+        lines.append(f"Engines built with TensorRT {trt.get('version')} on {trt.get('gpu')}: "
+                     + ", ".join(f"{p}: {e.get('file') or e.get('error')}" for p, e in trt.get("engines", {}).items()))
+    else:
+        lines.append("No engine was built when the bundle was made (TensorRT absent there); engines are "
+                     "specific to the GPU and TensorRT version, so build them on the device.")
+    lines += ["", "## Validation", ""]
+    int8 = val.get("int8") or {}
+    if int8:
+        lines.append(f"- int8 vs fp32 top-1 agreement on {int8.get('probe_images')} held-out synthetic probes: "
+                     f"{_pct(int8.get('top1_agreement_vs_fp32'))}")
+    for key, label in (("student_accuracy", "student accuracy (eval data)"),
+                       ("teacher_accuracy", "teacher accuracy (eval data)"),
+                       ("agreement_top1", "teacher-student agreement")):
+        if val.get(key) is not None:
+            lines.append(f"- {label}: {_pct(val[key])}")
+    if comparison_md:
+        lines += ["", comparison_md]
+    lines += ["", "Check the bundle after copying it: `dfkd-deploy bundle verify <this directory>` "
+              "(hashes, then fp32/int8 rerun on the probes; exit 0 ok, 1 mismatch, 2 not a bundle).", ""]
+    return "\n".join(lines)
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def _model_space(images_uint8, mean, std, value_range) -> np.ndarray:
+    from exporters.ort_quant import to_model_space
+
+    mean = None if mean is None else [float(v) for v in np.asarray(mean).ravel()]
+    std = None if std is None else [float(v) for v in np.asarray(std).ravel()]
+    return to_model_space(np.asarray(images_uint8), mean, std, float(value_range))
+
+
+def _layout_shape(chw, layout: str) -> list[int]:
+    c, h, w = (int(v) for v in chw)
+    return [h, w, c] if layout.upper() == "NHWC" else [c, h, w]
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * float(v):.2f} %"
+
+
+def deploy_report_md(report: Mapping[str, Any], comparison_md: str = "", latency_md: str = "") -> str:
+    """The deployment sections appended to report.md: int8, back-end comparison, latency, TensorRT, bundle."""
+    lines: list[str] = []
+    int8 = report.get("int8") or {}
+    lines += ["", "## INT8 (ONNX Runtime, data-free calibration)", ""]
+    if int8.get("error"):
+        lines.append(f"Not produced: {int8['error']}")
+    elif int8:
+        lines.append(f"`{int8.get('file')}`: {int8.get('format')}, {int8.get('qdq_nodes')} Q/DQ nodes, calibrated on "
+                     f"{int8.get('calibration_images')} synthetic pool images ({int8.get('calibration_method')}); "
+                     f"top-1 agreement with fp32 on {int8.get('probe_images')} held-out probes "
+                     f"{_pct(int8.get('top1_agreement_vs_fp32'))}"
+                     + (f", accuracy {_pct(int8['accuracy'])}" if int8.get("accuracy") is not None else "") + ".")
+    if comparison_md:
+        lines += ["", "## Back-end comparison", "", "Every back end against the torch student.", "", comparison_md]
+    if latency_md:
+        lines += ["", "## Latency and size", "", latency_md]
+    trt = report.get("tensorrt") or {}
+    if trt:
+        lines += ["", "## TensorRT", ""]
+        lines.append(f"TensorRT {trt.get('version')} on {trt.get('gpu')}." if trt.get("available")
+                     else (trt.get("message") or "TensorRT not available."))
+    b = report.get("bundle") or {}
+    if b.get("path"):
+        lines += ["", "## Deployment bundle", "", f"`{b['path']}` ({len(b.get('files') or [])} files); "
+                  "check it with `dfkd-deploy bundle verify`."]
+    return "\n".join(lines) + "\n"
+
+
+# --- the whole hand-off for a finished run (called by pipeline.finish_run) ----------------------
+
+COMPARE_EVAL_IMAGES = 1024   # real eval images in the back-end comparison (float copies cost memory)
+
+
+@dataclass
+class Deployment:
+    sections: dict            # report.json top-level sections: int8, comparison, latency, size, tensorrt, bundle
+    markdown: str             # appended to report.md
+    artifacts: list[str]      # run-relative files for the run's manifest.json
+
+
+def run_deployment(teacher, student, run_dir: str | Path, *, probes, eval_data=None, seed: int = 0,
+                   bundle_dir: str | Path | None = None, calibration_images: Optional[int] = None,
+                   compare_eval_images: int = COMPARE_EVAL_IMAGES, latency_repeats: Optional[int] = None,
+                   latency_warmup: Optional[int] = None, figures: Optional[Mapping[str, Any]] = None,
+                   echo=print) -> Deployment:
+    """INT8, bundle (+ TensorRT or its script), back-end comparison and latency for ``run_dir``.
+
+    ``probes`` are the held-out synthetic probes (pixel space); ``eval_data`` an EvalData or None;
+    ``figures`` the run's accuracy/agreement figures, copied into the bundle manifest.
+    """
+    import copy
+
+    import torch
+
+    from exporters.ort_quant import CALIBRATION_IMAGES, quantize_student, sample_calibration
+    from exporters.onnx_export import onnx_predict
+    from exporters.tensorrt import engine_predictor
+
+    from ..errors import DfkdError
+    from ..synthesis.pool import ImagePool, to_uint8
+    from ..validate import latency as lat
+    from ..validate.compare import Backend, Dataset, all_passed, compare_backends, comparison_markdown
+    from ..validate.metrics import predict
+
+    run_dir, spec = Path(run_dir), teacher.spec
+    fp32_path, int8_path = run_dir / FP32, run_dir / INT8
+    bundle_dir = Path(bundle_dir) if bundle_dir else run_dir / "bundle"
+    ms = lambda u8: _model_space(u8, spec.mean, spec.std, spec.value_range)  # noqa: E731
+    # Probes as uint8, so the figures recorded here are exactly what `bundle verify` recomputes.
+    probes_u8 = to_uint8(probes)
+    probes_ms = ms(probes_u8)
+    calib_u8 = sample_calibration(ImagePool(run_dir / "pool"), calibration_images or CALIBRATION_IMAGES, seed)
+
+    try:
+        int8 = quantize_student(fp32_path, int8_path, ms(calib_u8), layout=spec.layout, probes=probes_ms).to_dict()
+    except DfkdError as exc:   # int8 is an extra: the fp32 hand-off still goes ahead
+        int8 = {"file": None, "error": str(exc)}
+        int8_path.unlink(missing_ok=True)
+    has_int8 = int8_path.is_file()
+
+    staged = stage_bundle(bundle_dir, student_onnx=fp32_path, student_int8_onnx=int8_path if has_int8 else None,
+                          calibration_uint8=calib_u8, probes_uint8=probes_u8,
+                          probe_logits_fp32=onnx_predict(fp32_path, probes_ms, layout=spec.layout), spec=spec)
+    if not staged.tensorrt["available"]:
+        echo(staged.tensorrt["message"])
+
+    # Back ends, all against the torch student on CPU (on a GPU, TF32 would blur an fp32 comparison).
+    cpu_student = copy.deepcopy(student).cpu().eval()
+    reference = Backend("torch", "fp32", lambda x: predict(cpu_student, torch.from_numpy(x)).numpy())
+    others = [Backend("onnxruntime", "fp32", lambda x: onnx_predict(fp32_path, x, layout=spec.layout))]
+    if has_int8:
+        others.append(Backend("onnxruntime", "int8", lambda x: onnx_predict(int8_path, x, layout=spec.layout)))
+    for precision, engine in staged.tensorrt.get("engines", {}).items():
+        if engine.get("file"):
+            others.append(Backend("tensorrt", precision, engine_predictor(bundle_dir / engine["file"], layout=spec.layout)))
+    datasets = [Dataset("synthetic probes", probes_ms)]
+    if eval_data is not None and len(eval_data):
+        n = min(len(eval_data), compare_eval_images)
+        datasets.append(Dataset("eval data" + (f" (first {n})" if n < len(eval_data) else ""),
+                                ms(eval_data.images[:n]), eval_data.labels[:n]))
+    rows = compare_backends(reference, others, datasets)
+    table = comparison_markdown(rows)
+    for r in rows:   # int8 accuracy on real data, beside its agreement
+        if r.backend == "onnxruntime" and r.precision == "int8" and r.accuracy is not None:
+            int8["accuracy"] = r.accuracy
+
+    kw = {k: v for k, v in (("repeats", latency_repeats), ("warmup", latency_warmup)) if v is not None}
+    ls = lat.latency_and_size(teacher, fp32_path, student_params=sum(p.numel() for p in student.parameters()),
+                              teacher_params=sum(p.numel() for p in teacher.module.parameters()),
+                              student_int8_onnx=int8_path if has_int8 else None, **kw)
+
+    validation = {"probe_images": len(probes_u8), "int8": {k: int8.get(k) for k in
+                                                           ("top1_agreement_vs_fp32", "max_abs_diff_vs_fp32",
+                                                            "probe_images", "accuracy")} if has_int8 else None,
+                  **dict(figures or {}), "comparison": [r.to_dict() for r in rows]}
+    class_names = getattr(eval_data, "class_names", None)
+    manifest = seal_bundle(staged, spec=spec, validation=validation, class_names=class_names,
+                           comparison_md=table, seed=seed)
+    try:
+        bundle_rel = bundle_dir.resolve().relative_to(run_dir.resolve()).as_posix()
+    except ValueError:
+        bundle_rel = None   # a bundle outside the run: the run's manifest cannot list it
+    sections = {
+        "int8": int8,
+        "comparison": {"passed": all_passed(rows), "reference": "torch fp32 (CPU)",
+                       "rows": [r.to_dict() for r in rows]},
+        "latency": ls["latency"], "size": ls["size"],
+        "tensorrt": staged.tensorrt,
+        "bundle": {"path": str(bundle_dir), "files": sorted(manifest["artifacts"])},
+    }
+    artifacts = ([INT8] if has_int8 else []) + ([f"{bundle_rel}/{MANIFEST}"] if bundle_rel else [])
+    markdown = deploy_report_md(sections, table, lat.latency_markdown(ls["latency"], ls["size"]))
+    return Deployment(sections, markdown, artifacts)
