@@ -13,8 +13,9 @@ console = Console(stderr=True)
 
 
 class _Task:
-    def __init__(self, progress: Progress | None, task_id, total: int, label: str):
+    def __init__(self, progress: Progress | None, task_id, total: int, label: str, silent: bool = False):
         self.progress, self.task_id, self.total, self.label = progress, task_id, total, label
+        self.silent = silent
         self.done = 0
         self.start = time.time()
         self._last_line = 0.0
@@ -23,6 +24,8 @@ class _Task:
         self.done += n
         if self.progress is not None:
             self.progress.update(self.task_id, advance=n, info=info)
+            return
+        if self.silent:
             return
         now = time.time()
         if now - self._last_line >= 10 or self.done >= self.total:  # plain logs: a line every 10 s
@@ -36,7 +39,7 @@ class _Task:
 @contextmanager
 def task(label: str, total: int, enabled: bool = True) -> Iterator[_Task]:
     if not enabled:
-        yield _Task(None, None, total, label)
+        yield _Task(None, None, total, label, silent=True)
         return
     if not console.is_terminal:
         yield _Task(None, None, total, label)
