@@ -106,7 +106,6 @@ def cli(debug: bool):
 @click.option("--dry-run", is_flag=True, help="check the recipe and teacher, print the plan, run nothing")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
 @click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False), help="edge hand-off bundle directory (default: OUT/bundle)")
-@handle_errors
 def compress(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, trust_pickle, eval_data, out, dry_run, resume,
              bundle_dir):
     """Distill TEACHER into a small student, export it to ONNX and validate it."""
@@ -141,7 +140,6 @@ def _print_summary(report: dict, run_dir) -> None:
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False))
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@handle_errors
 def inspect(teacher, teacher_arch, trust_pickle, recipe_path, sets, as_json):
     """Show what was found in TEACHER: format, input, layout, classes, BN layers, converter parity."""
     from .teachers import load_teacher
@@ -165,7 +163,6 @@ def inspect(teacher, teacher_arch, trust_pickle, recipe_path, sets, as_json):
 @teacher_options
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="directory for the image pool")
 @click.option("--rounds", type=int, default=None, help="batches to synthesize (default: the recipe's warm-up epochs x rounds)")
-@handle_errors
 def synthesize(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, trust_pickle, out, rounds):
     """Synthesize images from TEACHER alone into a pool (no student)."""
     from . import stages
@@ -182,7 +179,6 @@ def synthesize(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, tr
 @teacher_options
 @click.option("--pool", type=click.Path(file_okay=False), required=True, help="pool made by `synthesize`")
 @click.option("--out", type=click.Path(file_okay=False), required=True)
-@handle_errors
 def distill(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, trust_pickle, pool, out):
     """Train a student by KD on an existing pool (no further synthesis); writes student.pt."""
     from . import stages
@@ -197,7 +193,6 @@ def distill(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, trust
 @click.argument("student", type=click.Path())
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="ONNX file to write")
 @click.option("--opset", type=int, default=17, show_default=True)
-@handle_errors
 def export(student, out, opset):
     """Export a student.pt to ONNX (BN folded, dynamic batch) and check parity."""
     from . import stages
@@ -213,7 +208,6 @@ def export(student, out, opset):
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="ONNX file to write")
 @click.option("--opset", type=int, default=17, show_default=True)
-@handle_errors
 def export_teacher(teacher, teacher_arch, trust_pickle, recipe_path, sets, out, opset):
     """Export TEACHER (any supported form) to ONNX, BatchNorm kept, normalisation in its metadata."""
     from . import stages
@@ -239,7 +233,6 @@ def export_teacher(teacher, teacher_arch, trust_pickle, recipe_path, sets, out, 
 @click.option("--baseline", type=click.Path(dir_okay=False), help="an earlier report.json or `validate --json` output")
 @click.option("--max-drop", type=click.FloatRange(min=0), help="points the figures may drop against --baseline")
 @click.option("--junit", type=click.Path(dir_okay=False), help="write JUnit XML, one testcase per threshold")
-@handle_errors
 def validate(student, teacher, teacher_arch, trust_pickle, recipe_path, sets, eval_data, probes, seed, as_json,
              min_agreement, min_accuracy, baseline, max_drop, junit):
     """Compare STUDENT (student.pt or .onnx) with the teacher on synthetic probes and real data.
@@ -282,7 +275,6 @@ def bundle_group():
 
 @bundle_group.command("verify")
 @click.argument("directory", type=click.Path())
-@handle_errors
 def bundle_verify(directory):
     """Check a bundle: file hashes, then ONNX Runtime fp32/int8 rerun vs the recorded figures.
 
@@ -303,7 +295,6 @@ def bundle_verify(directory):
 @cli.command()
 @click.option("--out", type=click.Path(file_okay=False), default="runs/demo", show_default=True)
 @click.option("--quiet", is_flag=True)
-@handle_errors
 def demo(out, quiet):
     """Built-in default: a digits teacher (trained once, cached) compressed data-free."""
     from .demo import run_demo
