@@ -60,6 +60,7 @@ def finish_run(teacher: Teacher, student: nn.Module, recipe: Recipe, run_dir: Pa
     with task("int8 + bundle + latency", 1, show_progress) as bar:
         deployment = run_deployment(
             teacher, student, run_dir, probes=probes, eval_data=data, seed=recipe.seed, bundle_dir=bundle_dir,
+            calibration_images=recipe.deploy.calibration_images, profile_batches=recipe.deploy.batch_profile,
             figures={"student_accuracy": (evaluation or {}).get("student_accuracy"),
                      "teacher_accuracy": (evaluation or {}).get("teacher_accuracy"),
                      "onnx_accuracy": (evaluation or {}).get("onnx_accuracy"),

@@ -87,6 +87,18 @@ class ExportOptions(_Strict):
     parity_tolerance: float = Field(1e-3, gt=0)
 
 
+class DeployOptions(_Strict):
+    batch_profile: tuple[int, int, int] = Field((1, 8, 32), description="TensorRT optimisation profile: min, opt, max batch")
+    calibration_images: int = Field(256, ge=1, description="synthetic pool images for INT8 calibration")
+
+    @field_validator("batch_profile")
+    @classmethod
+    def _ordered(cls, v):
+        if not (0 < v[0] <= v[1] <= v[2]):
+            raise ValueError("must be min <= opt <= max, all > 0")
+        return v
+
+
 class Recipe(_Strict):
     teacher: TeacherOptions = TeacherOptions()
     student: StudentOptions = StudentOptions()
@@ -94,6 +106,7 @@ class Recipe(_Strict):
     distillation: DistillationOptions = DistillationOptions()
     validation: ValidationOptions = ValidationOptions()
     export: ExportOptions = ExportOptions()
+    deploy: DeployOptions = DeployOptions()
     seed: int = 0
 
     def resolved_yaml(self) -> str:

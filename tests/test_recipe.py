@@ -68,3 +68,9 @@ def test_defaults_are_the_paper_fast5_setting():
     r = Recipe()
     assert (r.synthesis.g_steps, r.synthesis.lr_g, r.synthesis.bn, r.synthesis.oh, r.synthesis.adv) == (5, 3e-3, 10.0, 0.5, 1.33)
     assert (r.distillation.epochs, r.distillation.warmup, r.distillation.temperature) == (220, 20, 20.0)
+
+
+def test_deploy_batch_profile_must_be_ordered():
+    assert load_recipe(None, {"deploy.batch_profile": [1, 4, 64]}).deploy.batch_profile == (1, 4, 64)
+    with pytest.raises(RecipeError, match=r"deploy.batch_profile: .*min <= opt <= max"):
+        load_recipe(None, {"deploy.batch_profile": [8, 4, 64]})

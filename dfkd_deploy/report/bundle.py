@@ -291,6 +291,7 @@ class Deployment:
 
 def run_deployment(teacher, student, run_dir: str | Path, *, probes, eval_data=None, seed: int = 0,
                    bundle_dir: str | Path | None = None, calibration_images: Optional[int] = None,
+                   profile_batches: Optional[Sequence[int]] = None,
                    compare_eval_images: int = COMPARE_EVAL_IMAGES, latency_repeats: Optional[int] = None,
                    latency_warmup: Optional[int] = None, figures: Optional[Mapping[str, Any]] = None,
                    echo=print) -> Deployment:
@@ -331,7 +332,8 @@ def run_deployment(teacher, student, run_dir: str | Path, *, probes, eval_data=N
 
     staged = stage_bundle(bundle_dir, student_onnx=fp32_path, student_int8_onnx=int8_path if has_int8 else None,
                           calibration_uint8=calib_u8, probes_uint8=probes_u8,
-                          probe_logits_fp32=onnx_predict(fp32_path, probes_ms, layout=spec.layout), spec=spec)
+                          probe_logits_fp32=onnx_predict(fp32_path, probes_ms, layout=spec.layout), spec=spec,
+                          profile_batches=profile_batches)
     if not staged.tensorrt["available"]:
         echo(staged.tensorrt["message"])
 

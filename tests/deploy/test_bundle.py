@@ -14,7 +14,8 @@ def test_bundle_contents(deploy_run):
     b = deploy_run.run_dir / "bundle"
     m = json.loads((b / "manifest.json").read_text())
     assert m["input"]["name"] == "input" and m["input"]["layout"] == "NCHW"
-    assert m["input"]["shape_range"]["min"] == [1, 1, 8, 8] and m["input"]["shape_range"]["max"][0] == 32
+    # the fixture's recipe sets deploy.batch_profile to [2, 4, 16]
+    assert m["input"]["shape_range"]["min"] == [2, 1, 8, 8] and m["input"]["shape_range"]["max"][0] == 16
     assert set(m["normalisation"]) >= {"mean", "std", "value_range"}
     assert m["classes"]["count"] == 10
     for f in ("student.onnx", "student.int8.onnx", "calibration.npz", "build_engine.sh", "README.md"):
@@ -58,3 +59,14 @@ def test_verify_reruns_figures(deploy_run, tmp_path):
     (b / "manifest.json").write_text(json.dumps(m))
     res = verify_bundle(b)
     assert not res.ok and "logits differ" in res.problems[0]
+
+
+def test_recipe_batch_profile_and_calibration_reach_the_bundle(deploy_run):
+    import json
+
+    bundle = deploy_run.run_dir / "bundle"
+    script = (bundle / "build_engine.sh").read_text()
+    assert "--minShapes=input:2x1x8x8" in script and "--maxShapes=input:16x1x8x8" in script
+    profile = json.loads((bundle / "manifest.json").read_text())["input"]["shape_range"]
+    assert [profile["min"][0], profile["opt"][0], profile["max"][0]] == [2, 4, 16]
+    assert deploy_run.report["int8"]["calibration_images"] == 48
