@@ -19,6 +19,7 @@ from .errors import UsageError
 from .models import build_model
 from .progress import console, task
 from .recipe import Recipe
+from .report.report import count_parameters
 from .synthesis.fast import FastSynthesizer
 from .synthesis.pool import ImagePool
 from .teachers import load_teacher
@@ -31,10 +32,6 @@ PROBE_SEED_OFFSET = 1_000_003   # probes come from a random stream no training b
 class CompressResult:
     run_dir: Path
     report: dict
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def build_student(recipe: Recipe, teacher: Teacher) -> nn.Module:
@@ -54,7 +51,7 @@ def plan(teacher: Teacher, recipe: Recipe) -> dict:
     student = build_student(recipe, teacher)
     return {
         "teacher": teacher.spec.to_dict(),
-        "student": {"arch": recipe.student.arch, "params": count_params(student)},
+        "student": {"arch": recipe.student.arch, "params": count_parameters(student)},
         "synthesis": {"method": s.method, "g_steps": s.g_steps, "batch_size": s.batch_size,
                       "rounds": d.epochs * s.rounds_per_epoch,
                       "images": d.epochs * s.rounds_per_epoch * s.batch_size},

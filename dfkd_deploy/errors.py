@@ -34,3 +34,10 @@ class ExportError(DfkdError):
 
 class TrainingError(DfkdError):
     """Training diverged (NaN/Inf) or otherwise cannot continue."""
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an underlying library's message, for the one line a user sees."""
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    text = " ".join(lines[0].split()) if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dfkd_deploy.errors import ExportError
+from dfkd_deploy.errors import ExportError, one_line
 from dfkd_deploy.io import atomic_path
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ def load_session(path: str | Path):
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
-        raise ExportError(f"onnxruntime cannot load {Path(path).name}: {_first_line(exc)}") from None
+        raise ExportError(f"onnxruntime cannot load {Path(path).name}: {one_line(exc)}") from None
 
 
 def fold_conv_bn(model: nn.Module) -> tuple[nn.Module, int]:
@@ -267,7 +267,7 @@ def _export(model: nn.Module, path: Path, chw: tuple[int, int, int], layout: str
                     do_constant_folding=fold, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                     dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
     except Exception as exc:  # noqa: BLE001 - torch raises many types; the user needs one line
-        raise ExportError(f"ONNX export of the student failed: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise ExportError(f"ONNX export of the student failed: {type(exc).__name__}: {one_line(exc)}") from None
 
 
 def _load_checked(path: Path):
@@ -276,7 +276,7 @@ def _load_checked(path: Path):
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:  # noqa: BLE001
-        raise ExportError(f"exported ONNX file fails the ONNX checker: {_first_line(exc)}") from None
+        raise ExportError(f"exported ONNX file fails the ONNX checker: {one_line(exc)}") from None
     return onnx.load(str(path)).graph
 
 
@@ -302,6 +302,3 @@ def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from dfkd_deploy.errors import ExportError
+from dfkd_deploy.errors import ExportError, one_line
 from dfkd_deploy.io import atomic_path
 
 from .onnx_export import INPUT_NAME, load_session, onnx_predict
@@ -106,7 +106,7 @@ def quantize_student(fp32_path: str | Path, out_path: str | Path, calibration: n
                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
             )
         except Exception as exc:  # noqa: BLE001 - ORT raises many types; the user needs one line
-            raise ExportError(f"INT8 quantization failed: {type(exc).__name__}: {_first_line(exc)}") from None
+            raise ExportError(f"INT8 quantization failed: {type(exc).__name__}: {one_line(exc)}") from None
         qdq = _check_qdq(tmp)
         result = QuantResult(path=out_path, format="QDQ", calibration_images=len(calibration),
                              calibration_method=method, per_channel=per_channel, qdq_nodes=qdq, notes=notes)
@@ -167,7 +167,7 @@ def _preprocess(src: Path, dst: Path, notes: list[str]) -> Path:
         quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
         return dst
     except Exception as exc:  # noqa: BLE001 - a missing pre-pass costs accuracy, not correctness
-        notes.append(f"quantization pre-processing skipped: {_first_line(exc)}")
+        notes.append(f"quantization pre-processing skipped: {one_line(exc)}")
         return src
 
 
@@ -177,14 +177,11 @@ def _check_qdq(path: Path) -> int:
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:  # noqa: BLE001
-        raise ExportError(f"quantized model fails the ONNX checker: {_first_line(exc)}") from None
+        raise ExportError(f"quantized model fails the ONNX checker: {one_line(exc)}") from None
     n = qdq_node_count(path)
     if n == 0:
         raise ExportError("quantization produced no QuantizeLinear/DequantizeLinear nodes")
     return n
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..errors import TeacherError, UsageError
+from ..errors import one_line, TeacherError, UsageError
 from ..models import build_model, get_entry, model_names
 from ..recipe import TeacherOptions
 from .batchnorm import count_batchnorms
@@ -245,7 +245,7 @@ def _check_forward(module: TeacherModule, shape, detected_classes, path: Path) -
             out = module(torch.zeros(2, *shape))
     except Exception as exc:  # noqa: BLE001 - the user's model: any failure is reported in one line
         raise TeacherError(f"{path.name}: a forward pass with input shape {list(shape)} (NCHW) failed: "
-                           f"{_one_line(exc)}") from None
+                           f"{one_line(exc)}") from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise TeacherError(f"{path.name}: expected a classifier output of shape (batch, classes), got {got}")
@@ -285,9 +285,6 @@ def _batch_adapter(model, batch, shape, layout, notes):
         return _FixedBatch(model, batch)
 
 
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------- TorchScript
@@ -297,7 +294,7 @@ def _load_torchscript(path: Path) -> Detected:
     try:
         model = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # noqa: BLE001
-        raise TeacherError(f"{path.name}: cannot load the TorchScript archive: {_one_line(exc)}") from None
+        raise TeacherError(f"{path.name}: cannot load the TorchScript archive: {one_line(exc)}") from None
     notes = []
     # Script modules refuse forward hooks, so their BN layers cannot feed the BN-statistics loss.
     n_bn = sum(1 for m in model.modules() if getattr(m, "original_name", "").startswith("BatchNorm"))
@@ -362,7 +359,7 @@ def _load_exported(path: Path) -> Detected:
         program = torch.export.load(str(path))
         model = program.module()
     except Exception as exc:  # noqa: BLE001
-        raise TeacherError(f"{path.name}: cannot load the torch.export program: {_one_line(exc)}") from None
+        raise TeacherError(f"{path.name}: cannot load the torch.export program: {one_line(exc)}") from None
     # .module() blocks train()/eval() because the mode was baked in at export time; freeze()
     # needs eval() to walk the tree, which is harmless here, so restore nn.Module's methods.
     for name in ("train", "eval"):
@@ -472,9 +469,9 @@ def _load_torch_pickle(path: Path, options: TeacherOptions, trust_pickle: bool) 
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=False)
         except Exception as exc2:  # noqa: BLE001 - e.g. the class it needs cannot be imported
-            raise TeacherError(f"{path.name}: cannot unpickle: {_one_line(exc2)}") from None
+            raise TeacherError(f"{path.name}: cannot unpickle: {one_line(exc2)}") from None
     except Exception as exc:  # noqa: BLE001
-        raise TeacherError(f"{path.name}: cannot read the checkpoint: {_one_line(exc)}") from None
+        raise TeacherError(f"{path.name}: cannot read the checkpoint: {one_line(exc)}") from None
 
     if isinstance(obj, nn.Module):
         return _from_module(obj)
@@ -540,7 +537,7 @@ def _from_state_dict(state: dict, path: Path, options: TeacherOptions) -> Detect
         model = build_model(options.arch, num_classes=num_classes, in_channels=in_channels, input_size=size)
         missing, unexpected = _load_strict(model, state)
     except Exception as exc:  # noqa: BLE001 - e.g. a shape mismatch inside load_state_dict
-        raise TeacherError(f"{path.name}: weights do not fit --teacher-arch {options.arch}: {_one_line(exc)}") from None
+        raise TeacherError(f"{path.name}: weights do not fit --teacher-arch {options.arch}: {one_line(exc)}") from None
     if missing or unexpected:
         parts = []
         if missing:

@@ -15,10 +15,9 @@ import numpy as np
 import torch
 
 from .._compat import import_onnx2torch
-from ..errors import ConversionError, TeacherError
+from ..errors import ConversionError, TeacherError, one_line as _short
 from ..recipe import TeacherOptions
 from .loaders import Detected, guess_layout, resolve_shape
-from .loaders import _one_line as _short
 
 # Ops that only reshape or rename: a Softmax before them still makes the output probabilities.
 _PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast"}
