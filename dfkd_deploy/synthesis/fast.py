@@ -49,6 +49,9 @@ class FastSynthesizer:
         # A teacher whose BN layers cannot be trusted to see whole batches (the loader reports
         # bn_layers=0 then) gets no BN term rather than a wrong one.
         self.bn_stats = BNStatistics(teacher if use_bn_statistics else nn.Identity(), momentum=opts.bn_mmt)
+        # Under torch.distributed the caller sets this to average the meta-gradients across ranks
+        # before the meta step (see dfkd_deploy.distributed); None in a single process.
+        self.meta_grad_sync = None
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         a = self.opts.augment
@@ -104,6 +107,8 @@ class FastSynthesizer:
             inner.step()
 
         if meta_update:
+            if self.meta_grad_sync is not None:
+                self.meta_grad_sync(self.generator.parameters())
             self.meta_optimizer.step()
             self.bn_stats.update_ema()
         if student is not None and was_training:
