@@ -115,9 +115,12 @@ def validate(student_path, teacher_path, recipe: Recipe, *, eval_data=None, prob
     return out
 
 
-def export_teacher(teacher_path, recipe: Recipe, out, *, trust_pickle: bool = False, opset: int = 17) -> Path:
-    """Any teacher `compress` takes -> ONNX with BatchNorm kept and its normalisation in metadata,
-    for runtimes (or users) that want the teacher as ONNX too."""
+def export_teacher(teacher_path, recipe: Recipe, out, *, trust_pickle: bool = False, opset: int | None = None,
+                   exporter: str = "legacy", fold: bool = False, external_data: bool | None = None) -> Path:
+    """Any teacher `compress` takes -> ONNX with its normalisation in metadata, for runtimes (or
+    users) that want the teacher as ONNX too. The legacy exporter keeps BatchNorm (unless
+    ``fold``); the dynamo exporter folds it into the convolutions, as torch's default export does,
+    which makes a BN-free teacher (see ``exporters.onnx_export.export_teacher_onnx``)."""
     from exporters.onnx_export import export_teacher_onnx
 
     from .teachers.spec import TeacherModule
@@ -128,4 +131,5 @@ def export_teacher(teacher_path, recipe: Recipe, out, *, trust_pickle: bool = Fa
     # teacher stays one; the exporter puts the file's layout back on the input.
     raw = TeacherModule(teacher.module.model, layout=spec.layout, output="logits")
     return export_teacher_onnx(raw, out, input_shape=spec.input_shape, layout=spec.layout, opset=opset,
-                               mean=spec.mean, std=spec.std, value_range=spec.value_range)
+                               mean=spec.mean, std=spec.std, value_range=spec.value_range, exporter=exporter,
+                               fold=fold, external_data=external_data)

@@ -9,6 +9,9 @@ student on probes and a run at batch sizes 1 and 7. The checks run on the tempor
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,32 +224,154 @@ def _torch_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> t
     return torch.cat(outs).float()
 
 
-def export_teacher_onnx(model: nn.Module, path: str | Path, *, input_shape: tuple[int, int, int],
-                        layout: str = "NCHW", opset: int = 17, mean=None, std=None,
-                        value_range: float | None = None) -> Path:
-    """Export a *teacher* with its BatchNorm layers kept as nodes.
+TEACHER_EXPORTERS = ("legacy", "dynamo")
+_TEACHER_DEFAULT_OPSET = {"legacy": 17, "dynamo": 18}
 
-    Folding BN (right for a deployed student) would erase the running statistics that
-    synthesis matches, so a teacher is exported without constant folding. The input
-    normalisation, which lives outside the graph, is recorded in the file's metadata
-    (``dfkd_deploy.mean``/``std``/``value_range``), where the ONNX teacher loader finds it.
+
+def export_teacher_onnx(model: nn.Module, path: str | Path, *, input_shape: tuple[int, int, int],
+                        layout: str = "NCHW", opset: int | None = None, mean=None, std=None,
+                        value_range: float | None = None, exporter: str = "legacy", fold: bool = False,
+                        external_data: bool | None = None, dynamic_batch: bool = True,
+                        tolerance: float = 1e-3) -> Path:
+    """Export a *teacher* to ONNX the way a given torch exporter writes it, and check the file.
+
+    - ``exporter="legacy"`` (default; opset 17 unless given): torch's TorchScript-based
+      exporter. With ``fold=False`` the BatchNorm layers stay as nodes, so synthesis can match
+      their running statistics; ``fold=True`` is the exporter's own default (constant folding,
+      which folds BN into the convolutions).
+    - ``exporter="dynamo"`` (opset 18 unless given): the ``torch.export``-based exporter, torch's
+      default. Its optimiser folds BatchNorm into the convolutions, so the file carries no BN
+      statistics (a BN-free teacher), and weights go to an external ``<name>.data`` file beside
+      it unless ``external_data=False``.
+
+    The input normalisation, which lives outside the graph, is recorded in the file's metadata
+    (``dfkd_deploy.mean``/``std``/``value_range``), where the ONNX teacher loader finds it. The
+    file is checked (ONNX checker, onnxruntime vs torch on random inputs, a batch other than the
+    export's when ``dynamic_batch``) before it replaces ``path``; for the dynamo exporter the
+    data file is moved in place first, then the model.
     """
+    if exporter not in TEACHER_EXPORTERS:
+        raise ExportError(f"unknown teacher exporter {exporter!r}; expected one of {', '.join(TEACHER_EXPORTERS)}")
+    layout = layout.upper()
+    if layout not in LAYOUTS:
+        raise ExportError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    opset = opset or _TEACHER_DEFAULT_OPSET[exporter]
+    external = exporter == "dynamo" if external_data is None else bool(external_data)
+    if external and exporter != "dynamo":
+        raise ExportError("external weight files are written by the dynamo exporter only (--exporter dynamo)")
+    chw = tuple(int(v) for v in input_shape)
+    model = copy.deepcopy(model).cpu().eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        target = work / path.name
+        if exporter == "dynamo":
+            _export_teacher_dynamo(model, target, chw, layout, opset, dynamic_batch)
+        else:
+            _export_teacher_legacy(model, target, chw, layout, opset, fold, dynamic_batch)
+        _add_teacher_metadata(target, mean=mean, std=std, value_range=value_range, external=external)
+        _load_checked(target)
+        _check_teacher_parity(model, target, chw, layout, dynamic_batch, tolerance)
+        data = work / f"{path.name}.data"
+        if external and data.is_file():
+            data.chmod(target.stat().st_mode & 0o777)   # onnx writes it 0600; give it the model's mode
+            os.replace(data, path.parent / data.name)
+        os.replace(target, path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return path
+
+
+def describe_teacher_onnx(path: str | Path) -> dict:
+    """What a teacher file holds, in a few words for the CLI: opset, producer, BN nodes, data file."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    locations = sorted({e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"})
+    return {"opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
+            "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
+            "batchnorm_nodes": sum(1 for n in proto.graph.node if n.op_type == "BatchNormalization"),
+            "external_data": locations}
+
+
+def _teacher_wrapped(model: nn.Module, chw: tuple[int, int, int], layout: str, batch: int):
+    c, h, w = chw
+    if layout == "NHWC":
+        return NHWCInput(model).eval(), torch.zeros(batch, h, w, c)
+    return model, torch.zeros(batch, c, h, w)
+
+
+def _export_teacher_legacy(model, target: Path, chw, layout, opset, fold, dynamic_batch) -> None:
+    wrapped, dummy = _teacher_wrapped(model, chw, layout, 1)
+    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.no_grad():
+                torch.onnx.export(wrapped, (dummy,), str(target), dynamo=False, opset_version=opset,
+                                  do_constant_folding=fold, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                  dynamic_axes=axes)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types; the user needs one line
+        raise ExportError(f"ONNX export of the teacher failed (legacy exporter, opset {opset}): "
+                          f"{type(exc).__name__}: {one_line(exc)}") from None
+
+
+def _export_teacher_dynamo(model, target: Path, chw, layout, opset, dynamic_batch) -> None:
+    import contextlib
+    import io as _io
+
+    wrapped, dummy = _teacher_wrapped(model, chw, layout, 2)   # batch 2: a batch of 1 would be specialised
+    shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    chatter = _io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapped, (dummy,), str(target), dynamo=True, opset_version=opset, external_data=True,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=shapes,
+                              verbose=False)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"ONNX export of the teacher failed (dynamo exporter, opset {opset}): "
+                          f"{type(exc).__name__}: {one_line(exc)}") from None
+
+
+def _add_teacher_metadata(target: Path, *, mean, std, value_range, external: bool) -> None:
     import json
 
     import onnx
 
-    model = copy.deepcopy(model).cpu().eval()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        _export(model, tmp, tuple(int(v) for v in input_shape), layout.upper(), opset, fold=False)
-        _load_checked(tmp)
-        proto = onnx.load(str(tmp))
-        for key, value in (("mean", mean), ("std", std), ("value_range", value_range)):
-            if value is not None:
-                prop = proto.metadata_props.add()
-                prop.key, prop.value = f"dfkd_deploy.{key}", json.dumps(list(value) if key != "value_range" else value)
-        onnx.save(proto, str(tmp))
-    return path
+    proto = onnx.load(str(target))            # external data, if any, is read into memory here
+    for key, value in (("mean", mean), ("std", std), ("value_range", value_range)):
+        if value is not None:
+            prop = proto.metadata_props.add()
+            prop.key, prop.value = f"dfkd_deploy.{key}", json.dumps(list(value) if key != "value_range" else value)
+    for leftover in target.parent.glob(f"{target.name}*.data"):
+        leftover.unlink()                     # onnx.save appends to an existing data file
+    if external:
+        onnx.save(proto, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=f"{target.name}.data", size_threshold=1024)
+    else:
+        onnx.save(proto, str(target))
+
+
+def _check_teacher_parity(model, target: Path, chw, layout, dynamic_batch, tolerance) -> None:
+    batch = 3 if dynamic_batch else 2
+    x = torch.randn((batch, *chw), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = _torch_logits(model, x)
+    try:
+        got = onnx_predict(target, x, layout=layout)
+    except ExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. a batch the file does not accept
+        raise ExportError(f"the exported teacher does not run in onnxruntime at batch {batch}: {one_line(exc)}") from None
+    if got.shape != tuple(want.shape):
+        raise ExportError(f"the exported teacher outputs shape {got.shape}, the torch teacher {tuple(want.shape)}")
+    scale = max(1.0, float(want.abs().max()))
+    diff = float(np.abs(got.astype(np.float64) - want.numpy()).max())
+    if not diff <= tolerance * scale:
+        raise ExportError(f"the exported teacher differs from the torch teacher by {diff:.3g} (max abs), above "
+                          f"{tolerance:g} x {scale:.3g}")
 
 
 def _export(model: nn.Module, path: Path, chw: tuple[int, int, int], layout: str, opset: int,

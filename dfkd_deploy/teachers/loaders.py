@@ -63,7 +63,10 @@ class Detected:
     in_channels: Optional[int] = None       # known channels when file_shape is not
     converter_max_abs_diff: Optional[float] = None
     bn_layers: Optional[int] = None         # None: count nn.BatchNorm / OnnxBatchNorm modules
+    bn_reason: Optional[str] = None         # why there are none, when the format can tell
     notes: list[str] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)   # convention -> where its value came from
+    graph_normalisation: Optional[object] = None            # conventions.GraphNormalisation (ONNX)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -134,17 +137,27 @@ def sniff(path: Path) -> Optional[str]:
 # --------------------------------------------------------------------------- resolving options
 
 
-def guess_layout(file_shape, options: TeacherOptions, notes: list[str]) -> str:
+def guess_layout(file_shape, options: TeacherOptions, notes: list[str], sources: Optional[dict] = None) -> str:
     """NHWC when the recipe says so, or when the last input dim looks like channels (1 or 3)
-    and the second does not; NCHW otherwise. The basis is recorded in ``notes``."""
+    and the second does not; NCHW otherwise. The basis is recorded in ``notes`` (and ``sources``)."""
+    sources = {} if sources is None else sources
     if options.layout:
         notes.append(f"layout {options.layout} from the recipe")
+        sources["layout"] = "recipe (teacher.layout)"
         return options.layout
     if file_shape and len(file_shape) == 3:
         first, last = file_shape[0], file_shape[2]
         if last in (1, 3) and first not in (1, 3):
             notes.append(f"layout NHWC assumed: the input's last dim is {last}, its second is {first}")
+            sources["layout"] = f"detected: the input's last dim is {last} (channels), its second is {first}"
             return "NHWC"
+        if first in (1, 3) and last not in (1, 3):
+            sources["layout"] = f"detected: the input's second dim is {first} (channels)"
+        else:
+            sources["layout"] = (f"default: the input dims {list(file_shape)} do not say which are channels; "
+                                 "NCHW assumed (set teacher.layout if wrong)")
+    else:
+        sources["layout"] = "default: NCHW assumed (set teacher.layout if wrong)"
     notes.append("layout NCHW assumed")
     return "NCHW"
 
@@ -193,15 +206,24 @@ def _probe_shape(det: Detected, layout: str, notes: list[str]):
 
 
 def finish(det: Detected, path: Path, options: TeacherOptions) -> Teacher:
-    """Apply recipe overrides to what was detected, wrap, freeze and sanity-check one forward pass."""
+    """Apply recipe overrides to what was detected, wrap, freeze and sanity-check one forward pass.
+
+    Every input convention ends up in ``spec.sources`` with where its value came from (recipe,
+    file metadata, detected in the graph, architecture default, or a default assumption)."""
     notes = list(det.notes)
-    layout = det.layout or guess_layout(det.file_shape, options, notes)  # ONNX decides it earlier
+    sources = dict(det.sources)
+    layout = det.layout or guess_layout(det.file_shape, options, notes, sources)  # ONNX decides it earlier
     shape = resolve_shape(det, layout, options, notes)
+    sources["input_shape"] = _shape_source(det, options, notes)
 
     output = det.output
     if options.output and options.output != output:
         notes.append(f"output {options.output} from the recipe (detected {output})")
+        sources["output"] = f"recipe (teacher.output; the file suggested {output})"
         output = options.output
+    elif options.output:
+        sources["output"] = "recipe (teacher.output)"
+    sources.setdefault("output", "default: logits (the file does not say)")
 
     mean, std = det.mean, det.std
     if options.mean is not None:
@@ -214,6 +236,18 @@ def finish(det: Detected, path: Path, options: TeacherOptions) -> Teacher:
     # A single value means "the same for every channel" (common for grayscale recipes).
     mean = tuple(mean) * shape[0] if mean is not None and len(mean) == 1 else mean
     std = tuple(std) * shape[0] if std is not None and len(std) == 1 else std
+    if options.mean is not None or options.std is not None:
+        sources["normalisation"] = "recipe (teacher.mean/std)"
+        if det.graph_normalisation is not None:
+            notes.append("the graph already normalises its input; teacher.mean/std from the recipe are applied "
+                         "before it as well: check that this is intended")
+    elif det.arch and det.mean is not None:
+        sources["normalisation"] = f"architecture default ({det.arch})"
+    sources.setdefault("normalisation", "default: none found in the file, none applied (set teacher.mean/std if "
+                                        "the model was trained with one)")
+    if options.value_range:
+        sources["value_range"] = "recipe (teacher.value_range)"
+    sources.setdefault("value_range", "default: pixels in [0, 1] (set teacher.value_range: 255 if wrong)")
 
     model = det.model
     if det.file_batch is not None:
@@ -226,15 +260,39 @@ def finish(det: Detected, path: Path, options: TeacherOptions) -> Teacher:
                            f"{num_classes} classes")
 
     bn = det.bn_layers if det.bn_layers is not None else count_batchnorms(module)
+    reason = det.bn_reason
     if chunked and bn:
         # Hooks would fire once per chunk with that chunk's statistics, not the batch's.
         notes.append(f"{bn} BatchNorm layers not offered for hooks (bn_layers=0): the batch runs in chunks")
+        reason = f"{bn} BatchNorm layers, but the file fixes the batch size and batches run in chunks"
         bn = 0
+    sources["bn_statistics"] = _bn_source(bn, reason, det.format)
+    if bn == 0:
+        notes.append("no usable BatchNorm statistics: synthesis uses the BN-free priors instead of BN-statistics "
+                     "matching")
     spec = TeacherSpec(format=det.format, source=str(path), input_shape=tuple(int(d) for d in shape),
                        layout=layout, num_classes=num_classes, output=output, mean=mean, std=std,
                        value_range=float(options.value_range or det.value_range or 1.0), bn_layers=bn, arch=det.arch,
-                       converter_max_abs_diff=det.converter_max_abs_diff, notes=notes)
+                       converter_max_abs_diff=det.converter_max_abs_diff, notes=notes, sources=sources)
     return Teacher(module=module, spec=spec)
+
+
+def _shape_source(det: Detected, options: TeacherOptions, notes: list[str]) -> str:
+    if options.input_shape:
+        return "recipe (teacher.input_shape)"
+    if det.file_shape is not None and all(d is not None for d in det.file_shape):
+        return "file: the input's declared shape"
+    guessed = next((n for n in notes if "guessed" in n or "assumed; set teacher.input_shape" in n), None)
+    return f"default: {guessed}" if guessed else "file"
+
+
+def _bn_source(bn: int, reason: Optional[str], fmt: str) -> str:
+    if bn:
+        return f"{bn} BatchNorm layers with running statistics: synthesis matches them (BN-statistics loss)"
+    why = reason or "no BatchNorm layers found in the model"
+    if fmt == "torchscript" and reason is None:
+        why = "TorchScript modules do not accept the forward hooks that read BatchNorm inputs"
+    return f"none usable: {why}; synthesis uses the BN-free priors instead"
 
 
 def _check_forward(module: TeacherModule, shape, detected_classes, path: Path) -> int:
@@ -274,17 +332,22 @@ class _FixedBatch(nn.Module):
 
 
 def _batch_adapter(model, batch, shape, layout, notes):
-    """Keep the model as is when it happens to accept other batch sizes; chunk otherwise."""
-    x = torch.zeros(batch + 1, *shape)
+    """Keep the model as is when it computes, on a batch other than the file's, the same as
+    running the samples in chunks of the file's batch (random, distinct samples, so a graph
+    that mixes samples is caught); chunk otherwise."""
+    x = torch.randn(batch + 1, *shape, generator=torch.Generator().manual_seed(1))
     try:
         with torch.no_grad():
-            TeacherModule(model, layout)(x)
+            whole = TeacherModule(model, layout)(x)
+            chunked = TeacherModule(_FixedBatch(model, batch), layout)(x)
+        same = whole.shape == chunked.shape and bool(torch.allclose(
+            whole, chunked, rtol=1e-4, atol=1e-5 * max(1.0, float(chunked.abs().max()))))
+    except Exception:  # noqa: BLE001 - e.g. a Reshape that hard-codes the batch
+        same = False
+    if same:
         return model
-    except Exception:  # noqa: BLE001
-        notes.append(f"the file fixes the batch size to {batch}: inputs are run in chunks of {batch}")
-        return _FixedBatch(model, batch)
-
-
+    notes.append(f"the file fixes the batch size to {batch}: inputs are run in chunks of {batch}")
+    return _FixedBatch(model, batch)
 
 
 # --------------------------------------------------------------------------- TorchScript
@@ -306,7 +369,9 @@ def _load_torchscript(path: Path) -> Detected:
     if file_shape:
         notes.append(f"input shape read from the trace's example input {list(traced)}")
     return Detected(model=model, format="torchscript", file_shape=file_shape, bn_layers=0,
-                    in_channels=_first_conv_channels(model.named_parameters()), notes=notes)
+                    in_channels=_first_conv_channels(model.named_parameters()), notes=notes,
+                    bn_reason=(f"{n_bn} BatchNorm layers, but TorchScript modules do not accept forward hooks"
+                               if n_bn else None))
 
 
 class _ShapeOnlyUnpickler(pickle.Unpickler):
@@ -391,7 +456,9 @@ def _load_exported(path: Path) -> Detected:
     if left:
         notes.append(f"{left} batch_norm calls stay functional (no hooks): the BN-statistics loss skips them")
     return Detected(model=model, format="exported", file_shape=tuple(dims[1:]) if dims else None,
-                    file_batch=file_batch, num_classes=num_classes, notes=notes)
+                    file_batch=file_batch, num_classes=num_classes, notes=notes,
+                    bn_reason=("exported with a fixed batch size: its batch_norm calls are not exposed as layers"
+                               if file_batch is not None else None))
 
 
 class _EvalBatchNorm2d(nn.BatchNorm2d):

@@ -34,6 +34,10 @@ class TeacherSpec:
     arch: Optional[str] = None
     converter_max_abs_diff: Optional[float] = None   # onnx only: torch vs onnxruntime
     notes: list[str] = field(default_factory=list)    # what was assumed rather than read
+    # Where each input/output convention came from, for `inspect` (keys: layout, input_shape,
+    # value_range, normalisation, output, bn_statistics): "recipe (...)", "file metadata",
+    # "detected: ...", "architecture default (...)" or "default: ..." (an assumption).
+    sources: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -72,6 +76,8 @@ class TeacherModule(nn.Module):
         out = self.model(x)
         if isinstance(out, (tuple, list)):
             out = out[0]
+        if out.dim() == 4 and out.shape[2] == 1 and out.shape[3] == 1:
+            out = out.flatten(1)   # (N, classes, 1, 1): classifiers ending in a 1x1 conv + pooling
         if self.output == "probabilities":
             out = torch.log(out.clamp_min(1e-12))
         return out

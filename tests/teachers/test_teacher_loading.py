@@ -214,11 +214,13 @@ def test_options_override_detection(resnet8_onnx):
 
 def test_onnx_unsupported_op_is_named(tmp_path):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])
-    graph = helper.make_graph([helper.make_node("Shrink", ["x"], ["y"])], "g", [x], [y])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])
+    graph = helper.make_graph([helper.make_node("Shrink", ["x"], ["s"], name="odd_one"),
+                               helper.make_node("GlobalAveragePool", ["s"], ["p"]),
+                               helper.make_node("Flatten", ["p"], ["y"])], "g", [x], [y])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(model, str(tmp_path / "shrink.onnx"))
-    with pytest.raises(TeacherError, match="cannot convert the Shrink op"):
+    with pytest.raises(TeacherError, match=r"cannot convert the Shrink op \(node 'odd_one', opset 17\)"):
         load_teacher(tmp_path / "shrink.onnx")
 
 
