@@ -1,3 +1,5 @@
+"""``python -m dfkd_deploy`` = the ``dfkd-deploy`` command; also what ``torchrun -m dfkd_deploy`` runs."""
 from .cli import main
 
-main()
+if __name__ == "__main__":
+    main()
