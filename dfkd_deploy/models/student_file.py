@@ -8,6 +8,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..io import save_torch
+from .heads import apply_head_config, head_config
 from .registry import build_model
 
 FORMAT = "dfkd-deploy/student/v1"
@@ -18,6 +19,7 @@ def save_student(path: str | Path, student: nn.Module, *, arch: str, num_classes
     state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
     return save_torch(path, {"format": FORMAT, "arch": arch, "num_classes": num_classes,
                              "input_shape": list(input_shape), "state_dict": state,
+                             "head": head_config(student, num_classes),
                              "teacher_spec": teacher_spec, **(extra or {})})
 
 
@@ -34,6 +36,7 @@ def load_student(path: str | Path) -> tuple[nn.Module, dict]:
         raise UsageError(f"{path}: not a dfkd-deploy student file (expected format {FORMAT})")
     c, h, w = blob["input_shape"]
     model = build_model(blob["arch"], num_classes=blob["num_classes"], in_channels=c, input_size=(h, w))
+    apply_head_config(model, blob["num_classes"], blob.get("head"))
     model.load_state_dict(blob["state_dict"])
     model.eval()
     meta = {k: v for k, v in blob.items() if k != "state_dict"}

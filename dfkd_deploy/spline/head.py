@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UsageError
-from .construct import build_network
+from .construct import build_network, required_widths
 from .mars import MarsModel, fit_mars
 
 __all__ = ["mars_head", "fit_mars_head", "HeadFit"]
@@ -67,8 +67,17 @@ def fit_mars_head(features: Tensor, teacher_logits: Tensor, *, hidden: int, temp
         X, L = (v[np.random.default_rng(seed).choice(len(X), max_samples, replace=False)] for v in (X, L))
     Y = (L - L.mean(1, keepdims=True)) / temperature   # softmax-invariant centring, tempered
     A, c = _reduction(X, pca_dims, seed)
-    model = fit_mars(X @ A.T + c, Y, max_degree=1, max_terms=max_terms, seed=seed,
-                     use_fast=True, fast_K=5, minspan=50, endspan=50, enable_pruning=False)
+    Z = X @ A.T + c
+    cap = max_terms
+    while True:
+        model = fit_mars(Z, Y, max_degree=1, max_terms=cap, seed=seed,
+                         use_fast=True, fast_K=5, minspan=50, endspan=50, enable_pruning=False)
+        units = required_widths(model)[0] if model.terms else 0
+        # pyearth's forward pass adds hinges in pairs and may end a term or two past its cap;
+        # refit with a lower cap rather than build a head wider than ``hidden``.
+        if units <= hidden or cap <= 1:
+            break
+        cap = max(1, cap - (units - hidden + 1) // 2 - 1)
     head = build_network(model, hidden, input_map=(A, c), check_inputs=X, seed=seed)
     return HeadFit(head, model, A, c, model.fit_seconds)
 
@@ -88,3 +97,65 @@ def mars_head(features: Tensor, teacher_logits: Tensor, *, hidden: int, temperat
     """
     return fit_mars_head(features, teacher_logits, hidden=hidden, temperature=temperature, max_terms=max_terms,
                          pca_dims=pca_dims, max_samples=max_samples, seed=seed).head
+
+
+@dataclass
+class StudentHeadFit:
+    fit_seconds: float
+    images: int
+    terms: int
+    agreement_before: float     # student vs teacher top-1 on the fit images, random head
+    agreement_after: float      # same images, MARS head
+    terms_markdown: str
+
+
+def _batches(x: Tensor, size: int):
+    for i in range(0, len(x), size):
+        yield x[i:i + size]
+
+
+def init_student_head(student: nn.Module, teacher: nn.Module, images: Tensor, *, num_classes: int,
+                      hidden: int, temperature: float, max_terms: int, pca_dims: int | None,
+                      seed: int = 0, batch_size: int = 256) -> StudentHeadFit:
+    """Spline initialisation of a student's MLP head, in place.
+
+    ``images`` are normalised synthetic images (what both networks see in KD). The student's
+    penultimate features are read in training mode, i.e. with batch statistics, as KD will see
+    them; its BN running statistics are restored afterwards so the fit leaves no trace but the
+    head. The MARS target is the teacher's logits centred per sample and divided by the KD
+    temperature T (the quantities inside KD's softmax); the output layer is then multiplied by T,
+    because KD divides the student's logits by T too, so the head starts at the teacher's
+    centred logits.
+    """
+    from ..models.heads import load_head_weights, penultimate_features
+
+    device = next(student.parameters()).device
+    was_training = student.training
+    saved = {k: v.detach().clone() for k, v in student.named_buffers()}
+    feats, t_logits, s_logits = [], [], []
+    with torch.no_grad():
+        student.train()
+        for xb in _batches(images, batch_size):
+            xb = xb.to(device)
+            feats.append(penultimate_features(student, xb, num_classes).float().cpu())
+            s_logits.append(student(xb).float().cpu())
+            t_logits.append(teacher(xb).float().cpu())
+        for k, v in student.named_buffers():
+            v.copy_(saved[k])
+    F_, T_, S_ = torch.cat(feats), torch.cat(t_logits), torch.cat(s_logits)
+    fit = fit_mars_head(F_, T_, hidden=hidden, temperature=temperature, max_terms=max_terms,
+                        pca_dims=pca_dims, max_samples=len(F_), seed=seed)
+    with torch.no_grad():
+        out = fit.head[-1]
+        out.weight.mul_(temperature)
+        out.bias.mul_(temperature)
+        after = fit.head.double()(F_.double()).float()
+    load_head_weights(student, num_classes, fit.head.float())
+    student.train(was_training)
+    target = T_.argmax(1)
+    from .mars import terms_markdown
+
+    return StudentHeadFit(fit.fit_seconds, len(F_), len(fit.mars.terms),
+                          float((S_.argmax(1) == target).float().mean()),
+                          float((after.argmax(1) == target).float().mean()),
+                          terms_markdown(fit.mars, [f"class{i}" for i in range(num_classes)]))

@@ -5,12 +5,14 @@ from pathlib import Path
 
 from ..io import atomic_path
 
-COLOURS = {"mars": "tab:red", "he": "tab:blue", "xavier": "tab:green"}
+COLOURS = {"mars": "tab:red", "he": "tab:blue", "xavier": "tab:green", "random": "tab:blue"}
 
 
-def plot_curves(path: str | Path, panels: list[tuple[str, dict]], *, ylabel: str = "MSE") -> Path:
-    """``panels``: [(title, {init: {"train_mse": [...], "test_mse": [...]}})]; test solid,
-    train dashed, log scale (the random inits start an order of magnitude higher)."""
+def plot_curves(path: str | Path, panels: list[tuple[str, dict]], *, ylabel: str = "MSE",
+                log: bool = True) -> Path:
+    """``panels``: [(title, {init: {series: [...]}})], e.g. series "train_mse" and "test_mse";
+    series named train_* are dashed. Log scale by default (the random inits start an order of
+    magnitude higher)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,9 +22,12 @@ def plot_curves(path: str | Path, panels: list[tuple[str, dict]], *, ylabel: str
     for ax, (title, runs) in zip(axes[0], panels):
         for name, run in runs.items():
             c = COLOURS.get(name)
-            ax.plot(run["test_mse"], color=c, label=f"{name} test")
-            ax.plot(run["train_mse"], color=c, ls="--", alpha=0.6, label=f"{name} train")
-        ax.set_yscale("log")
+            for series, curve in run.items():
+                train = series.startswith("train")
+                ax.plot(curve, color=c, ls="--" if train else "-", alpha=0.6 if train else 1.0,
+                        label=f"{name} {series.replace('_mse', '')}")
+        if log:
+            ax.set_yscale("log")
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
