@@ -6,6 +6,7 @@ export ONNX -> validate -> report/manifest.
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,13 +14,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import distributed
 from .device import resolve_device
 from .distill.trainer import Distiller, seed_everything
 from .errors import UsageError
+from .io import OUTPUT_ERRNOS, OutputError, os_error_reason
 from .models import build_model
+from .models.heads import apply_head_config
 from .progress import console, task
 from .recipe import Recipe
 from .report.report import count_parameters
+from .synthesis.base import Synthesizer
 from .synthesis.fast import FastSynthesizer
 from .synthesis.pool import ImagePool
 from .teachers import load_teacher
@@ -36,17 +41,31 @@ class CompressResult:
 
 def build_student(recipe: Recipe, teacher: Teacher) -> nn.Module:
     c, h, w = teacher.spec.input_shape
-    return build_model(recipe.student.arch, num_classes=teacher.spec.num_classes, in_channels=c, input_size=(h, w))
+    k = teacher.spec.num_classes
+    model = build_model(recipe.student.arch, num_classes=k, in_channels=c, input_size=(h, w))
+    head = recipe.student.head
+    return apply_head_config(model, k, {"type": head.type, "hidden": head.hidden})
 
 
-def make_synthesizer(teacher: Teacher, recipe: Recipe, device: torch.device) -> FastSynthesizer:
-    return FastSynthesizer(teacher.module, teacher.normalizer(), teacher.spec.input_shape,
-                           teacher.spec.num_classes, recipe.synthesis, device,
-                           use_bn_statistics=teacher.spec.bn_layers > 0)
+def make_synthesizer(teacher: Teacher, recipe: Recipe, device: torch.device) -> Synthesizer:
+    """The recipe's synthesis method on this teacher. A teacher without BN statistics
+    (``spec.bn_layers == 0``) gets no BN term, and the BN-free priors (DAFL entropy and activation,
+    TV, L2) at their defaults wherever the recipe leaves ``synthesis.priors.*`` null."""
+    from .synthesis.deepinversion import DeepInversionSynthesizer
+    from .synthesis.losses import resolve_priors
+
+    s = recipe.synthesis
+    has_bn = teacher.spec.bn_layers > 0
+    cls = DeepInversionSynthesizer if s.method == "deepinversion" else FastSynthesizer
+    return cls(teacher.module, teacher.normalizer(), teacher.spec.input_shape, teacher.spec.num_classes, s, device,
+               use_bn_statistics=has_bn, priors=resolve_priors(s.priors, has_bn),
+               explicit_activation=s.priors.activation is not None)
 
 
 def plan(teacher: Teacher, recipe: Recipe) -> dict:
     """What a run would do, without doing it (``--dry-run``)."""
+    from .synthesis.losses import resolve_priors
+
     s, d = recipe.synthesis, recipe.distillation
     student = build_student(recipe, teacher)
     return {
@@ -54,7 +73,9 @@ def plan(teacher: Teacher, recipe: Recipe) -> dict:
         "student": {"arch": recipe.student.arch, "params": count_parameters(student)},
         "synthesis": {"method": s.method, "g_steps": s.g_steps, "batch_size": s.batch_size,
                       "rounds": d.epochs * s.rounds_per_epoch,
-                      "images": d.epochs * s.rounds_per_epoch * s.batch_size},
+                      "images": d.epochs * s.rounds_per_epoch * s.batch_size,
+                      "precision": s.precision, "channels_last": s.channels_last,
+                      "priors": resolve_priors(s.priors, teacher.spec.bn_layers > 0)},
         "distillation": {"epochs": d.epochs, "warmup": d.warmup, "kd_steps_per_epoch": d.kd_steps,
                          "batch_size": d.batch_size, "temperature": d.temperature},
         "validation": {"probe_images": recipe.validation.probe_images},
@@ -62,8 +83,9 @@ def plan(teacher: Teacher, recipe: Recipe) -> dict:
     }
 
 
-def make_probes(synth: FastSynthesizer, count: int, batch_size: int, seed: int) -> torch.Tensor:
-    """Held-out synthetic probes: fresh latents from the final generator, never in the pool.
+def make_probes(synth: Synthesizer, count: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Held-out synthetic probes: fresh latents from the final generator (DeepInversion: freshly
+    optimised batches), never in the pool.
 
     No adversarial term (probes should be what the teacher recognises, not what the student
     gets wrong) and no meta update (the generator is not changed by making them)."""
@@ -78,7 +100,11 @@ def make_probes(synth: FastSynthesizer, count: int, batch_size: int, seed: int) 
     return torch.cat(batches)[:count]
 
 
-def prepare_run_dir(out: str | Path, resume: bool) -> Path:
+def prepare_run_dir(out: str | Path, resume: bool, ctx: distributed.DistContext | None = None) -> Path:
+    """Check ``out`` for a fresh run (no run there yet) or a resume (a checkpoint there), create it
+    and make sure it takes files: a read-only location fails here, in one line, not hours later.
+    Under torch.distributed rank 0 creates it and every rank checks it can write there."""
+    ctx = ctx or distributed.current()
     run_dir = Path(out)
     ckpt = run_dir / "checkpoints" / "last.pt"
     if resume:
@@ -86,12 +112,23 @@ def prepare_run_dir(out: str | Path, resume: bool) -> Path:
             raise UsageError(f"--resume: no checkpoint at {ckpt}")
     elif ckpt.exists():
         raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
-    else:
-        shutil.rmtree(run_dir / "pool", ignore_errors=True)
+
+    def create() -> None:
+        if not resume:
+            shutil.rmtree(run_dir / "pool", ignore_errors=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            if exc.errno in OUTPUT_ERRNOS:
+                raise OutputError(f"cannot create the run directory {run_dir}: {os_error_reason(exc)}") from None
+            raise UsageError(f"cannot create the run directory {run_dir}: {exc.strerror}") from None
+
+    ctx.on_main(create)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
     except OSError as exc:
-        raise UsageError(f"cannot create the run directory {run_dir}: {exc.strerror}") from None
+        raise OutputError(f"the run directory {run_dir} is not writable: {os_error_reason(exc)}") from None
     return run_dir
 
 
@@ -101,13 +138,16 @@ def distill(teacher: Teacher, recipe: Recipe, run_dir: Path, device: torch.devic
     """Synthesis interleaved with KD; returns (student, synthesizer, distiller result).
 
     ``pool`` defaults to ``run_dir/pool``; with ``synthesize_more=False`` the student is trained
-    on the given pool only."""
-    seed_everything(recipe.seed)
+    on the given pool only. Under torch.distributed (torchrun) every rank calls this; each
+    synthesizes its share of every round (see :mod:`dfkd_deploy.distributed`)."""
+    ctx = distributed.current()
+    seed_everything(recipe.seed)   # the same initial student and generator on every rank
     student = build_student(recipe, teacher).to(device)
-    synth = make_synthesizer(teacher, recipe, device)
-    pool = pool if pool is not None else ImagePool(run_dir / "pool")
+    synth = make_synthesizer(teacher, distributed.rank_recipe(recipe, ctx), device)
+    if pool is None:
+        pool = ImagePool(run_dir / "pool", rank=ctx.rank, world_size=ctx.world_size)
     distiller = Distiller(teacher.module, teacher.normalizer(), student, synth if synthesize_more else None,
-                          pool, recipe, run_dir, device, show_progress)
+                          pool, recipe, run_dir, device, show_progress and ctx.is_main, ctx=ctx)
     if resume:
         distiller.resume()
     return student, synth, distiller.run()
@@ -118,17 +158,24 @@ def compress(teacher_path: str | Path, recipe: Recipe, out: str | Path, *, devic
              show_progress: bool = True, bundle_dir: str | Path | None = None) -> CompressResult:
     from .pipeline import finish_run  # export + validation + reports
 
-    dev = resolve_device(device)
-    teacher = load_teacher(teacher_path, recipe.teacher, trust_pickle=trust_pickle)
-    teacher.module.to(dev)
-    run_dir = prepare_run_dir(out, resume)
-    started = time.time()
-    student, synth, result = distill(teacher, recipe, run_dir, dev, resume=resume, show_progress=show_progress)
-    with task("held-out probes", 1, show_progress) as bar:
-        probes = make_probes(synth, recipe.validation.probe_images, recipe.synthesis.batch_size, recipe.seed)
-        bar.advance()
-    report = finish_run(teacher, student, recipe, run_dir, probes=probes, distill_result=result,
-                        eval_data=eval_data, device=dev, wall_seconds=time.time() - started,
-                        show_progress=show_progress, bundle_dir=Path(bundle_dir) if bundle_dir else None)
-    console.print(f"[green]done[/green]: {run_dir}")
+    # Under torchrun this joins the process group; every rank distills, rank 0 alone finishes
+    # (probes, export, validation, reports) while the others wait, and all return its report.
+    with distributed.session(resolve_device(device)) as (ctx, dev):
+        teacher = load_teacher(teacher_path, recipe.teacher, trust_pickle=trust_pickle)
+        teacher.module.to(dev)
+        run_dir = prepare_run_dir(out, resume, ctx)
+        started = time.time()
+        student, synth, result = distill(teacher, recipe, run_dir, dev, resume=resume, show_progress=show_progress)
+
+        def finish() -> dict:
+            with task("held-out probes", 1, show_progress) as bar:
+                probes = make_probes(synth, recipe.validation.probe_images, recipe.synthesis.batch_size, recipe.seed)
+                bar.advance()
+            report = finish_run(teacher, student, recipe, run_dir, probes=probes, distill_result=result,
+                                eval_data=eval_data, device=dev, wall_seconds=time.time() - started,
+                                show_progress=show_progress, bundle_dir=Path(bundle_dir) if bundle_dir else None)
+            console.print(f"[green]done[/green]: {run_dir}")
+            return report
+
+        report = ctx.on_main(finish)
     return CompressResult(run_dir, report)

@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 usage or input error (one line, no traceback unless --d
 from __future__ import annotations
 
 import json
+import os
 import sys
 from functools import wraps
 from pathlib import Path
@@ -14,6 +15,7 @@ import click
 import yaml
 
 from .errors import DfkdError
+from .io import OUTPUT_ERRNOS, describe_os_error
 
 _DEBUG = {"on": False}
 
@@ -41,6 +43,8 @@ def handle_errors(fn):
         except Exception as exc:  # noqa: BLE001 - last resort: never a bare traceback
             if _DEBUG["on"]:
                 raise
+            if isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS:   # disk full, read-only, ...
+                _fail(describe_os_error(exc), 2)
             _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1)
 
     return wrapper
@@ -52,7 +56,10 @@ def _parse_sets(values: tuple[str, ...]) -> dict:
         if "=" not in item:
             raise click.BadParameter(f"{item!r}: expected KEY=VALUE, e.g. distillation.epochs=5", param_hint="--set")
         key, raw = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw)
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise click.BadParameter(f"{item!r}: the value is not valid YAML", param_hint="--set") from None
     return out
 
 
@@ -104,23 +111,35 @@ def cli(debug: bool):
 @click.option("--eval-data", type=click.Path(), help=".npz (images, labels) or ImageFolder directory for real accuracy")
 @click.option("--out", type=click.Path(file_okay=False), help="run directory (default: runs/<teacher name>)")
 @click.option("--dry-run", is_flag=True, help="check the recipe and teacher, print the plan, run nothing")
-@click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
+@click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint (same recipe; "
+              "under torchrun the same number of processes)")
+@click.option("--auto-resume", is_flag=True, help="--resume when --out holds a checkpoint, else start afresh "
+              "(for restarts by torchrun --max-restarts or a job scheduler)")
 @click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False), help="edge hand-off bundle directory (default: OUT/bundle)")
 def compress(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, trust_pickle, eval_data, out, dry_run, resume,
-             bundle_dir):
-    """Distill TEACHER into a small student, export it to ONNX and validate it."""
+             auto_resume, bundle_dir):
+    """Distill TEACHER into a small student, export it to ONNX and validate it.
+
+    Several GPUs or nodes: launch it with torchrun, e.g.
+    `torchrun --nproc-per-node 4 -m dfkd_deploy compress TEACHER ...` (see docs/scale-out.md).
+    """
     from . import api
     from .teachers import load_teacher
 
     recipe = _recipe(recipe_path, sets, teacher_arch, seed)
     out = out or str(Path("runs") / Path(teacher).stem)
+    main_rank = os.environ.get("RANK", "0") == "0"   # under torchrun only rank 0 speaks
+    if auto_resume:
+        resume = resume or (Path(out) / "checkpoints" / "last.pt").is_file()
     if dry_run:
         t = load_teacher(teacher, recipe.teacher, trust_pickle=trust_pickle)
-        click.echo(yaml.safe_dump({"plan": api.plan(t, recipe), "out": out}, sort_keys=False))
+        if main_rank:
+            click.echo(yaml.safe_dump({"plan": api.plan(t, recipe), "out": out}, sort_keys=False))
         return
     result = api.compress(teacher, recipe, out, device=device, eval_data=eval_data, trust_pickle=trust_pickle,
                           resume=resume, show_progress=not quiet, bundle_dir=bundle_dir)
-    _print_summary(result.report, result.run_dir)
+    if main_rank:
+        _print_summary(result.report, result.run_dir)
 
 
 def _print_summary(report: dict, run_dir) -> None:
@@ -141,20 +160,47 @@ def _print_summary(report: dict, run_dir) -> None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def inspect(teacher, teacher_arch, trust_pickle, recipe_path, sets, as_json):
-    """Show what was found in TEACHER: format, input, layout, classes, BN layers, converter parity."""
+    """Show what was found in TEACHER and what was assumed: format, input, layout, value range,
+    normalisation, output kind, BN statistics, converter parity. Each convention is printed with
+    where it came from (recipe, file metadata, detected, or a default) so a wrong guess can be
+    corrected in the recipe's teacher: section."""
+    from .synthesis.losses import resolve_priors
     from .teachers import load_teacher
 
     recipe = _recipe(recipe_path, sets, teacher_arch)
     spec = load_teacher(teacher, recipe.teacher, trust_pickle=trust_pickle).spec.to_dict()
+    has_bn = (spec.get("bn_layers") or 0) > 0
+    losses = {"bn_statistics": has_bn and recipe.synthesis.bn > 0,
+              "priors": {k: v for k, v in resolve_priors(recipe.synthesis.priors, has_bn).items() if v}}
     if as_json:
-        click.echo(json.dumps(spec, indent=2))
+        click.echo(json.dumps({**spec, "synthesis_losses": losses}, indent=2))
         return
     for key, value in spec.items():
-        if key == "notes":
+        if key in ("notes", "sources"):
             continue
         click.echo(f"{key:24s} {value}")
+    sources = spec.get("sources") or {}
+    if sources:
+        click.echo("conventions (value, then where it came from; override under teacher: in the recipe):")
+        for key, value in _conventions(spec).items():
+            click.echo(f"  {key:15s} {value:32s} {sources.get(key, '')}")
+    priors = ", ".join(f"{k} {v:g}" for k, v in losses["priors"].items()) or "none"
+    click.echo(f"synthesis losses: BN-statistics matching {'on' if losses['bn_statistics'] else 'off'}; "
+               f"BN-free priors: {priors}")
     for note in spec.get("notes") or []:
-        click.echo(f"assumed: {note}")
+        click.echo(f"note: {note}")
+
+
+def _conventions(spec: dict) -> dict[str, str]:
+    c = spec["input_shape"][0]
+    if spec.get("mean") is None and spec.get("std") is None:
+        norm = "none"
+    else:
+        norm = f"mean {list(spec.get('mean') or [0.0] * c)} std {list(spec.get('std') or [1.0] * c)}"
+    bn = spec.get("bn_layers") or 0
+    return {"layout": spec["layout"], "input_shape": str(spec["input_shape"]),
+            "value_range": f"[0, {spec['value_range']:g}]", "normalisation": norm, "output": spec["output"],
+            "bn_statistics": f"{bn} BN layers" if bn else "none (BN-free priors)"}
 
 
 @cli.command()
@@ -207,14 +253,26 @@ def export(student, out, opset):
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False))
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="ONNX file to write")
-@click.option("--opset", type=int, default=17, show_default=True)
-def export_teacher(teacher, teacher_arch, trust_pickle, recipe_path, sets, out, opset):
-    """Export TEACHER (any supported form) to ONNX, BatchNorm kept, normalisation in its metadata."""
+@click.option("--exporter", type=click.Choice(["legacy", "dynamo"]), default="legacy", show_default=True,
+              help="legacy: BatchNorm kept as nodes; dynamo: torch's default exporter, BN folded into the convs "
+                   "(a teacher without BN statistics), weights in OUT.data")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: 17 legacy, 18 dynamo)")
+@click.option("--fold-bn", is_flag=True, help="legacy exporter: fold BatchNorm into the convs (constant folding)")
+@click.option("--external-data/--no-external-data", default=None,
+              help="dynamo exporter: weights in a separate OUT.data file (default) or inside the .onnx")
+def export_teacher(teacher, teacher_arch, trust_pickle, recipe_path, sets, out, exporter, opset, fold_bn, external_data):
+    """Export TEACHER (any supported form) to ONNX, normalisation in its metadata; checked against torch."""
+    from exporters.onnx_export import describe_teacher_onnx
+
     from . import stages
 
     recipe = _recipe(recipe_path, sets, teacher_arch)
-    path = stages.export_teacher(teacher, recipe, out, trust_pickle=trust_pickle, opset=opset)
-    click.echo(f"teacher written to {path}")
+    path = stages.export_teacher(teacher, recipe, out, trust_pickle=trust_pickle, opset=opset, exporter=exporter,
+                                 fold=fold_bn, external_data=external_data)
+    info = describe_teacher_onnx(path)
+    data = f", weights in {', '.join(info['external_data'])}" if info["external_data"] else ""
+    click.echo(f"teacher written to {path} ({exporter} exporter, opset {info['opset']}, "
+               f"{info['batchnorm_nodes']} BatchNormalization nodes{data})")
 
 
 @cli.command()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
 
@@ -23,12 +23,12 @@ class TeacherOptions(_Strict):
 
     arch: Optional[str] = Field(None, description="zoo architecture for a plain state_dict")
     input_shape: Optional[tuple[int, int, int]] = Field(None, description="C, H, W")
-    layout: Optional[Literal["NCHW", "NHWC"]] = None
+    layout: Optional[Literal["NCHW", "NHWC"]] = Field(None, description="the file's input layout; null: detected from the input dims")
     num_classes: Optional[int] = Field(None, ge=2)
-    output: Optional[Literal["logits", "probabilities"]] = None
-    mean: Optional[list[float]] = Field(None, description="per-channel mean the teacher expects")
-    std: Optional[list[float]] = Field(None, description="per-channel std the teacher expects")
-    value_range: Optional[float] = Field(None, gt=0, description="pixel maximum before normalisation: 1 or 255")
+    output: Optional[Literal["logits", "probabilities"]] = Field(None, description="null: probabilities when the graph ends in Softmax")
+    mean: Optional[list[float]] = Field(None, description="per-channel mean the teacher expects (null: file metadata, else none)")
+    std: Optional[list[float]] = Field(None, description="per-channel std the teacher expects (null: file metadata, else none)")
+    value_range: Optional[float] = Field(None, gt=0, description="pixel maximum before normalisation: 1 or 255 (null: metadata, the graph's own normalisation, a uint8 input, else 1)")
     parity_tolerance: float = Field(1e-3, gt=0, description="max abs diff allowed between converted teacher and onnxruntime")
 
     @field_validator("std")
@@ -39,8 +39,31 @@ class TeacherOptions(_Strict):
         return v
 
 
+class HeadOptions(_Strict):
+    """The student's classifier head: the architecture's own Linear, or an FC ReLU MLP that can be
+    initialised from a MARS fit (spline initialisation) of the teacher's logits on synthetic images."""
+
+    type: Literal["linear", "mlp"] = Field("linear", description="linear: the architecture's own; mlp: Linear-ReLU-Linear")
+    hidden: int = Field(256, ge=2, description="hidden units of the mlp head")
+    init: Literal["random", "mars"] = Field("random", description="mars: fit MARS on student features -> teacher logits, then build the head from it")
+    max_terms: int = Field(32, ge=1, description="MARS forward-pass terms (each linear term takes two units)")
+    pca_dims: Optional[int] = Field(32, ge=1, description="PCA components of the features before the MARS fit; null: standardise only")
+    fit_images: int = Field(2000, ge=16, description="pool images (at most) the MARS fit sees")
+    fit_after: int = Field(0, ge=0, description="KD epochs trained with the random head before the MARS fit replaces it")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.init == "mars" and self.type != "mlp":
+            raise ValueError("init: mars needs type: mlp (the MARS network is an FC ReLU head)")
+        if self.init == "mars" and 2 * self.max_terms > self.hidden:
+            raise ValueError(f"max_terms {self.max_terms} needs hidden >= {2 * self.max_terms} "
+                             "(a linear MARS term takes two ReLU units)")
+        return self
+
+
 class StudentOptions(_Strict):
     arch: str = "cifar_resnet20"
+    head: HeadOptions = HeadOptions()
 
 
 class AugmentOptions(_Strict):
@@ -48,21 +71,50 @@ class AugmentOptions(_Strict):
     flip: bool = True
 
 
+class PriorOptions(_Strict):
+    """Priors that need no BatchNorm statistics (DAFL, DeepInversion), for teachers without BN
+    layers (fused graphs, BN-free nets). ``null`` (the default) means automatic: 0 when the
+    teacher has BN statistics, the BN-free defaults (``dfkd_deploy.synthesis.losses.BN_FREE_PRIORS``)
+    when it has none. A number, 0 included, is used as given."""
+
+    tv: Optional[float] = Field(None, ge=0, description="total variation of the pixels (mean |neighbour difference|, 4 directions)")
+    l2: Optional[float] = Field(None, ge=0, description="mean square of the normalised (model-space) pixels")
+    entropy: Optional[float] = Field(None, ge=0, description="DAFL information entropy: log K - H(mean teacher prediction of the batch)")
+    activation: Optional[float] = Field(None, ge=0, description="DAFL activation: -mean |penultimate teacher feature| (input of the last Linear/Gemm)")
+
+
+# What ``method: deepinversion`` means for keys a recipe leaves out: the paper's DeepInversion-2k
+# (2000 Adam steps on the pixels at lr 0.1 in normalised units, no statistics carried across batches).
+DEEPINVERSION_DEFAULTS = {"g_steps": 2000, "lr_g": 0.1, "bn_mmt": 0.0, "reset_l0_after": None}
+
+
 class SynthesisOptions(_Strict):
-    method: Literal["fastdfkd"] = "fastdfkd"
-    g_steps: int = Field(5, ge=1, description="inner generator steps per batch (Fast-N)")
+    method: Literal["fastdfkd", "deepinversion"] = Field(
+        "fastdfkd", description="fastdfkd: meta-learned generator, g_steps per batch; deepinversion: pixels optimised directly")
+    g_steps: int = Field(5, ge=1, description="optimisation steps per batch: inner generator steps (Fast-N) or DeepInversion pixel steps")
     batch_size: int = Field(256, ge=2)
     rounds_per_epoch: int = Field(1, ge=1)
     nz: int = Field(256, ge=1)
     ngf: int = Field(64, ge=4)
-    lr_g: float = Field(3e-3, gt=0)
+    lr_g: float = Field(3e-3, gt=0, description="generator lr (fastdfkd; the meta lr is lr_g * g_steps) or pixel lr (deepinversion)")
     lr_z: float = Field(0.01, gt=0)
     bn: float = Field(10.0, ge=0, description="weight of the BatchNorm-statistics loss")
     oh: float = Field(0.5, ge=0, description="weight of the cross-entropy to sampled labels")
     adv: float = Field(1.33, ge=0, description="weight of the adversarial (student-teacher KL) term")
     bn_mmt: float = Field(0.9, ge=0, lt=1, description="EMA blend of batch statistics across batches")
     reset_l0_after: Optional[int] = Field(120, ge=1, description="epochs after warm-up at which the generator's input layers are re-initialised; null: never")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="synthesis forward passes: bf16 autocast, fp32, or auto (bf16 where the device runs it natively)")
+    channels_last: bool = Field(True, description="run synthesis convolutions in channels-last memory format")
+    priors: PriorOptions = PriorOptions()
     augment: AugmentOptions = AugmentOptions()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data):
+        if isinstance(data, dict) and data.get("method") == "deepinversion":
+            data = {**DEEPINVERSION_DEFAULTS, **data}
+        return data
 
 
 class DistillationOptions(_Strict):
@@ -142,7 +194,11 @@ def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None
         if not p.is_file():
             raise RecipeError(f"recipe not found: {p}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise RecipeError(f"{p}: not a text file (not valid UTF-8 YAML)") from None
+        except OSError as exc:
+            raise RecipeError(f"cannot read the recipe {p}: {exc.strerror}") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""

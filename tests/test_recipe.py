@@ -74,3 +74,31 @@ def test_deploy_batch_profile_must_be_ordered():
     assert load_recipe(None, {"deploy.batch_profile": [1, 4, 64]}).deploy.batch_profile == (1, 4, 64)
     with pytest.raises(RecipeError, match=r"deploy.batch_profile: .*min <= opt <= max"):
         load_recipe(None, {"deploy.batch_profile": [8, 4, 64]})
+
+
+def test_deepinversion_method_fills_its_own_defaults_and_keeps_explicit_keys(tmp_path):
+    r = load_recipe(None, {"synthesis.method": "deepinversion"})
+    s = r.synthesis
+    assert (s.g_steps, s.lr_g, s.bn_mmt, s.reset_l0_after) == (2000, 0.1, 0.0, None)
+    r = load_recipe(None, {"synthesis.method": "deepinversion", "synthesis.g_steps": 50, "synthesis.lr_g": 0.25})
+    assert (r.synthesis.g_steps, r.synthesis.lr_g) == (50, 0.25)
+    shipped = load_recipe(REPO / "recipes" / "cifar-resnet20-deepinversion.yaml")
+    assert shipped.synthesis.method == "deepinversion" and shipped.synthesis.g_steps == 2000
+    assert shipped.distillation == load_recipe(REPO / "recipes" / "cifar-resnet20.yaml").distillation
+    p = tmp_path / "resolved.yaml"          # the resolved dump reloads to the same recipe
+    p.write_text(shipped.resolved_yaml())
+    assert load_recipe(p) == shipped
+
+
+def test_prior_precision_and_method_options_are_checked():
+    r = load_recipe(None, {"synthesis.priors.tv": 0.2, "synthesis.precision": "fp32", "synthesis.channels_last": False})
+    assert r.synthesis.priors.tv == 0.2 and r.synthesis.priors.entropy is None
+    assert r.synthesis.precision == "fp32" and r.synthesis.channels_last is False
+    with pytest.raises(RecipeError, match=r"synthesis.priors.tv: .*greater than or equal to 0"):
+        load_recipe(None, {"synthesis.priors.tv": -1})
+    with pytest.raises(RecipeError, match=r"unknown key 'synthesis.priors.bn'"):
+        load_recipe(None, {"synthesis.priors.bn": 1})
+    with pytest.raises(RecipeError, match=r"synthesis.precision: 'fp16' is not allowed"):
+        load_recipe(None, {"synthesis.precision": "fp16"})
+    with pytest.raises(RecipeError, match=r"synthesis.method: 'dafl' is not allowed"):
+        load_recipe(None, {"synthesis.method": "dafl"})

@@ -4,9 +4,16 @@ Each epoch synthesizes ``rounds_per_epoch`` batches into the pool; after ``warmu
 runs ``kd_steps`` student steps on batches drawn from the whole pool (random crop + flip), with
 KL at temperature T. SGD with a cosine schedule over the post-warm-up epochs. A checkpoint is
 written after every epoch.
+
+Under torch.distributed (see :mod:`dfkd_deploy.distributed`) the same loop runs on every rank:
+each rank synthesizes its share into its own pool shards (build the synthesizer from
+``distributed.rank_recipe(recipe, ctx)``), the generator's meta-gradients are averaged, KD runs
+under DistributedDataParallel on slices of one global batch, and rank 0 alone writes the
+checkpoint, which holds every rank's random and pool state so that ``resume`` is exact.
 """
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from dataclasses import dataclass, field
@@ -16,7 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import TrainingError
+from .. import distributed
+from ..errors import TrainingError, UsageError
+from ..io import OutputError
 from ..progress import task
 from ..recipe import Recipe
 from ..synthesis.augment import crop_flip
@@ -24,6 +33,11 @@ from ..synthesis.fast import FastSynthesizer
 from ..synthesis.losses import kd_kl
 from ..synthesis.pool import ImagePool
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .faults import reached
+
+# Synthesizer state that the meta-gradient all-reduce keeps identical on every rank; the rest
+# (e.g. FastDFKD's BN-statistics EMA) is per rank and checkpointed per rank.
+SHARED_SYNTH_STATE = ("generator", "meta_optimizer")
 
 
 @dataclass
@@ -35,6 +49,33 @@ class DistillResult:
     history: list[dict] = field(default_factory=list)
 
 
+def _params_sha(params) -> str:
+    h = hashlib.sha256()
+    for p in params:
+        h.update(p.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _keep_ranks_in_step(synth, ctx: distributed.DistContext) -> None:
+    """Under torch.distributed: average the meta-gradients before every meta step, and make a
+    generator re-initialisation (``reset_l0``) take rank 0's fresh weights everywhere."""
+    if hasattr(synth, "meta_grad_sync"):
+        synth.meta_grad_sync = ctx.average_gradients
+    gen = getattr(synth, "generator", None)
+    if gen is not None and hasattr(synth, "reset_l0"):
+        reset = synth.reset_l0
+
+        def reset_like_rank0() -> None:
+            reset()
+            ctx.broadcast_module(gen)
+
+        synth.reset_l0 = reset_like_rank0
+
+
+def _finite(t: torch.Tensor) -> str:
+    return "finite" if bool(torch.isfinite(t).all()) else "NON-FINITE"
+
+
 def seed_everything(seed: int) -> np.random.Generator:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -44,7 +85,9 @@ def seed_everything(seed: int) -> np.random.Generator:
 class Distiller:
     def __init__(self, teacher: nn.Module, normalizer: nn.Module, student: nn.Module,
                  synthesizer: FastSynthesizer | None, pool: ImagePool, recipe: Recipe,
-                 run_dir: str | Path, device: torch.device | str = "cpu", show_progress: bool = True):
+                 run_dir: str | Path, device: torch.device | str = "cpu", show_progress: bool = True,
+                 ctx: distributed.DistContext | None = None):
+        self.ctx = ctx or distributed.current()
         self.teacher, self.student = teacher, student.to(device)
         self.normalizer = normalizer.to(device)
         self.synth, self.pool, self.recipe = synthesizer, pool, recipe
@@ -57,7 +100,16 @@ class Distiller:
                                          weight_decay=d.weight_decay)
         kd_epochs = max(1, d.epochs - d.warmup)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, kd_epochs, eta_min=d.eta_min)
-        self.np_rng = seed_everything(recipe.seed)
+        # torch/python streams (latents, labels, crops) are per rank; the numpy stream that draws
+        # KD batches is shared, so the ranks' slices make up one global batch.
+        seed_everything(distributed.rank_seed(recipe.seed, self.ctx.rank))
+        self.np_rng = np.random.default_rng(recipe.seed)
+        self.kd_batch = distributed.per_rank(d.batch_size, self.ctx, "distillation.batch_size")
+        self._ddp: nn.Module | None = None
+        self._ddp_params: list[int] = []
+        self._saved_epoch: int | None = None
+        if self.ctx.enabled and synthesizer is not None:
+            _keep_ranks_in_step(synthesizer, self.ctx)
         self.epoch = 0
         self.synthesis_seconds = 0.0
         self.distillation_seconds = 0.0
@@ -66,12 +118,15 @@ class Distiller:
     # -- one epoch ---------------------------------------------------------------------------
     def _synthesize(self, epoch: int) -> dict:
         s, d = self.recipe.synthesis, self.recipe.distillation
-        if s.reset_l0_after is not None and epoch == d.warmup + s.reset_l0_after:
-            self.synth.generator.reset_l0()
+        # The reference counts synthesis rounds from 1: the generator's input layers are reset in
+        # round warmup + reset_l0_after, and the adversarial term is on from round warmup, i.e.
+        # one round before the first KD epoch (0-based epoch warmup - 1).
+        if s.reset_l0_after is not None and epoch + 1 == d.warmup + s.reset_l0_after:
+            self.synth.reset_l0()
         stats = []
         t0 = time.perf_counter()
         for _ in range(s.rounds_per_epoch):
-            images, st = self.synth.synthesize(self.student, adversarial=epoch >= d.warmup)
+            images, st = self.synth.synthesize(self.student, adversarial=epoch + 1 >= d.warmup)
             self.pool.add(images)
             stats.append(st)
         self.synthesis_seconds += time.perf_counter() - t0
@@ -79,54 +134,169 @@ class Distiller:
                 "synth_bn": float(np.mean([x.bn for x in stats])),
                 "synth_confidence": float(np.mean([x.confidence for x in stats]))}
 
+    def _kd_model(self) -> nn.Module:
+        """The student, under DistributedDataParallel when there are several ranks (wrapped again
+        if its parameters were replaced, e.g. by a head initialisation)."""
+        if not self.ctx.enabled:
+            return self.student
+        ids = [id(p) for p in self.student.parameters()]
+        if self._ddp is None or ids != self._ddp_params:
+            from torch.nn.parallel import DistributedDataParallel
+
+            on_gpu = self.device.type == "cuda"
+            self._ddp = DistributedDataParallel(self.student, device_ids=[self.device] if on_gpu else None)
+            self._ddp_params = ids
+        return self._ddp
+
+    def _kd_batch(self) -> torch.Tensor:
+        """This rank's slice of one global batch drawn uniformly from the whole pool."""
+        d = self.recipe.distillation
+        idx = self.np_rng.integers(0, len(self.pool), size=d.batch_size)
+        r = self.ctx.rank
+        return self.pool.get(idx[r * self.kd_batch:(r + 1) * self.kd_batch])
+
     def _kd_epoch(self) -> dict:
         d, a = self.recipe.distillation, self.recipe.synthesis.augment
+        model = self._kd_model()
         self.student.train()
         total, agree, seen = 0.0, 0, 0
         t0 = time.perf_counter()
         for step in range(d.kd_steps):
-            pixels = self.pool.sample(d.batch_size, self.np_rng).to(self.device)
+            pixels = self._kd_batch().to(self.device)
             x = self.normalizer(crop_flip(pixels, a.crop_padding, a.flip))
             with torch.no_grad():
                 t_out = self.teacher(x)
-            s_out = self.student(x)
+            s_out = model(x)
             loss = kd_kl(s_out, t_out, d.temperature)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"KD loss is {loss.item()} at epoch {self.epoch + 1}, step {step + 1}; "
-                                    f"the last good checkpoint is {self.ckpt_path}; lower distillation.lr")
+            bad = not bool(torch.isfinite(loss))
+            if self.ctx.any(bad):   # every rank stops at the same step
+                where = f"at epoch {self.epoch + 1}, step {step + 1}"
+                what = (f"KD loss is {loss.item()} {where} (teacher logits {_finite(t_out)}, student logits "
+                        f"{_finite(s_out)})" if bad else f"KD loss is non-finite on another process {where}")
+                raise TrainingError(f"{what}; {self._kept()}; lower distillation.lr")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             total += loss.item()
             agree += int((s_out.argmax(1) == t_out.argmax(1)).sum())
             seen += x.shape[0]
+            reached(f"kd:{self.epoch + 1}:{step + 1}")
         self.scheduler.step()
+        if self.ctx.enabled:
+            # DDP keeps the weights equal; BN running statistics follow rank 0 from here on.
+            self.ctx.broadcast_module(self.student)
+            total, agree, seen = self.ctx.sum([total / self.ctx.world_size, agree, seen])
         self.distillation_seconds += time.perf_counter() - t0
         return {"kd_loss": total / d.kd_steps, "train_agreement": agree / max(seen, 1),
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
+    def _kept(self) -> str:
+        if self._saved_epoch is not None and self.ckpt_path.is_file():
+            return (f"the last good checkpoint ({self._saved_epoch} epoch(s) done) is kept: {self.ckpt_path} "
+                    "(continue with --resume)")
+        return "no checkpoint was written yet"
+
+    # -- spline (MARS) head initialisation ----------------------------------------------------
+    def _head_fit_due(self) -> bool:
+        h = self.recipe.student.head
+        return h.init == "mars" and self.epoch == self.recipe.distillation.warmup + h.fit_after
+
+    def _fit_head(self) -> dict:
+        """Replace the student's MLP head by the exact network of a MARS fit (student features ->
+        teacher logits on pool images), then KD goes on. Runs once; a resumed run past this
+        epoch has the fitted head in its checkpoint."""
+        from ..spline.head import init_student_head
+
+        h, d = self.recipe.student.head, self.recipe.distillation
+        rng = np.random.default_rng(self.recipe.seed + self.epoch)   # leaves the KD sampling stream alone
+        n = min(h.fit_images, len(self.pool))
+        pixels = self.pool.get(np.sort(rng.choice(len(self.pool), n, replace=False)))
+        images = self.normalizer(pixels.to(self.device))
+        num_classes = self.teacher(images[:2]).shape[1]
+        fit = init_student_head(self.student, self.teacher, images, num_classes=num_classes, hidden=h.hidden,
+                                temperature=d.temperature, max_terms=h.max_terms, pca_dims=h.pca_dims,
+                                seed=self.recipe.seed)
+        from ..io import write_text
+
+        if self.ctx.is_main:
+            write_text(self.run_dir / "head_mars_terms.md", fit.terms_markdown)
+        return {"head_fit_seconds": fit.fit_seconds, "head_fit_images": fit.images, "head_terms": fit.terms,
+                "head_agreement_before": fit.agreement_before, "head_agreement_after": fit.agreement_after}
+
     # -- checkpoints -------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "student": self.student.state_dict(),
+    def rank_state(self) -> dict:
+        """What differs between ranks: random streams, this rank's pool shards, per-rank synthesizer state."""
+        synth = self.synth.state_dict() if self.synth else None
+        local = {k: v for k, v in synth.items() if k not in SHARED_SYNTH_STATE} if synth and self.ctx.rank else None
+        return {"rng": rng_state(self.np_rng), "pool_shards": len(self.pool.own),
+                "pool_files": [s["file"] for s in self.pool.own], "synthesizer": local,
+                "fingerprint": self._fingerprint() if self.ctx.enabled else None}
+
+    def _fingerprint(self) -> dict:
+        """Hashes of what must be identical on every rank (checked by rank 0 at each checkpoint)."""
+        out = {"student": _params_sha(self.student.parameters())}
+        gen = getattr(self.synth, "generator", None)
+        if gen is not None:
+            out["generator"] = _params_sha(gen.parameters())
+        return out
+
+    def state_dict(self, ranks: list[dict] | None = None) -> dict:
+        """The checkpoint: rank 0's full state plus every rank's :meth:`rank_state` (``ranks``)."""
+        return {"epoch": self.epoch, "world_size": self.ctx.world_size, "student": self.student.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "synthesizer": self.synth.state_dict() if self.synth else None,
-                "pool_shards": len(self.pool.shards), "rng": rng_state(self.np_rng),
+                "ranks": ranks if ranks is not None else [self.rank_state()],
                 "synthesis_seconds": self.synthesis_seconds, "distillation_seconds": self.distillation_seconds,
                 "history": self.history}
 
+    def save(self) -> None:
+        """Write the checkpoint (rank 0; every rank must call this, it gathers their state)."""
+        ranks = self.ctx.gather(self.rank_state())
+
+        def write():
+            prints = [r["fingerprint"] for r in ranks]
+            for rank, fp in enumerate(prints[1:], start=1):
+                differs = [k for k in fp if fp[k] != prints[0].get(k)]
+                if differs:
+                    raise TrainingError(f"epoch {self.epoch}: rank {rank}'s {' and '.join(differs)} differ(s) from "
+                                        "rank 0's; the processes are out of step (please report this)")
+            try:
+                save_checkpoint(self.ckpt_path, self.state_dict(ranks))
+            except OutputError as exc:
+                raise OutputError(f"{exc}; {self._kept()}") from None
+
+        self.ctx.on_main(write)
+        self._saved_epoch = self.epoch
+
     def resume(self, path: str | Path | None = None) -> None:
         state = load_checkpoint(path or self.ckpt_path)
-        self.epoch = state["epoch"]
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.ctx.world_size:
+            raise UsageError(f"the checkpoint was written by a run of {saved_world} process(es); resume it with "
+                             f"the same number (this run has {self.ctx.world_size})")
+        mine = state["ranks"][self.ctx.rank]
+        self.epoch = self._saved_epoch = state["epoch"]
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.synth and state["synthesizer"]:
-            self.synth.load_state_dict(state["synthesizer"])
-        self.pool.truncate(state["pool_shards"])
-        set_rng_state(state["rng"], self.np_rng)
+            self.synth.load_state_dict({**state["synthesizer"], **(mine["synthesizer"] or {})})
+        self.pool.truncate(mine["pool_shards"])
+        missing = [f for f in mine["pool_files"] if not (self.pool.root / f).is_file()]
+        if missing:
+            raise TrainingError(f"the pool in {self.pool.root} lacks {len(missing)} shard(s) the checkpoint "
+                                f"lists (e.g. {missing[0]}); it cannot be resumed exactly")
+        self._sync_pool()
+        set_rng_state(mine["rng"], self.np_rng)
         self.synthesis_seconds = state["synthesis_seconds"]
         self.distillation_seconds = state["distillation_seconds"]
         self.history = state["history"]
+
+    def _sync_pool(self) -> None:
+        """After every rank wrote its shards: each sees the union."""
+        if self.ctx.enabled:
+            self.ctx.barrier()
+            self.pool.refresh(every_rank=True)
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, until_epoch: int | None = None) -> DistillResult:
@@ -138,15 +308,24 @@ class Distiller:
             while self.epoch < stop:
                 row = {"epoch": self.epoch + 1}
                 if self.synth is not None:
-                    row.update(self._synthesize(self.epoch))
+                    try:
+                        row.update(self._synthesize(self.epoch))
+                    except TrainingError as exc:
+                        raise TrainingError(f"epoch {self.epoch + 1}: {exc}; {self._kept()}") from None
+                    except OutputError as exc:
+                        raise OutputError(f"{exc}; {self._kept()}") from None
+                    self._sync_pool()
                 if self.epoch >= d.warmup:
                     if len(self.pool) == 0:
                         raise TrainingError("the image pool is empty: nothing to distill on")
+                    if self._head_fit_due():
+                        row.update(self._fit_head())
+                        self.ctx.broadcast_module(self.student)   # every rank continues from rank 0's fit
                     row.update(self._kd_epoch())
                 self.epoch += 1
                 row["pool_images"] = len(self.pool)
                 self.history.append(row)
-                save_checkpoint(self.ckpt_path, self.state_dict())
+                self.save()
                 info = " ".join(f"{k}={v:.3g}" for k, v in row.items() if k in ("kd_loss", "train_agreement", "synth_confidence"))
                 bar.advance(1, info)
         return DistillResult(d.epochs, self.synthesis_seconds, self.distillation_seconds, len(self.pool), self.history)

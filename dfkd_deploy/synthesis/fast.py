@@ -1,71 +1,64 @@
 """FastDFKD (Fang et al., AAAI 2022): a meta-learned generator from which a few steps make a batch.
 
-One round (``synthesize``):
+One round (``synthesize``), as the reference's ``fast_meta`` synthesizer:
 1. fresh latent z (learnable) and uniformly sampled target labels;
-2. a copy of the generator and z take ``g_steps`` Adam steps on
-   bn * BN-statistics + oh * CE(T(x), y) - adv * masked KL(S(x) || T(x))
-   (the adversarial term only once distillation has started, i.e. after warm-up);
+2. a copy of the generator and z take ``g_steps`` Adam steps (betas 0.5, 0.999; z at ``lr_z``)
+   on the shared :class:`~dfkd_deploy.synthesis.losses.InversionLoss`:
+   bn * BN-statistics (EMA-blended, ``bn_mmt``) + oh * CE(T(x), y) - adv * masked KL(S(x) || T(x))
+   (+ the BN-free priors when they are on); the adversarial term only once the Distiller says so;
 3. first-order meta update (FOMAML): the copy's gradients at every inner step are summed into
    the meta generator's gradient, and one Adam step with lr = lr_g * g_steps is taken;
-4. the inner step with the lowest loss gives the batch that enters the pool.
+4. the inner step with the lowest loss gives the batch that enters the pool, and the last
+   step's batch statistics are folded into the BN moving average.
+
+Speed (see docs/method.md): the student's weights take no gradients during synthesis, the
+teacher and student run under bf16 autocast where the device supports it (the generator's
+convolutions in bf16 except their weight gradients), convolutions in channels-last, and the BN hooks compute their moments with two reductions.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..models.generator import Generator
 from ..recipe import SynthesisOptions
-from .augment import crop_flip
-from .losses import BNStatistics, adversarial_kl, class_ce, target_confidence
+from .base import RoundStats, Synthesizer, frozen
+from .losses import target_confidence
 
 
-@dataclass
-class RoundStats:
-    loss: float
-    bn: float
-    ce: float
-    adv: float
-    confidence: float   # teacher's mean probability of the sampled labels, best batch
+class FastSynthesizer(Synthesizer):
+    method = "fastdfkd"
 
-
-class FastSynthesizer:
     def __init__(self, teacher: nn.Module, normalizer: nn.Module, input_shape: tuple[int, int, int],
                  num_classes: int, opts: SynthesisOptions, device: torch.device | str = "cpu",
-                 use_bn_statistics: bool = True):
-        self.teacher = teacher
-        self.normalizer = normalizer.to(device)
-        self.opts = opts
-        self.num_classes = num_classes
-        self.device = torch.device(device)
+                 use_bn_statistics: bool = True, priors: dict[str, float] | None = None,
+                 explicit_activation: bool = False):
+        super().__init__(teacher, normalizer, input_shape, num_classes, opts, device, use_bn_statistics,
+                         priors, explicit_activation)
         c, h, w = input_shape
         self.generator = Generator(opts.nz, opts.ngf, (h, w), c).to(self.device).train()
+        if self.channels_last:
+            self.generator.to(memory_format=torch.channels_last)
+        # bf16 forward and input gradients for the generator's convolutions, fp32 weight gradients
+        self.generator.bf16_convs = self.precision == "bf16"
         # Adam with betas (0.5, 0.999) for both loops, meta lr scaled by g_steps, as the reference.
         self.meta_optimizer = torch.optim.Adam(self.generator.parameters(), opts.lr_g * opts.g_steps,
                                                betas=(0.5, 0.999))
-        # A teacher whose BN layers cannot be trusted to see whole batches (the loader reports
-        # bn_layers=0 then) gets no BN term rather than a wrong one.
-        self.bn_stats = BNStatistics(teacher if use_bn_statistics else nn.Identity(), momentum=opts.bn_mmt)
         # Under torch.distributed the caller sets this to average the meta-gradients across ranks
         # before the meta step (see dfkd_deploy.distributed); None in a single process.
         self.meta_grad_sync = None
 
-    def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.opts.augment
-        return self.normalizer(crop_flip(x, a.crop_padding, a.flip))
+    def reset_l0(self) -> None:
+        self.generator.reset_l0()
 
     def synthesize(self, student: nn.Module | None = None, *, adversarial: bool = False,
                    meta_update: bool = True, batch_size: int | None = None) -> tuple[torch.Tensor, RoundStats]:
         """One batch: returns pixel-space images ([0,1], NCHW) and the round's loss terms."""
         o = self.opts
         bs = batch_size or o.batch_size
-        use_adv = adversarial and o.adv > 0 and student is not None
-        was_training = student.training if student is not None else False
-        if student is not None:
-            student.eval()
+        adv_student = student if (adversarial and o.adv > 0 and student is not None) else None
 
         z = torch.randn(bs, o.nz, device=self.device, requires_grad=True)
         targets = torch.randint(0, self.num_classes, (bs,), device=self.device)
@@ -78,43 +71,35 @@ class FastSynthesizer:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
 
-        best: tuple[float, torch.Tensor, RoundStats] | None = None
-        for _ in range(o.g_steps):
-            x = fast(z)
-            x_aug = self._augment(x)
-            with self.bn_stats.capture():
-                t_out = self.teacher(x_aug)
-            loss_bn = self.bn_stats.loss().to(t_out.device)
-            loss_ce = class_ce(t_out, targets)
-            loss_adv = adversarial_kl(student(x_aug), t_out) if use_adv else torch.zeros((), device=t_out.device)
-            loss = o.bn * loss_bn + o.oh * loss_ce + o.adv * loss_adv
-            if not torch.isfinite(loss):
-                from ..errors import TrainingError
-
-                raise TrainingError(f"synthesis loss is {loss.item()} (bn={loss_bn.item():.4g}, "
-                                    f"ce={loss_ce.item():.4g}, adv={loss_adv.item():.4g}); lower synthesis.lr_g")
-            if best is None or loss.item() < best[0]:
-                with torch.no_grad():
-                    conf = target_confidence(t_out, targets).item()
-                best = (loss.item(), x.detach(), RoundStats(loss.item(), loss_bn.item(), loss_ce.item(),
-                                                            loss_adv.item(), conf))
-            inner.zero_grad()
-            loss.backward()
-            if meta_update:
-                for p, fp in zip(self.generator.parameters(), fast.parameters()):
-                    if fp.grad is not None:
-                        p.grad.add_(fp.grad)
-            inner.step()
+        best_loss, best_x, best_stats = float("inf"), None, None
+        with frozen(student):
+            for _ in range(o.g_steps):
+                # No autocast for the generator: it needs weight gradients, and bf16
+                # weight-gradient convolutions are slow on CPU (about 1 s per call with oneDNN
+                # 3.12 here); under bf16 its convolutions run as _MixedConv2d instead.
+                x = fast(z)
+                terms = self.loss(x, targets, adv_student)
+                self._check_finite(terms)
+                loss = terms.total.item()
+                if best_x is None or loss < best_loss:
+                    best_loss, best_x = loss, x.detach()
+                    best_stats = RoundStats(loss, terms.bn.item(), terms.ce.item(), terms.adv.item(),
+                                            target_confidence(terms.teacher_logits, targets).item(),
+                                            terms.prior.item())
+                inner.zero_grad()
+                terms.total.backward()
+                if meta_update:
+                    for p, fp in zip(self.generator.parameters(), fast.parameters()):
+                        if fp.grad is not None:
+                            p.grad.add_(fp.grad)
+                inner.step()
 
         if meta_update:
             if self.meta_grad_sync is not None:
                 self.meta_grad_sync(self.generator.parameters())
             self.meta_optimizer.step()
             self.bn_stats.update_ema()
-        if student is not None and was_training:
-            student.train()
-        assert best is not None
-        return best[1], best[2]
+        return best_x.contiguous(), best_stats
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.state_dict(), "meta_optimizer": self.meta_optimizer.state_dict(),

@@ -1,46 +1,226 @@
-"""Loss terms for model inversion, shared by every synthesis method.
+"""Loss terms for model inversion, shared by every synthesis method (FastDFKD and DeepInversion).
+
+Terms on the teacher's BatchNorm statistics and outputs:
 
 - ``BNStatistics``: forward hooks on every BatchNorm of the teacher; the loss is
   sum_l ||mu_batch - mu_run||_2 + ||var_batch - var_run||_2 (DeepInversion's feature
   regulariser). With ``momentum`` > 0 the batch statistics are blended with an exponential
   moving average of previous batches' statistics (the reference's ``bn_mmt``), which lets a
   small batch match the running statistics without every batch having to cover all classes.
+  The per-channel moments come from :func:`channel_moments`: two reductions and, backwards,
+  one fused multiply-add, instead of ``torch.var_mean``'s Welford pass and its autograd graph.
 - ``class_ce``: cross-entropy of the teacher's output to the sampled target labels.
 - ``adversarial_kl``: minus the student-teacher KL, masked to samples where both agree on the
   top-1 class, so the generator seeks samples on which the student is about to fail.
 - ``kd_kl``: the distillation loss, KL(teacher || student) at temperature T, scaled by T^2.
+
+Priors that need no BN statistics (for fused or BN-free teachers; weights in ``synthesis.priors``):
+
+- ``total_variation``: mean absolute difference of neighbouring pixels, in 4 directions
+  (DeepInversion's image prior, L1 form, in [0, 1] pixel space).
+- ``l2_prior``: mean square of the normalised (model-space) input (DeepInversion's L2 prior).
+- ``class_balance``: log K - H(mean softmax of the batch): DAFL's information-entropy term
+  (0 when the batch's predictions are balanced over the K classes).
+- ``activation_l1``: -mean |f| of the teacher's penultimate features, the input of its last
+  Linear/Gemm/MatMul (DAFL's activation term), captured by :class:`PenultimateFeatures`.
+
+:class:`InversionLoss` puts them together: pixels -> augmentation -> teacher (and student) ->
+the weighted sum. Both synthesizers call it, so there is one implementation of every term.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
+import math
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
 from ..teachers.batchnorm import find_batchnorms, is_onnx_functional_bn
+from .augment import crop_flip
+
+# Prior weights used when the teacher has no BN statistics and the recipe leaves a weight null.
+# entropy/activation: DAFL (Chen et al., ICCV 2019) uses beta=5 for the information entropy and
+# alpha=0.1 for the activation term; here the activation is a per-feature mean (as in the
+# Fast-Datafree reference implementation), so it does not grow with the feature width.
+# tv/l2: DeepInversion's priors, scaled to this module's definitions (pixel-space L1 TV, mean
+# square of normalised pixels); the paper's CIFAR runs used a small TV weight and no L2.
+# Starting points, not tuned values: override with --set synthesis.priors.tv=... etc.
+BN_FREE_PRIORS = {"tv": 0.5, "l2": 0.01, "entropy": 5.0, "activation": 0.1}
+PRIOR_NAMES = tuple(BN_FREE_PRIORS)
+
+
+def resolve_priors(priors, has_bn_statistics: bool) -> dict[str, float]:
+    """Prior weights to use: the recipe's where set, else 0 (BN teacher) or the BN-free default."""
+    out = {}
+    for name in PRIOR_NAMES:
+        value = getattr(priors, name, None) if priors is not None else None
+        out[name] = float(value) if value is not None else (0.0 if has_bn_statistics else BN_FREE_PRIORS[name])
+    return out
+
+
+# --------------------------------------------------------------------------- BN statistics
+
+
+def _channel_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel sum and sum of squares over every dim but 1, accumulated in fp32.
+
+    Reductions run over the contiguous axis of each memory format (rows of channels for
+    channels-last, the spatial axis for NCHW): much faster on CPU than reducing over (0, 2, 3)."""
+    c = x.shape[1]
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        rows = x.permute(0, 2, 3, 1).reshape(-1, c).float()      # a view when x is fp32
+        return rows.sum(0), (rows * rows).sum(0)
+    flat = x.reshape(x.shape[0], c, -1).float()
+    return flat.sum(2).sum(0), torch.linalg.vector_norm(flat, 2, dim=2).square().sum(0)
+
+
+class _ChannelMoments(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        n = x.numel() // x.shape[1]
+        s1, s2 = _channel_sums(x.detach())
+        mean = s1 / n
+        var = (s2 / n - mean * mean).clamp_min(0)
+        ctx.save_for_backward(x, mean)
+        ctx.n = n
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, g_mean, g_var):
+        x, mean = ctx.saved_tensors
+        n = ctx.n
+        g_mean = torch.zeros_like(mean) if g_mean is None else g_mean
+        g_var = torch.zeros_like(mean) if g_var is None else g_var
+        # d/dx of L(mean, var) = (dL/dmean - 2 mean dL/dvar) / n + (2 dL/dvar / n) x, per channel
+        return _channel_affine_grad(x, (g_mean - 2 * mean * g_var) / n, 2 * g_var / n, None, None)
+
+
+def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance (fp32) over batch and spatial dims, differentiable."""
+    return _ChannelMoments.apply(x)
+
+
+class _BNWithMoments(torch.autograd.Function):
+    """An inference-mode BatchNorm that also returns its input's per-channel moments.
+
+    Forward is the BN kernel itself (bit-identical output). Backward folds the BN gradient and
+    the moments' gradient into one per-channel multiply-add over the input, instead of a BN
+    backward, a separate moments backward and the sum of the two."""
+
+    @staticmethod
+    def forward(ctx, x, run_mean, run_var, weight, bias, eps):
+        y = F.batch_norm(x, run_mean, run_var, weight, bias, False, 0.0, eps)
+        n = x.numel() // x.shape[1]
+        s1, s2 = _channel_sums(x)
+        mean = s1 / n
+        var = (s2 / n - mean * mean).clamp_min(0)
+        scale = torch.rsqrt(run_var.float() + eps)
+        if weight is not None:
+            scale = scale * weight.float()
+        ctx.save_for_backward(x, mean, scale)
+        ctx.n = n
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, g_y, g_mean, g_var):
+        x, mean, scale = ctx.saved_tensors
+        n = ctx.n
+        g_mean = torch.zeros_like(mean) if g_mean is None else g_mean
+        g_var = torch.zeros_like(mean) if g_var is None else g_var
+        a = (g_mean - 2 * mean * g_var) / n
+        b = 2 * g_var / n
+        return _channel_affine_grad(x, a, b, g_y, scale), None, None, None, None, None
+
+
+def _channel_affine_grad(x, a, b, g_y, scale):
+    """a + b * x (+ scale * g_y), all per channel, in x's dtype.
+
+    fp32: two fused multiply-adds. Reduced precision: the same sums as matrix products with
+    diagonal matrices (rows of channels, or per-sample channel planes), because bf16
+    element-wise multiply-adds are an order of magnitude slower than fp32 ones on CPU while bf16
+    matrix products are fast; a diagonal C x C product costs C multiply-adds per element."""
+    c = x.shape[1]
+    if x.dtype == torch.float32 or x.dim() != 4:
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        a, b = a.view(shape).to(x.dtype), b.view(shape).to(x.dtype)
+        grad = torch.addcmul(a, b, x)
+        return grad if g_y is None else torch.addcmul(grad, g_y, scale.view(shape).to(x.dtype))
+    dt = x.dtype
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        n, _, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(-1, c)
+        out = torch.addmm(a.to(dt), rows, torch.diag(b).to(dt))
+        if g_y is not None:
+            out.addmm_(g_y.permute(0, 2, 3, 1).reshape(-1, c), torch.diag(scale).to(dt))
+        return out.view(n, h, w, c).permute(0, 3, 1, 2)
+    n = x.shape[0]
+    planes = x.reshape(n, c, -1)
+    out = torch.baddbmm(a.to(dt).view(1, c, 1), torch.diag(b).to(dt).expand(n, c, c), planes)
+    if g_y is not None:
+        out.baddbmm_(torch.diag(scale).to(dt).expand(n, c, c), g_y.reshape(n, c, -1))
+    return out.view_as(x)
 
 
 class _BNHook:
+    """One teacher BN layer. Inside ``capture()`` an inference-mode layer runs as
+    :class:`_BNWithMoments` (its ``forward`` is swapped for the capture); any other layer (e.g. in
+    training mode) is served by a forward hook that computes the moments of its input."""
+
     def __init__(self, name: str, module: nn.Module, owner: "BNStatistics"):
         self.name = name
         self.owner = owner
+        self.module = module
         self.functional = is_onnx_functional_bn(module)
         self.handle = module.register_forward_hook(self._hook)
         self.ema: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.fused_ran = False
 
+    # -- fused path ------------------------------------------------------------------------
+    def install(self) -> None:
+        m = self.module
+        if m.training or (not self.functional and getattr(m, "running_mean", None) is None):
+            return
+        m.forward = self._functional_forward if self.functional else self._module_forward
+
+    def uninstall(self) -> None:
+        self.module.__dict__.pop("forward", None)
+
+    def _module_forward(self, x):
+        m = self.module
+        y, mean, var = _BNWithMoments.apply(x, m.running_mean, m.running_var, m.weight, m.bias, m.eps)
+        self.fused_ran = True
+        self._record(mean, var, m.running_mean, m.running_var)
+        return y
+
+    def _functional_forward(self, x, weight, bias, running_mean, running_var):
+        y, mean, var = _BNWithMoments.apply(x, running_mean, running_var, weight, bias, self.module.epsilon)
+        self.fused_ran = True
+        self._record(mean, var, running_mean, running_var)
+        return y
+
+    # -- hook path -------------------------------------------------------------------------
     def _hook(self, module, inputs, output):
         if not self.owner.active:
+            return
+        if self.fused_ran:
+            self.fused_ran = False
             return
         x = inputs[0]
         if self.functional:  # onnx2torch passes (x, weight, bias, running_mean, running_var)
             run_mean, run_var = inputs[3], inputs[4]
         else:
             run_mean, run_var = module.running_mean, module.running_var
-        dims = [0] + list(range(2, x.dim()))
-        var, mean = torch.var_mean(x.float(), dim=dims, unbiased=False)
+        if run_mean is None or run_var is None:   # no running statistics to match
+            return
+        mean, var = channel_moments(x)
+        self._record(mean, var, run_mean, run_var)
+
+    def _record(self, mean, var, run_mean, run_var) -> None:
         self.last = (mean.detach(), var.detach())
         m = self.owner.momentum
         if self.ema is not None and m > 0:
@@ -59,6 +239,7 @@ class _BNHook:
             self.ema = (m * self.ema[0] + (1 - m) * self.last[0], m * self.ema[1] + (1 - m) * self.last[1])
 
     def remove(self) -> None:
+        self.uninstall()
         self.handle.remove()
 
 
@@ -82,10 +263,15 @@ class BNStatistics:
     def capture(self) -> Iterator[None]:
         self.terms = []
         self.active = True
+        for h in self.hooks:
+            h.fused_ran = False
+            h.install()
         try:
             yield
         finally:
             self.active = False
+            for h in self.hooks:
+                h.uninstall()
 
     def loss(self) -> torch.Tensor:
         if not self.terms:
@@ -108,6 +294,9 @@ class BNStatistics:
     def remove(self) -> None:
         for h in self.hooks:
             h.remove()
+
+
+# --------------------------------------------------------------------------- output terms
 
 
 def class_ce(teacher_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -133,3 +322,170 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) 
 def target_confidence(teacher_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean teacher probability of the sampled labels: how convincing a batch is."""
     return F.softmax(teacher_logits.float(), dim=1).gather(1, targets[:, None]).mean()
+
+
+# --------------------------------------------------------------------------- priors without BN
+
+
+def total_variation(pixels: torch.Tensor) -> torch.Tensor:
+    """Sum over 4 directions (horizontal, vertical, both diagonals) of the mean |difference|."""
+    x = pixels.float()
+    terms = []
+    if x.shape[-1] > 1:
+        terms.append((x[..., :, 1:] - x[..., :, :-1]).abs().mean())
+    if x.shape[-2] > 1:
+        terms.append((x[..., 1:, :] - x[..., :-1, :]).abs().mean())
+    if x.shape[-1] > 1 and x.shape[-2] > 1:
+        terms.append((x[..., 1:, 1:] - x[..., :-1, :-1]).abs().mean())
+        terms.append((x[..., 1:, :-1] - x[..., :-1, 1:]).abs().mean())
+    return torch.stack(terms).sum() if terms else x.new_zeros(())
+
+
+def l2_prior(model_input: torch.Tensor) -> torch.Tensor:
+    """Mean square of the normalised input (0 at the data mean, about 1 for natural images)."""
+    return model_input.float().square().mean()
+
+
+def class_balance(teacher_logits: torch.Tensor) -> torch.Tensor:
+    """log K - H(p_mean): 0 when the batch's mean prediction is uniform over the K classes."""
+    p = F.softmax(teacher_logits.float(), dim=1).mean(0)
+    return math.log(p.numel()) + (p * torch.log(p.clamp_min(1e-12))).sum()
+
+
+def activation_l1(features: torch.Tensor) -> torch.Tensor:
+    """Minus the mean absolute penultimate activation (DAFL: real data activates the features)."""
+    return -features.float().abs().mean()
+
+
+_CLASSIFIER_TYPES = ("OnnxGemm", "OnnxMatMul")
+
+
+class PenultimateFeatures:
+    """Captures the input of the teacher's classifier layer: the last Linear / onnx2torch Gemm or
+    MatMul module to run in a forward pass (the last convolution when there is none, e.g. a
+    1x1-conv head). "Last to run" rather than "last registered" copes with converted graphs whose
+    module order says nothing about execution order; a teacher run in chunks (fixed batch) gets
+    the chunks concatenated. ``available`` is False when no such module can be hooked
+    (TorchScript modules refuse hooks)."""
+
+    def __init__(self, teacher: nn.Module):
+        self.active = False
+        self.fired: list[tuple[int, torch.Tensor]] = []
+        self.handles = []
+        linear = [m for m in teacher.modules() if isinstance(m, nn.Linear) or type(m).__name__ in _CLASSIFIER_TYPES]
+        candidates = linear or [m for m in teacher.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+        for m in candidates:
+            try:
+                self.handles.append(m.register_forward_pre_hook(self._hook))
+            except Exception:  # noqa: BLE001 - script modules refuse hooks: the term is unavailable
+                self.remove()
+                break
+        self.available = bool(self.handles)
+
+    def _hook(self, module, args):
+        if self.active and args and isinstance(args[0], torch.Tensor):
+            self.fired.append((id(module), args[0]))
+
+    @contextmanager
+    def capture(self) -> Iterator[None]:
+        self.fired = []
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+
+    def features(self) -> Optional[torch.Tensor]:
+        if not self.fired:
+            return None
+        last = self.fired[-1][0]
+        chunks = [t for mid, t in self.fired if mid == last]
+        out = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        return out.flatten(1)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+# --------------------------------------------------------------------------- the total
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor
+    bn: torch.Tensor
+    ce: torch.Tensor
+    adv: torch.Tensor
+    prior: torch.Tensor          # weighted sum of the prior terms
+    teacher_logits: torch.Tensor  # fp32
+
+
+class InversionLoss:
+    """The objective every synthesis step minimises, for a batch of pixel-space images:
+
+    bn * BN statistics + oh * CE(T(x), y) + adv * masked-KL adversarial term
+    + tv * TV + l2 * L2 + entropy * (log K - H) + activation * (-mean |f|)
+
+    where x is the augmented (crop + flip) and normalised batch. ``autocast`` is the context the
+    teacher and student run in (bf16 autocast or none); every loss term is computed in fp32.
+    """
+
+    def __init__(self, teacher: nn.Module, normalizer: nn.Module, opts, priors: dict[str, float],
+                 use_bn_statistics: bool = True, autocast=nullcontext, channels_last: bool = False,
+                 explicit_activation: bool = False):
+        self.teacher = teacher
+        self.normalizer = normalizer
+        self.opts = opts
+        self.autocast = autocast
+        self.channels_last = channels_last
+        # A teacher whose BN layers cannot be trusted to see whole batches (the loader reports
+        # bn_layers=0 then) gets no BN term rather than a wrong one.
+        self.bn_stats = BNStatistics(teacher if use_bn_statistics and opts.bn > 0 else nn.Identity(),
+                                     momentum=opts.bn_mmt)
+        self.priors = dict(priors)
+        self.features: Optional[PenultimateFeatures] = None
+        self.notes: list[str] = []
+        if self.priors.get("activation", 0) > 0:
+            self.features = PenultimateFeatures(teacher)
+            if not self.features.available:
+                if explicit_activation:
+                    raise UsageError("synthesis.priors.activation needs the teacher's penultimate features, but no "
+                                     "Linear/Gemm/MatMul/Conv layer of this teacher accepts a hook; set it to 0")
+                self.priors["activation"] = 0.0
+                self.features = None
+                self.notes.append("activation prior off: no hookable classifier layer in the teacher")
+
+    def _model_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        a = self.opts.augment
+        x = self.normalizer(crop_flip(pixels, a.crop_padding, a.flip))
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def __call__(self, pixels: torch.Tensor, targets: torch.Tensor, student: nn.Module | None = None) -> LossTerms:
+        o, w = self.opts, self.priors
+        x = self._model_input(pixels)
+        feats = self.features.capture() if self.features is not None else nullcontext()
+        with self.autocast(), self.bn_stats.capture(), feats:
+            t_out = self.teacher(x)
+            s_out = student(x) if student is not None else None
+        t_out = t_out.float()
+        zero = t_out.new_zeros(())
+        loss_bn = self.bn_stats.loss().to(t_out.device) if len(self.bn_stats) else zero
+        loss_ce = class_ce(t_out, targets)
+        loss_adv = adversarial_kl(s_out.float(), t_out) if s_out is not None else zero
+        prior = zero
+        if w["tv"] > 0:
+            prior = prior + w["tv"] * total_variation(pixels)
+        if w["l2"] > 0:
+            prior = prior + w["l2"] * l2_prior(self.normalizer(pixels))
+        if w["entropy"] > 0:
+            prior = prior + w["entropy"] * class_balance(t_out)
+        if self.features is not None:
+            f = self.features.features()
+            if f is not None:
+                prior = prior + w["activation"] * activation_l1(f)
+        total = o.bn * loss_bn + o.oh * loss_ce + o.adv * loss_adv + prior
+        return LossTerms(total, loss_bn, loss_ce, loss_adv, prior, t_out)
