@@ -76,12 +76,18 @@ def _capture_input(module: nn.Module):
         handle.remove()
 
 
-def penultimate_features(model: nn.Module, x: Tensor, num_classes: int) -> Tensor:
-    """The features the classifier head receives for ``x``, flattened to [N, D]."""
+def features_and_logits(model: nn.Module, x: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """One forward pass: the features the classifier head receives, flattened to [N, D], and
+    the model's output."""
     head = get_module(model, head_name(model, num_classes))
     with _capture_input(head) as box:
-        model(x)
-    return box["x"].reshape(len(x), -1)
+        out = model(x)
+    return box["x"].reshape(len(x), -1), out
+
+
+def penultimate_features(model: nn.Module, x: Tensor, num_classes: int) -> Tensor:
+    """The features the classifier head receives for ``x``, flattened to [N, D]."""
+    return features_and_logits(model, x, num_classes)[0]
 
 
 def load_head_weights(model: nn.Module, num_classes: int, weights: nn.Sequential) -> None:

@@ -127,7 +127,7 @@ def init_student_head(student: nn.Module, teacher: nn.Module, images: Tensor, *,
     because KD divides the student's logits by T too, so the head starts at the teacher's
     centred logits.
     """
-    from ..models.heads import load_head_weights, penultimate_features
+    from ..models.heads import features_and_logits, load_head_weights
 
     device = next(student.parameters()).device
     was_training = student.training
@@ -137,8 +137,9 @@ def init_student_head(student: nn.Module, teacher: nn.Module, images: Tensor, *,
         student.train()
         for xb in _batches(images, batch_size):
             xb = xb.to(device)
-            feats.append(penultimate_features(student, xb, num_classes).float().cpu())
-            s_logits.append(student(xb).float().cpu())
+            f, out = features_and_logits(student, xb, num_classes)
+            feats.append(f.float().cpu())
+            s_logits.append(out.float().cpu())
             t_logits.append(teacher(xb).float().cpu())
         for k, v in student.named_buffers():
             v.copy_(saved[k])
