@@ -348,9 +348,9 @@ def run_deployment(teacher, student, run_dir: str | Path, *, probes, eval_data=N
             others.append(Backend("tensorrt", precision, engine_predictor(bundle_dir / engine["file"], layout=spec.layout)))
     datasets = [Dataset("synthetic probes", probes_ms)]
     if eval_data is not None and len(eval_data):
-        n = min(len(eval_data), compare_eval_images)
-        datasets.append(Dataset("eval data" + (f" (first {n})" if n < len(eval_data) else ""),
-                                ms(eval_data.images[:n]), eval_data.labels[:n]))
+        part = eval_data.subset(compare_eval_images)
+        datasets.append(Dataset("eval data" + (f" ({len(part)} drawn at random, seed 0)" if len(part) < len(eval_data)
+                                               else ""), ms(part.images), part.labels))
     rows = compare_backends(reference, others, datasets)
     table = comparison_markdown(rows)
     for r in rows:   # int8 accuracy on real data, beside its agreement

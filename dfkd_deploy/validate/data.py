@@ -29,6 +29,15 @@ class EvalData:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, n: int, seed: int = 0) -> "EvalData":
+        """At most ``n`` images, drawn without replacement by a seeded shuffle (same ``seed``,
+        same subset), keeping the data's order. Never the first ``n``: eval sets are often
+        sorted by class (the CIFAR-10 test npz is), and their first images are all one class."""
+        if n >= len(self):
+            return self
+        idx = np.sort(np.random.default_rng(seed).permutation(len(self))[:n])
+        return EvalData(self.images[idx], self.labels[idx], self.source, self.class_names)
+
 
 def load_eval_data(path: str | Path, *, input_shape: tuple[int, int, int],
                    num_classes: int | None = None) -> EvalData:

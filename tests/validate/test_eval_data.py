@@ -144,3 +144,22 @@ def test_shared_cifar10_test_set():
     data = load_eval_data(SHARED_CIFAR, input_shape=(3, 32, 32), num_classes=10)
     assert data.images.shape == (10_000, 3, 32, 32) and data.images.dtype == np.uint8
     assert data.labels.shape == (10_000,) and set(np.unique(data.labels).tolist()) == set(range(10))
+
+
+def test_subset_is_seeded_and_not_the_first_images(tmp_path):
+    # a class-sorted set, like the shared CIFAR-10 npz: its first images are all one class
+    labels = np.repeat(np.arange(10), 50)
+    images = np.random.default_rng(1).integers(0, 256, (500, 8, 8, 3), dtype=np.uint8)
+    data = load_eval_data(_npz(tmp_path, images=images, labels=labels), input_shape=(3, 8, 8))
+    part = data.subset(100)
+    assert len(part) == 100 and part.images.shape == (100, 3, 8, 8)
+    assert len(np.unique(part.labels)) == 10                 # every class drawn, not just class 0
+    again = data.subset(100)
+    np.testing.assert_array_equal(part.labels, again.labels)
+    np.testing.assert_array_equal(part.images, again.images)
+    assert not np.array_equal(data.subset(100, seed=1).images, part.images)
+    # each kept image keeps its own label
+    flat = data.images.reshape(500, -1)
+    for img, lab in zip(part.images[:10], part.labels[:10]):
+        assert labels[np.flatnonzero((flat == img.reshape(-1)).all(1))[0]] == lab
+    assert data.subset(10_000) is data
