@@ -127,6 +127,9 @@ class DistillationOptions(_Strict):
     weight_decay: float = Field(1e-4, ge=0)
     eta_min: float = Field(2e-4, ge=0)
     temperature: float = Field(20.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="KD forward passes (teacher and student; weights, optimizer and loss stay fp32): "
+                            "bf16 autocast, fp32, or auto (bf16 where the device runs it natively)")
 
 
 class ValidationOptions(_Strict):

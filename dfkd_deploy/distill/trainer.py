@@ -29,6 +29,7 @@ from ..io import OutputError
 from ..progress import task
 from ..recipe import Recipe
 from ..synthesis.augment import crop_flip
+from ..synthesis.base import autocast_factory, resolve_precision
 from ..synthesis.fast import FastSynthesizer
 from ..synthesis.losses import kd_kl
 from ..synthesis.pool import ImagePool
@@ -96,6 +97,8 @@ class Distiller:
         self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
         self.show_progress = show_progress
         d = recipe.distillation
+        self.precision = resolve_precision(d.precision, self.device)
+        self._autocast = autocast_factory(self.precision, self.device)
         self.optimizer = torch.optim.SGD(self.student.parameters(), lr=d.lr, momentum=d.momentum,
                                          weight_decay=d.weight_decay)
         kd_epochs = max(1, d.epochs - d.warmup)
@@ -164,9 +167,10 @@ class Distiller:
         for step in range(d.kd_steps):
             pixels = self._kd_batch().to(self.device)
             x = self.normalizer(crop_flip(pixels, a.crop_padding, a.flip))
-            with torch.no_grad():
-                t_out = self.teacher(x)
-            s_out = model(x)
+            with torch.no_grad(), self._autocast():
+                t_out = self.teacher(x).float()
+            with self._autocast():
+                s_out = model(x).float()
             loss = kd_kl(s_out, t_out, d.temperature)
             bad = not bool(torch.isfinite(loss))
             if self.ctx.any(bad):   # every rank stops at the same step

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -97,3 +99,27 @@ def test_nan_loss_stops_with_the_step_and_keeps_checkpoint(digits_teacher, tmp_p
                               f"the last good checkpoint (2 epoch(s) done) is kept: {ckpt} (continue with --resume); "
                               "lower distillation.lr")
     assert torch.load(ckpt, weights_only=False)["epoch"] == 2
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_kd_precision_keeps_fp32_weights_and_learns(digits_teacher, tmp_path, precision):
+    """distillation.precision runs the KD forward passes under bf16 autocast (or not); weights,
+    optimizer state and the loss stay fp32 either way, and the student learns either way."""
+    recipe = quick_recipe(**{"distillation.epochs": 6, "distillation.kd_steps": 10,
+                             "distillation.precision": precision})
+    d = _distiller(digits_teacher, recipe, tmp_path)
+    assert d.precision == precision
+    probes = make_probes(make_synthesizer(digits_teacher, recipe, "cpu"), 128, 64, seed=5)
+    before = _agreement(digits_teacher, d.student, probes)
+    d.run()
+    assert all(p.dtype == torch.float32 for p in d.student.parameters())
+    losses = [r["kd_loss"] for r in d.history if "kd_loss" in r]
+    assert len(losses) == 6 - recipe.distillation.warmup and all(map(math.isfinite, losses))
+    assert _agreement(digits_teacher, d.student, probes) > before + 0.1
+
+
+def test_kd_precision_auto_follows_the_device(digits_teacher, tmp_path):
+    from dfkd_deploy.synthesis.base import bf16_native
+
+    d = _distiller(digits_teacher, quick_recipe(**{"distillation.precision": "auto"}), tmp_path)
+    assert d.precision == ("bf16" if bf16_native(torch.device("cpu")) else "fp32")
