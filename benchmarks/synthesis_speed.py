@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))   # runs from a clone without an install too
+sys.path.insert(0, str(REPO))   # this checkout's dfkd_deploy, whatever else is installed
 SHARED = REPO.parent / "shared"
 TEACHER = SHARED / "teachers" / "cifar10-resnet56.th"
 TEST_SET = SHARED / "data" / "cifar10-test-jpeg.npz"
@@ -66,11 +66,13 @@ SETTINGS = {
     # per step is measured and DeepInversion-2k's synthesis time extrapolated from it.
     "small": {"synth_batch": 64, "epochs": 24, "warmup": 4, "kd_steps": 50, "kd_batch": 64, "kd_lr": 0.1,
               "di_steps": 40, "di_lr": 0.1, "eval_every": 5, "eval_images": 2000,
-              "speed_rounds": 3, "quality_rounds": 12, "speed_batch": 64, "bare_reps": 5},
+              "speed_rounds": 3, "quality_rounds": 8, "speed_batch": 64, "bare_reps": 5,
+              "precision": "auto"},
     # The paper's schedule (recipes/cifar-resnet20.yaml and cifar-resnet20-deepinversion.yaml).
     "full": {"synth_batch": 256, "epochs": 220, "warmup": 20, "kd_steps": 400, "kd_batch": 256, "kd_lr": 0.2,
              "di_steps": 2000, "di_lr": 0.1, "eval_every": 20, "eval_images": 10000,
-             "speed_rounds": 5, "quality_rounds": 20, "speed_batch": 64, "bare_reps": 9},
+             "speed_rounds": 5, "quality_rounds": 20, "speed_batch": 64, "bare_reps": 9,
+             "precision": "auto"},
 }
 PAPER_DI_STEPS = 2000
 PAPER_FAST_STEPS = 5
@@ -202,7 +204,13 @@ def speed_part(teacher, s: dict) -> dict:
 # --------------------------------------------------------------------------- protocol
 
 
-def run_method(method: str, teacher, s: dict, pixels, labels, t_logits, eval_idx, workdir: Path) -> dict:
+def run_method(method: str, teacher, s: dict, pixels, labels, t_logits, eval_idx, workdir: Path, *,
+               recipe_file: str | None = None, extra: dict | None = None, name: str | None = None,
+               after=None) -> dict:
+    """Synthesize and distill with ``method``'s recipe at the budget ``s``; real-data top-1 along
+    the way (subset ``eval_idx``) and at the end (all). ``extra`` overrides further recipe keys
+    (e.g. synthesis priors); ``name`` labels the log lines and the run directory; ``after`` is
+    called with the finished Distiller (its pool still on disk)."""
     import torch
 
     from dfkd_deploy.api import build_student, make_synthesizer
@@ -211,17 +219,20 @@ def run_method(method: str, teacher, s: dict, pixels, labels, t_logits, eval_idx
     from dfkd_deploy.synthesis.pool import ImagePool
     from dfkd_deploy.validate.metrics import predict, top1_accuracy, top1_agreement
 
-    recipe_file = "cifar-resnet20.yaml" if method == "fast" else "cifar-resnet20-deepinversion.yaml"
+    recipe_file = recipe_file or ("cifar-resnet20.yaml" if method == "fast" else "cifar-resnet20-deepinversion.yaml")
+    name = name or method
     overrides = {"synthesis.batch_size": s["synth_batch"], "distillation.epochs": s["epochs"],
                  "distillation.warmup": s["warmup"], "distillation.kd_steps": s["kd_steps"],
-                 "distillation.batch_size": s["kd_batch"], "distillation.lr": s["kd_lr"], "seed": 0}
+                 "distillation.batch_size": s["kd_batch"], "distillation.lr": s["kd_lr"], "seed": 0,
+                 "synthesis.precision": s["precision"], "distillation.precision": s["precision"]}
     if method == "deepinversion":
         overrides.update({"synthesis.g_steps": s["di_steps"], "synthesis.lr_g": s["di_lr"]})
+    overrides.update(extra or {})
     recipe = load_recipe(REPO / "recipes" / recipe_file, overrides)
     seed_everything(recipe.seed)
     student = build_student(recipe, teacher)
     synth = make_synthesizer(teacher, recipe, torch.device("cpu"))
-    run_dir = workdir / method
+    run_dir = workdir / name
     distiller = Distiller(teacher.module, teacher.normalizer(), student, synth, ImagePool(run_dir / "pool"),
                           recipe, run_dir, "cpu", show_progress=False)
     norm = teacher.normalizer()
@@ -233,13 +244,15 @@ def run_method(method: str, teacher, s: dict, pixels, labels, t_logits, eval_idx
         logits = predict(student, pixels[eval_idx], normalizer=norm)
         curve.append({"epoch": stop, "images": len(distiller.pool), "synthesis_seconds": distiller.synthesis_seconds,
                       "top1_subset": top1_accuracy(logits, labels[eval_idx])})
-        print(f"{method}: epoch {stop}: {len(distiller.pool)} images, synthesis {distiller.synthesis_seconds:.0f} s, "
+        print(f"{name}: epoch {stop}: {len(distiller.pool)} images, synthesis {distiller.synthesis_seconds:.0f} s, "
               f"top-1 (subset of {len(eval_idx)}) {curve[-1]['top1_subset']:.3f}", flush=True)
     wall = time.perf_counter() - t0
+    if after is not None:
+        after(distiller)
     s_logits = predict(student, pixels, normalizer=norm)
     hist = distiller.history
-    return {"recipe": recipe_file, "g_steps": recipe.synthesis.g_steps, "lr_g": recipe.synthesis.lr_g,
-            "precision": synth.precision, "channels_last": synth.channels_last,
+    return {"recipe": recipe_file, "overrides": overrides, "g_steps": recipe.synthesis.g_steps, "lr_g": recipe.synthesis.lr_g,
+            "precision": synth.precision, "channels_last": synth.channels_last, "kd_precision": distiller.precision,
             "images": len(distiller.pool), "synthesis_seconds": distiller.synthesis_seconds,
             "images_per_second": len(distiller.pool) / distiller.synthesis_seconds,
             "distillation_seconds": distiller.distillation_seconds, "wall_seconds": wall,
@@ -284,7 +297,7 @@ def plot(report: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--small", action="store_true", help="the 2-CPU-core budget (about 15 minutes)")
+    ap.add_argument("--small", action="store_true", help="the 2-CPU-core budget (under 20 minutes)")
     ap.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
                     help="override one entry of the chosen settings")
@@ -335,8 +348,16 @@ def main(argv=None) -> int:
         for method in args.methods.split(","):
             report[method] = run_method(method, teacher, s, pixels, labels, t_logits, eval_idx, Path(tmp))
     if "fast" not in report or "deepinversion" not in report:
-        print(report.get("fast", report.get("deepinversion")), flush=True)
-        print("one method only: no comparison written", flush=True)
+        # one method (e.g. the bf16-vs-fp32 student check): its own file, no comparison
+        method = "fast" if "fast" in report else "deepinversion"
+        report["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+        report["wall_seconds"] = time.perf_counter() - started
+        out = args.out_dir / f"synthesis_speed_{method}_{report[method]['precision']}.json"
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out, report)
+        r = report[method]
+        print(f"{method} ({r['precision']}): {r['images']} images in {r['synthesis_seconds']:.0f} s, "
+              f"student {r['student_top1']:.4f}; one method only, no comparison; wrote {out}", flush=True)
         return 0
 
     fast, di = report["fast"], report["deepinversion"]

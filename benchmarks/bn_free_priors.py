@@ -1,0 +1,219 @@
+"""Benchmark: which BN-free synthesis priors make the best student when the teacher has no
+BatchNorm statistics (issue 3).
+
+The shared CIFAR-10 ResNet-56 is exported through torch's dynamo exporter (BatchNorm folded into
+the convolutions, as torch's default export does) and loaded back as a BN-free teacher; the same
+teacher with BN kept is the baseline. Every arm runs the protocol of
+``benchmarks/synthesis_speed.py --small`` (FastDFKD Fast-5, 24 batches of 64 images, 1000 KD
+steps of 64 into a CIFAR ResNet-20, seed 0) and differs only in the synthesis loss:
+
+- ``bn-kept``: the BN-kept teacher, BN-statistics loss + CE + adversarial (the recipe's default);
+- ``bn-free/adv``: the dynamo teacher, CE + adversarial only (every prior 0);
+- ``bn-free/dafl``: + DAFL information entropy and activation;
+- ``bn-free/image``: + total variation and L2 image priors;
+- ``bn-free/all``: all four priors (the weights in ``synthesis.losses.BN_FREE_PRIORS``).
+
+Reported per arm: student top-1 on the 10,000 real test images, agreement with the teacher,
+synthesis seconds, and two properties of the synthetic pool measured with the BN-kept teacher
+(which the BN-free arms never saw): its BN-statistics loss (how far the pool's feature statistics
+are from those of the real training data) and the entropy of its predicted-class histogram.
+
+Run: python benchmarks/bn_free_priors.py  (about 35-45 minutes on 2 cores; ``--arms a,b`` runs
+a subset and merges it into the stored results).
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))          # synthesis_speed's protocol
+sys.path.insert(0, str(HERE.parent))   # runs from a clone without an install too
+
+import synthesis_speed as protocol  # noqa: E402
+
+RESULTS = HERE / "results"
+ZERO = {"tv": 0.0, "l2": 0.0, "entropy": 0.0, "activation": 0.0}
+# arm -> (teacher: "bn" | "dynamo", prior weights; None = the library's automatic choice)
+ARMS = {
+    "bn-kept": ("bn", None),
+    "bn-free/adv": ("dynamo", ZERO),
+    "bn-free/dafl": ("dynamo", {**ZERO, "entropy": 5.0, "activation": 0.1}),
+    "bn-free/image": ("dynamo", {**ZERO, "tv": 0.5, "l2": 0.01}),
+    "bn-free/all": ("dynamo", None),
+}
+
+
+def pool_properties(bn_teacher, pool) -> dict:
+    """BN-statistics loss (batches of 64, mean) and predicted-class entropy of a pool, both
+    measured with the BN-kept teacher."""
+    import numpy as np
+    import torch
+
+    from dfkd_deploy.synthesis.losses import BNStatistics
+
+    stats = BNStatistics(bn_teacher.module)
+    norm = bn_teacher.normalizer()
+    losses, preds = [], []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(pool), 64):
+                x = norm(pool.get(np.arange(start, min(start + 64, len(pool)))))
+                with stats.capture():
+                    logits = bn_teacher.module(x)
+                losses.append(float(stats.loss()))
+                preds.append(logits.argmax(1))
+    finally:
+        stats.remove()
+    hist = torch.bincount(torch.cat(preds), minlength=bn_teacher.spec.num_classes).float()
+    p = hist / hist.sum()
+    entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
+    return {"pool_bn_loss_vs_real_statistics": float(np.mean(losses)),
+            "pool_class_entropy": entropy, "pool_class_entropy_max": math.log(len(p)),
+            "pool_class_histogram": hist.int().tolist()}
+
+
+def dynamo_teacher(workdir: Path):
+    from dfkd_deploy import stages
+    from dfkd_deploy.recipe import load_recipe
+    from dfkd_deploy.teachers import load_teacher
+
+    recipe = load_recipe(protocol.REPO / "recipes" / "cifar-resnet20.yaml", {"teacher.arch": "cifar_resnet56"})
+    path = stages.export_teacher(protocol.TEACHER, recipe, workdir / "resnet56_dynamo.onnx", exporter="dynamo")
+    return load_teacher(path), path
+
+
+def merge(path: Path, key: str, value) -> dict:
+    """Read-modify-write one entry of the results JSON under a lock (arms may run in parallel)."""
+    from dfkd_deploy.io import write_json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        report = json.loads(path.read_text()) if path.is_file() else {}
+        report.setdefault("arms", {})
+        if key == "arms":
+            report["arms"].update(value)
+        else:
+            report[key] = value
+        write_json(path, report)
+    return report
+
+
+def table(report: dict) -> str:
+    arms = report.get("arms", {})
+    lines = ["| arm | teacher | priors (tv, l2, entropy, activation) | student top-1 | agreement | synthesis s "
+             "| pool BN loss (BN-kept teacher) | pool class entropy |", "|---|---|---|---|---|---|---|---|"]
+    for name in ARMS:
+        if name not in arms:
+            continue
+        r = arms[name]
+        pr = r["priors_used"]
+        lines.append(f"| {name} | {r['teacher']} (BN layers {r['teacher_bn_layers']}) | "
+                     f"{pr['tv']:g}, {pr['l2']:g}, {pr['entropy']:g}, {pr['activation']:g} | "
+                     f"{r['student_top1']:.4f} | {r['teacher_agreement']:.4f} | {r['synthesis_seconds']:.0f} | "
+                     f"{r['pool_bn_loss_vs_real_statistics']:.2f} | {r['pool_class_entropy']:.3f} |")
+    free = {k: v for k, v in arms.items() if k.startswith("bn-free/")}
+    if free:
+        best = max(free, key=lambda k: free[k]["student_top1"])
+        lines += ["", f"- best BN-free arm by student top-1: {best} ({free[best]['student_top1']:.4f})"]
+    if "bn-kept" in arms:
+        lines.append(f"- BN-kept teacher: {arms['bn-kept']['student_top1']:.4f}")
+    lines.append(f"- teacher top-1 {report.get('teacher_top1', float('nan')):.4f} (BN-kept), "
+                 f"{report.get('dynamo_teacher_top1', float('nan')):.4f} (dynamo export); one seed per arm")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
+    ap.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one entry of synthesis_speed's small settings")
+    ap.add_argument("--out", type=Path, default=RESULTS / "bn_free_priors.json")
+    args = ap.parse_args(argv)
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        print(f"error: unknown arm(s) {unknown}; known: {', '.join(ARMS)}", file=sys.stderr)
+        return 2
+    for path in (protocol.TEACHER, protocol.TEST_SET):
+        if not path.exists():
+            print(f"error: {path} is absent (the shared material lives beside the repository)", file=sys.stderr)
+            return 2
+
+    import numpy as np
+    import torch
+
+    from dfkd_deploy.io import write_text
+    from dfkd_deploy.recipe import TeacherOptions
+    from dfkd_deploy.synthesis.losses import resolve_priors
+    from dfkd_deploy.teachers import load_teacher
+    from dfkd_deploy.validate.data import load_eval_data, to_pixels
+    from dfkd_deploy.validate.metrics import predict, top1_accuracy
+
+    s = dict(protocol.SETTINGS["small"])
+    for item in args.setting:
+        key, _, value = item.partition("=")
+        if key not in s:
+            print(f"error: unknown setting {key!r}; known: {', '.join(s)}", file=sys.stderr)
+            return 2
+        s[key] = type(s[key])(value)
+
+    started = time.perf_counter()
+    bn_teacher = load_teacher(protocol.TEACHER, TeacherOptions(arch="cifar_resnet56"))
+    data = load_eval_data(protocol.TEST_SET, input_shape=bn_teacher.spec.input_shape)
+    pixels, labels = to_pixels(data.images), torch.as_tensor(data.labels)
+    eval_idx = torch.as_tensor(np.random.default_rng(0).permutation(len(labels))[: s["eval_images"]])
+    with tempfile.TemporaryDirectory(prefix="bn-free-priors-") as tmp:
+        tmp = Path(tmp)
+        teachers = {"bn": bn_teacher}
+        if any(ARMS[a][0] == "dynamo" for a in arms):
+            teachers["dynamo"], _ = dynamo_teacher(tmp)
+        logits = {k: predict(t.module, pixels, normalizer=t.normalizer()) for k, t in teachers.items()}
+        merge(args.out, "teacher_top1", top1_accuracy(logits["bn"], labels))
+        if "dynamo" in teachers:
+            merge(args.out, "dynamo_teacher_top1", top1_accuracy(logits["dynamo"], labels))
+            merge(args.out, "dynamo_teacher_bn_layers", teachers["dynamo"].spec.bn_layers)
+        merge(args.out, "settings", s)
+        merge(args.out, "machine", protocol.machine())
+        for arm in arms:
+            which, priors = ARMS[arm]
+            teacher = teachers[which]
+            extra = {} if priors is None else {f"synthesis.priors.{k}": v for k, v in priors.items()}
+            props = {}
+
+            def after(distiller, props=props):
+                props.update(pool_properties(bn_teacher, distiller.pool))
+
+            row = protocol.run_method("fast", teacher, s, pixels, labels, logits[which], eval_idx, tmp,
+                                      extra=extra, name=arm.replace("/", "-"), after=after)
+            row.update(props, teacher="dynamo export" if which == "dynamo" else "BN kept",
+                       teacher_bn_layers=teacher.spec.bn_layers,
+                       priors_used=resolve_priors(_priors(priors), teacher.spec.bn_layers > 0))
+            report = merge(args.out, "arms", {arm: row})
+            print(f"{arm}: student {row['student_top1']:.4f}, agreement {row['teacher_agreement']:.4f}, "
+                  f"pool BN loss {row['pool_bn_loss_vs_real_statistics']:.2f}, "
+                  f"class entropy {row['pool_class_entropy']:.3f}", flush=True)
+    report = merge(args.out, "command", "python benchmarks/bn_free_priors.py"
+                   + "".join(f" --setting {x}" for x in args.setting))
+    write_text(args.out.with_suffix(".md"), table(report))
+    print(table(report))
+    print(f"wall {time.perf_counter() - started:.0f} s", flush=True)
+    return 0
+
+
+def _priors(priors):
+    from dfkd_deploy.recipe import PriorOptions
+
+    return PriorOptions() if priors is None else PriorOptions(**priors)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
