@@ -67,12 +67,12 @@ SETTINGS = {
     "small": {"synth_batch": 64, "epochs": 24, "warmup": 4, "kd_steps": 50, "kd_batch": 64, "kd_lr": 0.1,
               "di_steps": 40, "di_lr": 0.1, "eval_every": 5, "eval_images": 2000,
               "speed_rounds": 3, "quality_rounds": 8, "speed_batch": 64, "bare_reps": 5,
-              "precision": "auto"},
+              "precision": "auto", "kd_precision": "auto"},
     # The paper's schedule (recipes/cifar-resnet20.yaml and cifar-resnet20-deepinversion.yaml).
     "full": {"synth_batch": 256, "epochs": 220, "warmup": 20, "kd_steps": 400, "kd_batch": 256, "kd_lr": 0.2,
              "di_steps": 2000, "di_lr": 0.1, "eval_every": 20, "eval_images": 10000,
              "speed_rounds": 5, "quality_rounds": 20, "speed_batch": 64, "bare_reps": 9,
-             "precision": "auto"},
+             "precision": "auto", "kd_precision": "auto"},
 }
 PAPER_DI_STEPS = 2000
 PAPER_FAST_STEPS = 5
@@ -224,7 +224,7 @@ def run_method(method: str, teacher, s: dict, pixels, labels, t_logits, eval_idx
     overrides = {"synthesis.batch_size": s["synth_batch"], "distillation.epochs": s["epochs"],
                  "distillation.warmup": s["warmup"], "distillation.kd_steps": s["kd_steps"],
                  "distillation.batch_size": s["kd_batch"], "distillation.lr": s["kd_lr"], "seed": 0,
-                 "synthesis.precision": s["precision"], "distillation.precision": s["precision"]}
+                 "synthesis.precision": s["precision"], "distillation.precision": s["kd_precision"]}
     if method == "deepinversion":
         overrides.update({"synthesis.g_steps": s["di_steps"], "synthesis.lr_g": s["di_lr"]})
     overrides.update(extra or {})
@@ -352,7 +352,7 @@ def main(argv=None) -> int:
         method = "fast" if "fast" in report else "deepinversion"
         report["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
         report["wall_seconds"] = time.perf_counter() - started
-        out = args.out_dir / f"synthesis_speed_{method}_{report[method]['precision']}.json"
+        out = args.out_dir / f"synthesis_speed_{method}_{report[method]['precision']}_kd_{report[method]['kd_precision']}.json"
         args.out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out, report)
         r = report[method]
