@@ -67,12 +67,12 @@ SETTINGS = {
     "small": {"synth_batch": 64, "epochs": 24, "warmup": 4, "kd_steps": 50, "kd_batch": 64, "kd_lr": 0.1,
               "di_steps": 40, "di_lr": 0.1, "eval_every": 5, "eval_images": 2000,
               "speed_rounds": 3, "quality_rounds": 8, "speed_batch": 64, "bare_reps": 5,
-              "precision": "auto", "kd_precision": "auto"},
+              "precision": "auto", "kd_precision": "auto", "seed": 0},
     # The paper's schedule (recipes/cifar-resnet20.yaml and cifar-resnet20-deepinversion.yaml).
     "full": {"synth_batch": 256, "epochs": 220, "warmup": 20, "kd_steps": 400, "kd_batch": 256, "kd_lr": 0.2,
              "di_steps": 2000, "di_lr": 0.1, "eval_every": 20, "eval_images": 10000,
              "speed_rounds": 5, "quality_rounds": 20, "speed_batch": 64, "bare_reps": 9,
-             "precision": "auto", "kd_precision": "auto"},
+             "precision": "auto", "kd_precision": "auto", "seed": 0},
 }
 PAPER_DI_STEPS = 2000
 PAPER_FAST_STEPS = 5
@@ -223,7 +223,7 @@ def run_method(method: str, teacher, s: dict, pixels, labels, t_logits, eval_idx
     name = name or method
     overrides = {"synthesis.batch_size": s["synth_batch"], "distillation.epochs": s["epochs"],
                  "distillation.warmup": s["warmup"], "distillation.kd_steps": s["kd_steps"],
-                 "distillation.batch_size": s["kd_batch"], "distillation.lr": s["kd_lr"], "seed": 0,
+                 "distillation.batch_size": s["kd_batch"], "distillation.lr": s["kd_lr"], "seed": s.get("seed", 0),
                  "synthesis.precision": s["precision"], "distillation.precision": s["kd_precision"]}
     if method == "deepinversion":
         overrides.update({"synthesis.g_steps": s["di_steps"], "synthesis.lr_g": s["di_lr"]})

@@ -83,13 +83,16 @@ def test_bn_free_teacher_gets_prior_defaults_unless_the_recipe_sets_them(digits_
     bn_free = Teacher(digits_teacher.module, dataclasses.replace(digits_teacher.spec, bn_layers=0))
     synth = make_synthesizer(bn_free, quick_recipe(), "cpu")
     assert len(synth.bn_stats) == 0 and synth.loss.priors == BN_FREE_PRIORS
-    assert synth.loss.features is not None and synth.loss.features.available
+    assert BN_FREE_PRIORS["tv"] > 0 and BN_FREE_PRIORS["l2"] > 0          # the measured default: TV + L2
+    assert synth.loss.features is None                                    # DAFL activation off: no hook
     images, stats = synth.synthesize(None)
     assert stats.bn == 0 and stats.prior != 0 and torch.isfinite(images).all()
     # explicit values win, 0 included; a BN teacher gets none by default
-    synth = make_synthesizer(bn_free, quick_recipe(**{"synthesis.priors.tv": 0.0, "synthesis.priors.activation": 0.0}), "cpu")
-    assert synth.loss.priors["tv"] == 0.0 and synth.loss.features is None
+    synth = make_synthesizer(bn_free, quick_recipe(**{"synthesis.priors.tv": 0.0, "synthesis.priors.activation": 0.1}), "cpu")
+    assert synth.loss.priors["tv"] == 0.0 and synth.loss.priors["activation"] == 0.1
+    assert synth.loss.features is not None and synth.loss.features.available
     assert synth.loss.priors["entropy"] == BN_FREE_PRIORS["entropy"]
+    assert synth.synthesize(None)[1].prior != 0
     assert make_synthesizer(digits_teacher, quick_recipe(), "cpu").loss.priors == {k: 0.0 for k in BN_FREE_PRIORS}
     di = make_synthesizer(bn_free, _di_recipe(**{"synthesis.g_steps": 2}), "cpu")
     assert di.loss.priors == BN_FREE_PRIORS
@@ -97,13 +100,17 @@ def test_bn_free_teacher_gets_prior_defaults_unless_the_recipe_sets_them(digits_
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_explicit_activation_prior_on_an_unhookable_teacher_is_a_clear_error(digits_teacher):
+def test_explicit_activation_prior_on_an_unhookable_teacher_is_a_clear_error(digits_teacher, monkeypatch):
     scripted = torch.jit.trace(build_model("tiny_cnn", num_classes=10, in_channels=1).eval(), torch.zeros(2, 1, 8, 8))
     spec = dataclasses.replace(digits_teacher.spec, bn_layers=0)
     teacher = Teacher(scripted, spec)
     with pytest.raises(UsageError, match="synthesis.priors.activation"):
         make_synthesizer(teacher, quick_recipe(**{"synthesis.priors.activation": 0.1}), "cpu")
-    auto = make_synthesizer(teacher, quick_recipe(), "cpu")   # automatic: dropped with a note
+    auto = make_synthesizer(teacher, quick_recipe(), "cpu")   # the default has the activation term off
+    assert auto.loss.priors["activation"] == 0 and not auto.loss.notes
+    # were the automatic default on, it would be dropped with a note instead of an error
+    monkeypatch.setitem(BN_FREE_PRIORS, "activation", 0.1)
+    auto = make_synthesizer(teacher, quick_recipe(), "cpu")
     assert auto.loss.priors["activation"] == 0 and auto.loss.notes
 
 
