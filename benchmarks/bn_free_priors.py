@@ -95,7 +95,7 @@ def merge(path: Path, key: str, value) -> dict:
     from dfkd_deploy.io import write_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
+    with open(Path(tempfile.gettempdir()) / f"{path.name}.lock", "w") as lock:   # not in the repo
         fcntl.flock(lock, fcntl.LOCK_EX)
         report = json.loads(path.read_text()) if path.is_file() else {}
         report.setdefault("arms", {})
