@@ -17,7 +17,7 @@ Two more measurements:
   same images is extrapolated where the budget allows fewer steps (``--small``): the JSON labels
   every such figure ``extrapolated`` and keeps the measured one beside it.
 
-    python benchmarks/synthesis_speed.py --small   # about 15 minutes on 2 idle CPU cores
+    python benchmarks/synthesis_speed.py --small   # about 18 minutes on 2 idle CPU cores
     python benchmarks/synthesis_speed.py           # the paper's schedule: a GPU job
 
 Writes benchmarks/results/synthesis_speed.json and synthesis_speed.png (``--out-dir`` to change).
@@ -60,7 +60,7 @@ REFERENCE = {
 REFERENCE["bare_steps_per_round"] = REFERENCE["seconds_per_round"] / REFERENCE["bare_teacher_step_seconds"]["fp32"]
 
 SETTINGS = {
-    # 2 CPU cores, about a quarter of an hour: 24 rounds of 64 images per method, KD from the
+    # 2 CPU cores, about 18 minutes idle: 24 rounds of 64 images per method, KD from the
     # 5th round on (1000 KD steps of 64). DeepInversion gets 40 pixel steps per batch instead of
     # 2000 at the paper's lr (a larger lr matched the BN statistics worse in 40 steps); its cost
     # per step is measured and DeepInversion-2k's synthesis time extrapolated from it.
