@@ -95,6 +95,10 @@ class Synthesizer:
         self.loss = InversionLoss(teacher, self.normalizer, opts, priors, use_bn_statistics=use_bn_statistics,
                                   autocast=self.autocast, channels_last=self.channels_last,
                                   explicit_activation=explicit_activation)
+        self._setup()
+
+    def _setup(self) -> None:
+        """What a method builds beyond the common set-up (a generator, a pixel parametrisation)."""
 
     @property
     def bn_stats(self):

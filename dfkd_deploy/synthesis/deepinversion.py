@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..recipe import SynthesisOptions
 from .base import RoundStats, Synthesizer, frozen
 from .losses import target_confidence
 
@@ -25,16 +24,11 @@ from .losses import target_confidence
 class DeepInversionSynthesizer(Synthesizer):
     method = "deepinversion"
 
-    def __init__(self, teacher: nn.Module, normalizer: nn.Module, input_shape: tuple[int, int, int],
-                 num_classes: int, opts: SynthesisOptions, device: torch.device | str = "cpu",
-                 use_bn_statistics: bool = True, priors: dict[str, float] | None = None,
-                 explicit_activation: bool = False):
-        super().__init__(teacher, normalizer, input_shape, num_classes, opts, device, use_bn_statistics,
-                         priors, explicit_activation)
-        c = input_shape[0]
-        vr = float(getattr(normalizer, "value_range", 1.0))
-        mean = getattr(normalizer, "mean", None)
-        std = getattr(normalizer, "std", None)
+    def _setup(self) -> None:
+        c = self.input_shape[0]
+        vr = float(getattr(self.normalizer, "value_range", 1.0))
+        mean = getattr(self.normalizer, "mean", None)
+        std = getattr(self.normalizer, "std", None)
         declared = mean is not None and std is not None and bool((mean != 0).any() or (std != 1).any())
         if declared:
             centre, scale = mean.reshape(1, -1, 1, 1).float() / vr, std.reshape(1, -1, 1, 1).float() / vr

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from ..models.generator import Generator
-from ..recipe import SynthesisOptions
 from .base import RoundStats, Synthesizer, frozen
 from .losses import target_confidence
 
@@ -31,13 +30,9 @@ from .losses import target_confidence
 class FastSynthesizer(Synthesizer):
     method = "fastdfkd"
 
-    def __init__(self, teacher: nn.Module, normalizer: nn.Module, input_shape: tuple[int, int, int],
-                 num_classes: int, opts: SynthesisOptions, device: torch.device | str = "cpu",
-                 use_bn_statistics: bool = True, priors: dict[str, float] | None = None,
-                 explicit_activation: bool = False):
-        super().__init__(teacher, normalizer, input_shape, num_classes, opts, device, use_bn_statistics,
-                         priors, explicit_activation)
-        c, h, w = input_shape
+    def _setup(self) -> None:
+        opts = self.opts
+        c, h, w = self.input_shape
         self.generator = Generator(opts.nz, opts.ngf, (h, w), c).to(self.device).train()
         if self.channels_last:
             self.generator.to(memory_format=torch.channels_last)
