@@ -94,13 +94,14 @@ class Row:
 # --------------------------------------------------------------------------- model builders
 
 
-def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Fresh BN layers are the identity in eval mode; random statistics make folding matter."""
+def randomise_bn(model: nn.Module, seed: int = 0, mean_scale: float = 0.2) -> nn.Module:
+    """Fresh BN layers are the identity in eval mode; random statistics make folding matter
+    (running means drawn with standard deviation ``mean_scale``)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * mean_scale)
                 m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
                 m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
                 m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)

@@ -15,6 +15,7 @@ from dfkd_deploy.models import build_model
 from dfkd_deploy.recipe import TeacherOptions
 from dfkd_deploy.teachers import load_teacher
 from dfkd_deploy.teachers import onnx_teacher
+from dfkd_deploy.teachers.coverage import randomise_bn as coverage_randomise_bn
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 
@@ -24,15 +25,7 @@ SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 
 def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Fresh BN layers are the identity in eval mode; random running stats make them matter."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-    return model.eval()
+    return coverage_randomise_bn(model, seed, mean_scale=0.5)
 
 
 def n_bn(model: nn.Module) -> int:
