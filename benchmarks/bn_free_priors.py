@@ -27,7 +27,6 @@ import argparse
 import fcntl
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -143,12 +142,7 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: unknown arm(s) {unknown}; known: {', '.join(ARMS)}", file=sys.stderr)
         return 2
-    for path in (protocol.TEACHER, protocol.TEST_SET):
-        if not path.exists():
-            print(f"error: {path} is absent (the shared material lives beside the repository)", file=sys.stderr)
-            return 2
 
-    import numpy as np
     import torch
 
     from dfkd_deploy.io import write_text
@@ -158,19 +152,15 @@ def main(argv=None) -> int:
     from dfkd_deploy.validate.data import load_eval_data, to_pixels
     from dfkd_deploy.validate.metrics import predict, top1_accuracy
 
-    s = dict(protocol.SETTINGS["small"])
-    for item in args.setting:
-        key, _, value = item.partition("=")
-        if key not in s:
-            print(f"error: unknown setting {key!r}; known: {', '.join(s)}", file=sys.stderr)
-            return 2
-        s[key] = type(s[key])(value)
+    s = protocol.chosen_settings("small", args.setting)
+    if s is None or protocol.shared_material_missing():
+        return 2
 
     started = time.perf_counter()
     bn_teacher = load_teacher(protocol.TEACHER, TeacherOptions(arch="cifar_resnet56"))
     data = load_eval_data(protocol.TEST_SET, input_shape=bn_teacher.spec.input_shape)
     pixels, labels = to_pixels(data.images), torch.as_tensor(data.labels)
-    eval_idx = torch.as_tensor(np.random.default_rng(0).permutation(len(labels))[: s["eval_images"]])
+    eval_idx = protocol.eval_subset(len(labels), s["eval_images"])
     with tempfile.TemporaryDirectory(prefix="bn-free-priors-") as tmp:
         tmp = Path(tmp)
         teachers = {"bn": bn_teacher}

@@ -78,6 +78,36 @@ PAPER_DI_STEPS = 2000
 PAPER_FAST_STEPS = 5
 
 
+def shared_material_missing() -> bool:
+    """Say so on stderr (and return True) if the shared teacher or test set is absent."""
+    for path in (TEACHER, TEST_SET):
+        if not path.exists():
+            print(f"error: {path} is absent (the shared material lives beside the repository)", file=sys.stderr)
+            return True
+    return False
+
+
+def chosen_settings(name: str, items: list[str]) -> dict | None:
+    """SETTINGS[name] with ``key=value`` overrides (typed like the default); None, with the
+    reason on stderr, for an unknown key."""
+    s = dict(SETTINGS[name])
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in s:
+            print(f"error: unknown setting {key!r}; known: {', '.join(s)}", file=sys.stderr)
+            return None
+        s[key] = type(s[key])(value)
+    return s
+
+
+def eval_subset(num_images: int, n: int):
+    """The seeded subset of test-image indices the accuracy curve is measured on."""
+    import numpy as np
+    import torch
+
+    return torch.as_tensor(np.random.default_rng(0).permutation(num_images)[:n])
+
+
 def machine() -> dict:
     import torch
 
@@ -306,7 +336,6 @@ def main(argv=None) -> int:
                     help="comma-separated subset of fast,deepinversion (both are needed for the JSON's comparison)")
     args = ap.parse_args(argv)
 
-    import numpy as np
     import torch
 
     from dfkd_deploy.io import write_json
@@ -315,18 +344,10 @@ def main(argv=None) -> int:
     from dfkd_deploy.validate.data import load_eval_data, to_pixels
     from dfkd_deploy.validate.metrics import predict, top1_accuracy
 
-    for path in (TEACHER, TEST_SET):
-        if not path.exists():
-            print(f"error: {path} is absent (the shared material lives beside the repository)", file=sys.stderr)
-            return 2
     name = "small" if args.small else "full"
-    s = dict(SETTINGS[name])
-    for item in args.setting:
-        key, _, value = item.partition("=")
-        if key not in s:
-            print(f"error: unknown setting {key!r}; known: {', '.join(s)}", file=sys.stderr)
-            return 2
-        s[key] = type(s[key])(value)
+    s = chosen_settings(name, args.setting)
+    if s is None or shared_material_missing():
+        return 2
     started = time.perf_counter()
     report = {"settings_name": name, "settings": s, "machine": machine(), "reference": REFERENCE,
               "command": "python benchmarks/synthesis_speed.py" + (" --small" if args.small else "")
@@ -339,7 +360,7 @@ def main(argv=None) -> int:
     t_logits = predict(teacher.module, pixels, normalizer=teacher.normalizer())
     report["teacher_top1"] = top1_accuracy(t_logits, labels)
     report["test_images"] = len(labels)
-    eval_idx = torch.as_tensor(np.random.default_rng(0).permutation(len(labels))[: s["eval_images"]])
+    eval_idx = eval_subset(len(labels), s["eval_images"])
     print(f"teacher top-1 {report['teacher_top1']:.4f} on {len(labels)} test images", flush=True)
 
     if not args.skip_speed:
