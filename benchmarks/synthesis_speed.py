@@ -332,6 +332,8 @@ def main(argv=None) -> int:
     ap.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
                     help="override one entry of the chosen settings")
     ap.add_argument("--skip-speed", action="store_true", help="leave out the Fast-5 speed measurement")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="only the speed measurement (a few minutes), written to synthesis_speed_rounds.json")
     ap.add_argument("--methods", default="fast,deepinversion",
                     help="comma-separated subset of fast,deepinversion (both are needed for the JSON's comparison)")
     args = ap.parse_args(argv)
@@ -355,6 +357,16 @@ def main(argv=None) -> int:
     print(f"machine: {report['machine']}", flush=True)
 
     teacher = load_teacher(TEACHER, TeacherOptions(arch="cifar_resnet56"))
+    if args.speed_only:   # no test data needed
+        report["speed"] = speed_part(teacher, s)
+        report["command"] += " --speed-only"
+        report["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(args.out_dir / "synthesis_speed_rounds.json", report)
+        bf16 = report["speed"]["fast5"]["bf16_channels_last"]
+        print(f"bf16 channels-last Fast-5: {bf16['seconds_per_round']:.2f} s/round, "
+              f"{bf16['images_per_second']:.1f} images/s ({bf16['speedup_vs_reference']:.1f}x the reference)", flush=True)
+        return 0
     data = load_eval_data(TEST_SET, input_shape=teacher.spec.input_shape)
     pixels, labels = to_pixels(data.images), torch.as_tensor(data.labels)
     t_logits = predict(teacher.module, pixels, normalizer=teacher.normalizer())
