@@ -91,7 +91,7 @@ def dynamo_teacher(workdir: Path):
 
 def merge(path: Path, key: str, value) -> dict:
     """Read-modify-write one entry of the results JSON under a lock (arms may run in parallel)."""
-    from dfkd_deploy.io import write_json
+    from dfkd_deploy.core.io import write_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(Path(tempfile.gettempdir()) / f"{path.name}.lock", "w") as lock:   # not in the repo
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from dfkd_deploy.io import write_text
+    from dfkd_deploy.core.io import write_text
     from dfkd_deploy.recipe import TeacherOptions
     from dfkd_deploy.synthesis.losses import resolve_priors
     from dfkd_deploy.teachers import load_teacher

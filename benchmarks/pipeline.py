@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--skip-cifar", action="store_true")
     args = parser.parse_args()
 
-    from dfkd_deploy import api, stages
+    from dfkd_deploy import run as api, stages
     from dfkd_deploy.demo import run_demo
     from dfkd_deploy.recipe import load_recipe
 

@@ -45,7 +45,7 @@ def main() -> int:
     import argparse
     import json
 
-    from dfkd_deploy.io import write_json, write_text
+    from dfkd_deploy.core.io import write_json, write_text
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--part", choices=("all", "tabular", "kd"), default="all")
@@ -64,10 +64,10 @@ def main() -> int:
 
 
 def tabular() -> dict:
-    from dfkd_deploy.spline.data import drop_outlier_rows, load_csv, split_standardise
+    from dfkd_deploy.spline.tabular.data import drop_outlier_rows, load_csv, split_standardise
     from dfkd_deploy.spline.mars import fit_mars
-    from dfkd_deploy.spline.plots import plot_curves
-    from dfkd_deploy.spline.train import INITS, Schedule, compare_inits, epochs_to_reach
+    from dfkd_deploy.spline.tabular.plots import plot_curves
+    from dfkd_deploy.spline.tabular.train import INITS, Schedule, compare_inits, epochs_to_reach
 
     schedule = Schedule(epochs=100, lr=1e-3, batch_size=64, optimizer="adam")
     t_all = time.perf_counter()
@@ -123,11 +123,11 @@ def kd_part() -> dict:
     import numpy as np
     import torch
 
-    from dfkd_deploy.api import build_student, make_synthesizer
+    from dfkd_deploy.run import build_student, make_synthesizer
     from dfkd_deploy.distill.trainer import Distiller, seed_everything
     from dfkd_deploy.recipe import load_recipe
     from dfkd_deploy.spline.head import init_student_head
-    from dfkd_deploy.spline.plots import plot_curves
+    from dfkd_deploy.spline.tabular.plots import plot_curves
     from dfkd_deploy.synthesis.pool import ImagePool
     from dfkd_deploy.teachers import load_teacher
     from dfkd_deploy.validate.data import load_eval_data, to_pixels

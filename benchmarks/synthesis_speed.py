@@ -152,7 +152,7 @@ def bare_teacher_step(module, batch: int, channels_last: bool, bf16: bool) -> fl
 def speed_part(teacher, s: dict) -> dict:
     import torch
 
-    from dfkd_deploy.api import make_synthesizer
+    from dfkd_deploy.run import make_synthesizer
     from dfkd_deploy.models import build_model
     from dfkd_deploy.recipe import load_recipe
 
@@ -243,7 +243,7 @@ def run_method(method: str, teacher, s: dict, pixels, labels, t_logits, eval_idx
     called with the finished Distiller (its pool still on disk)."""
     import torch
 
-    from dfkd_deploy.api import build_student, make_synthesizer
+    from dfkd_deploy.run import build_student, make_synthesizer
     from dfkd_deploy.distill.trainer import Distiller, seed_everything
     from dfkd_deploy.recipe import load_recipe
     from dfkd_deploy.synthesis.pool import ImagePool
@@ -297,7 +297,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dfkd_deploy.io import atomic_path
+    from dfkd_deploy.core.io import atomic_path
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for key, label, color in (("fast", "FastDFKD (Fast-5)", "tab:blue"),
@@ -340,7 +340,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from dfkd_deploy.io import write_json
+    from dfkd_deploy.core.io import write_json
     from dfkd_deploy.recipe import TeacherOptions
     from dfkd_deploy.teachers import load_teacher
     from dfkd_deploy.validate.data import load_eval_data, to_pixels

@@ -1,5 +1,5 @@
 """dfkd-deploy: data-free distillation of a deployed image classifier into a small, exported student."""
-from ._compat import import_torchvision as _import_torchvision
+from dfkd_deploy._compat import import_torchvision as _import_torchvision
 
 _import_torchvision()  # once, before anything (onnx2torch included) imports torchvision
 

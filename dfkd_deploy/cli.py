@@ -14,8 +14,8 @@ from pathlib import Path
 import click
 import yaml
 
-from .errors import DfkdError
-from .io import OUTPUT_ERRNOS, describe_os_error
+from dfkd_deploy.core.errors import DfkdError
+from dfkd_deploy.core.io import OUTPUT_ERRNOS, describe_os_error
 
 _DEBUG = {"on": False}
 
@@ -64,7 +64,7 @@ def _parse_sets(values: tuple[str, ...]) -> dict:
 
 
 def _recipe(recipe_path, sets, teacher_arch=None, seed=None):
-    from .recipe import load_recipe
+    from dfkd_deploy.recipe import load_recipe
 
     overrides = _parse_sets(sets)
     if teacher_arch:
@@ -123,8 +123,8 @@ def compress(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, trus
     Several GPUs or nodes: launch it with torchrun, e.g.
     `torchrun --nproc-per-node 4 -m dfkd_deploy compress TEACHER ...` (see docs/scale-out.md).
     """
-    from . import api
-    from .teachers import load_teacher
+    from dfkd_deploy import run as api
+    from dfkd_deploy.teachers import load_teacher
 
     recipe = _recipe(recipe_path, sets, teacher_arch, seed)
     out = out or str(Path("runs") / Path(teacher).stem)
@@ -164,8 +164,8 @@ def inspect(teacher, teacher_arch, trust_pickle, recipe_path, sets, as_json):
     normalisation, output kind, BN statistics, converter parity. Each convention is printed with
     where it came from (recipe, file metadata, detected, or a default) so a wrong guess can be
     corrected in the recipe's teacher: section."""
-    from .synthesis.losses import resolve_priors
-    from .teachers import load_teacher
+    from dfkd_deploy.synthesis.losses import resolve_priors
+    from dfkd_deploy.teachers import load_teacher
 
     recipe = _recipe(recipe_path, sets, teacher_arch)
     spec = load_teacher(teacher, recipe.teacher, trust_pickle=trust_pickle).spec.to_dict()
@@ -211,7 +211,7 @@ def _conventions(spec: dict) -> dict[str, str]:
 @click.option("--rounds", type=int, default=None, help="batches to synthesize (default: the recipe's warm-up epochs x rounds)")
 def synthesize(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, trust_pickle, out, rounds):
     """Synthesize images from TEACHER alone into a pool (no student)."""
-    from . import stages
+    from dfkd_deploy import stages
 
     recipe = _recipe(recipe_path, sets, teacher_arch, seed)
     info = stages.synthesize(teacher, recipe, out, device=device, rounds=rounds, trust_pickle=trust_pickle,
@@ -227,7 +227,7 @@ def synthesize(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, tr
 @click.option("--out", type=click.Path(file_okay=False), required=True)
 def distill(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, trust_pickle, pool, out):
     """Train a student by KD on an existing pool (no further synthesis); writes student.pt."""
-    from . import stages
+    from dfkd_deploy import stages
 
     recipe = _recipe(recipe_path, sets, teacher_arch, seed)
     path = stages.distill_on_pool(teacher, recipe, pool, out, device=device, trust_pickle=trust_pickle,
@@ -241,7 +241,7 @@ def distill(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, trust
 @click.option("--opset", type=int, default=17, show_default=True)
 def export(student, out, opset):
     """Export a student.pt to ONNX (BN folded, dynamic batch) and check parity."""
-    from . import stages
+    from dfkd_deploy import stages
 
     result = stages.export(student, out, opset=opset)
     click.echo(f"{result.path}: opset {result.opset}, max |diff| vs torch {result.max_abs_diff:.2e}")
@@ -264,7 +264,7 @@ def export_teacher(teacher, teacher_arch, trust_pickle, recipe_path, sets, out, 
     """Export TEACHER (any supported form) to ONNX, normalisation in its metadata; checked against torch."""
     from exporters.onnx_export import describe_teacher_onnx
 
-    from . import stages
+    from dfkd_deploy import stages
 
     recipe = _recipe(recipe_path, sets, teacher_arch)
     path = stages.export_teacher(teacher, recipe, out, trust_pickle=trust_pickle, opset=opset, exporter=exporter,
@@ -298,8 +298,9 @@ def validate(student, teacher, teacher_arch, trust_pickle, recipe_path, sets, ev
     With thresholds this is a CI gate: exit 0 when every threshold holds, 1 when one fails,
     2 on a usage or input error.
     """
-    from . import gate, stages
-    from .errors import DfkdError
+    from dfkd_deploy.validate import gate
+    from dfkd_deploy import stages
+    from dfkd_deploy.core.errors import DfkdError
 
     try:   # input errors still leave a JUnit file behind, so CI shows why the gate did not run
         gate.check_options(eval_data=eval_data, min_accuracy=min_accuracy, baseline=baseline, max_drop=max_drop)
@@ -338,7 +339,7 @@ def bundle_verify(directory):
 
     Exit 0 when it all holds, 1 on any mismatch, 2 when DIRECTORY is not a bundle.
     """
-    from .report.bundle import verify_bundle
+    from dfkd_deploy.deploy.bundle import verify_bundle
 
     result = verify_bundle(directory)
     for key, value in result.checks.items():
@@ -355,7 +356,7 @@ def bundle_verify(directory):
 @click.option("--quiet", is_flag=True)
 def demo(out, quiet):
     """Built-in default: a digits teacher (trained once, cached) compressed data-free."""
-    from .demo import run_demo
+    from dfkd_deploy.demo import run_demo
 
     res = run_demo(out, show_progress=not quiet)
     click.echo(f"digits teacher accuracy {100 * res['teacher_accuracy']:.2f}%   "
@@ -373,14 +374,14 @@ def list_group():
 @list_group.command("students")
 def list_students():
     """Architectures a recipe may name as student.arch (or --teacher-arch)."""
-    from .models import get_entry, model_names
+    from dfkd_deploy.models import get_entry, model_names
 
     for name in model_names():
         click.echo(f"{name:18s} {get_entry(name).description}")
 
 
 def _register_optional_groups() -> None:
-    from .spline.cli import spline  # imports py-earth2 lazily, only when a spline command runs
+    from dfkd_deploy.spline.tabular.cli import spline  # imports py-earth2 lazily, only when a spline command runs
 
     cli.add_command(spline)
 

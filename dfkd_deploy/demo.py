@@ -14,10 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .io import atomic_path
-from .models.small_cnn import SmallCNN
-from .progress import task
-from .recipe import Recipe
+from dfkd_deploy.core.io import atomic_path
+from dfkd_deploy.models.small_cnn import SmallCNN
+from dfkd_deploy.core.progress import task
+from dfkd_deploy.recipe import Recipe
 
 SPLIT_SEED = 0
 TEACHER_FILE = "digits-teacher-v1.onnx"
@@ -98,7 +98,7 @@ def ensure_teacher() -> tuple[Path, Path]:
 
 
 def run_demo(out: str | Path = "runs/demo", show_progress: bool = True) -> dict:
-    from .api import compress
+    from dfkd_deploy.run import compress
 
     teacher_path, test_npz = ensure_teacher()
     out = Path(out)

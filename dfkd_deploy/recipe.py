@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import RecipeError
+from dfkd_deploy.core.errors import RecipeError
 
 
 class _Strict(BaseModel):

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import torch
 
-from .api import distill, make_probes, make_synthesizer, prepare_run_dir
-from .device import resolve_device
-from .distill.trainer import seed_everything
-from .errors import UsageError
-from .models.student_file import load_student, save_student
-from .progress import task
-from .recipe import Recipe
-from .synthesis.pool import ImagePool
-from .teachers import load_teacher
+from dfkd_deploy.run import distill, make_probes, make_synthesizer, prepare_run_dir
+from dfkd_deploy.core.device import resolve_device
+from dfkd_deploy.distill.trainer import seed_everything
+from dfkd_deploy.core.errors import UsageError
+from dfkd_deploy.models.student_file import load_student, save_student
+from dfkd_deploy.core.progress import task
+from dfkd_deploy.recipe import Recipe
+from dfkd_deploy.synthesis.pool import ImagePool
+from dfkd_deploy.teachers import load_teacher
 
 
 PROBE_WARMUP_ROUNDS = 5
@@ -75,8 +75,8 @@ def validate(student_path, teacher_path, recipe: Recipe, *, eval_data=None, prob
     """Teacher vs student (student.pt, or an exported .onnx) on fresh synthetic probes and real data."""
     from exporters.onnx_export import onnx_predict
 
-    from .validate.data import load_eval_data, to_pixels
-    from .validate.metrics import predict, top1_accuracy, top1_agreement
+    from dfkd_deploy.validate.data import load_eval_data, to_pixels
+    from dfkd_deploy.validate.metrics import predict, top1_accuracy, top1_agreement
 
     dev = resolve_device(device)
     teacher = load_teacher(teacher_path, recipe.teacher, trust_pickle=trust_pickle)
@@ -123,7 +123,7 @@ def export_teacher(teacher_path, recipe: Recipe, out, *, trust_pickle: bool = Fa
     which makes a BN-free teacher (see ``exporters.onnx_export.export_teacher_onnx``)."""
     from exporters.onnx_export import export_teacher_onnx
 
-    from .teachers.spec import TeacherModule
+    from dfkd_deploy.teachers.spec import TeacherModule
 
     teacher = load_teacher(teacher_path, recipe.teacher, trust_pickle=trust_pickle)
     spec = teacher.spec

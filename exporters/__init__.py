@@ -1,5 +1,5 @@
 """Exporters: turn a trained student into a deployable file (ONNX today)."""
-from .onnx_export import (INPUT_NAME, OUTPUT_NAME, NHWCInput, OnnxExportResult, export_student_onnx,
+from exporters.onnx_export import (INPUT_NAME, OUTPUT_NAME, NHWCInput, OnnxExportResult, export_student_onnx,
                           fold_conv_bn, load_session, onnx_predict)
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME", "NHWCInput", "OnnxExportResult", "export_student_onnx",

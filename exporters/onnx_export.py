@@ -4,7 +4,7 @@ The exported file is meant to replace the teacher file as it is: same layout (an
 gets an NHWC student), same model-space input, logits out, any batch size. Everything is
 checked before the file lands: the ONNX checker, BatchNorm folding, parity with the torch
 student on probes and a run at batch sizes 1 and 7. The checks run on the temporary file of
-:func:`dfkd_deploy.io.atomic_path`, so a failed export never replaces a previous good file.
+:func:`dfkd_deploy.core.io.atomic_path`, so a failed export never replaces a previous good file.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dfkd_deploy.errors import ExportError, one_line
-from dfkd_deploy.io import atomic_path
+from dfkd_deploy.core.errors import ExportError, one_line
+from dfkd_deploy.core.io import atomic_path
 
 if TYPE_CHECKING:
     import onnxruntime as ort

@@ -18,10 +18,10 @@ from typing import Optional
 
 import numpy as np
 
-from dfkd_deploy.errors import ExportError, one_line
-from dfkd_deploy.io import atomic_path
+from dfkd_deploy.core.errors import ExportError, one_line
+from dfkd_deploy.core.io import atomic_path
 
-from .onnx_export import INPUT_NAME, load_session, onnx_predict
+from exporters.onnx_export import INPUT_NAME, load_session, onnx_predict
 
 CALIBRATION_IMAGES = 256        # default pool images used for calibration (recipe candidate)
 CALIBRATION_BATCH = 32          # calibration batch fed to ORT; memory only, not a result

@@ -21,10 +21,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from dfkd_deploy.errors import ExportError
-from dfkd_deploy.io import write_bytes, write_text
+from dfkd_deploy.core.errors import ExportError
+from dfkd_deploy.core.io import write_bytes, write_text
 
-from .onnx_export import INPUT_NAME
+from exporters.onnx_export import INPUT_NAME
 
 PRECISIONS = ("fp32", "fp16", "int8")
 PROFILE_BATCHES = (1, 8, 32)          # min / opt / max batch of the optimisation profile

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dfkd_deploy.errors import RecipeError
+from dfkd_deploy.core.errors import RecipeError
 from dfkd_deploy.recipe import Recipe, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import TrainingError, one_line
-from ..io import save_torch
+from dfkd_deploy.core.errors import TrainingError, one_line
+from dfkd_deploy.core.io import save_torch
 
 
 def rng_state(np_rng: np.random.Generator) -> dict:

@@ -5,7 +5,7 @@ runs ``kd_steps`` student steps on batches drawn from the whole pool (random cro
 KL at temperature T. SGD with a cosine schedule over the post-warm-up epochs. A checkpoint is
 written after every epoch.
 
-Under torch.distributed (see :mod:`dfkd_deploy.distributed`) the same loop runs on every rank:
+Under torch.distributed (see :mod:`dfkd_deploy.core.distributed`) the same loop runs on every rank:
 each rank synthesizes its share into its own pool shards (build the synthesizer from
 ``distributed.rank_recipe(recipe, ctx)``), the generator's meta-gradients are averaged, KD runs
 under DistributedDataParallel on slices of one global batch, and rank 0 alone writes the
@@ -23,18 +23,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import distributed
-from ..errors import TrainingError, UsageError
-from ..io import OutputError
-from ..progress import task
-from ..recipe import Recipe
-from ..synthesis.augment import crop_flip
-from ..synthesis.base import autocast_factory, resolve_precision
-from ..synthesis.fast import FastSynthesizer
-from ..synthesis.losses import kd_kl
-from ..synthesis.pool import ImagePool
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .faults import reached
+from dfkd_deploy.core import distributed
+from dfkd_deploy.core.errors import TrainingError, UsageError
+from dfkd_deploy.core.io import OutputError
+from dfkd_deploy.core.progress import task
+from dfkd_deploy.recipe import Recipe
+from dfkd_deploy.synthesis.augment import crop_flip
+from dfkd_deploy.synthesis.base import autocast_factory, resolve_precision
+from dfkd_deploy.synthesis.fast import FastSynthesizer
+from dfkd_deploy.synthesis.losses import kd_kl
+from dfkd_deploy.synthesis.pool import ImagePool
+from dfkd_deploy.distill.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dfkd_deploy.core.faults import reached
 
 # Synthesizer state that the meta-gradient all-reduce keeps identical on every rank; the rest
 # (e.g. FastDFKD's BN-statistics EMA) is per rank and checkpointed per rank.
@@ -209,7 +209,7 @@ class Distiller:
         """Replace the student's MLP head by the exact network of a MARS fit (student features ->
         teacher logits on pool images), then KD goes on. Runs once; a resumed run past this
         epoch has the fitted head in its checkpoint."""
-        from ..spline.head import init_student_head
+        from dfkd_deploy.spline.head import init_student_head
 
         h, d = self.recipe.student.head, self.recipe.distillation
         rng = np.random.default_rng(self.recipe.seed + self.epoch)   # leaves the KD sampling stream alone
@@ -220,7 +220,7 @@ class Distiller:
         fit = init_student_head(self.student, self.teacher, images, num_classes=num_classes, hidden=h.hidden,
                                 temperature=d.temperature, max_terms=h.max_terms, pca_dims=h.pca_dims,
                                 seed=self.recipe.seed)
-        from ..io import write_text
+        from dfkd_deploy.core.io import write_text
 
         if self.ctx.is_main:
             write_text(self.run_dir / "head_mars_terms.md", fit.terms_markdown)

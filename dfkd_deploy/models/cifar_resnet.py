@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import register_model
+from dfkd_deploy.models.registry import register_model
 
 CIFAR_MEAN = (0.485, 0.456, 0.406)
 CIFAR_STD = (0.229, 0.224, 0.225)

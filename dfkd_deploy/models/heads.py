@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from ..errors import UsageError
+from dfkd_deploy.core.errors import UsageError
 
 MLP_FORMAT = "mlp"   # the head config saved in student.pt names this
 

@@ -11,7 +11,7 @@ from typing import Callable
 
 from torch import nn
 
-from ..errors import UsageError
+from dfkd_deploy.core.errors import UsageError
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import UsageError
-from ..io import save_torch
-from .heads import apply_head_config, head_config
-from .registry import build_model
+from dfkd_deploy.core.errors import UsageError
+from dfkd_deploy.core.io import save_torch
+from dfkd_deploy.models.heads import apply_head_config, head_config
+from dfkd_deploy.models.registry import build_model
 
 FORMAT = "dfkd-deploy/student/v1"
 

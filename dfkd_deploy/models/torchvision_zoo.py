@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .._compat import import_torchvision
-from .registry import register_model
+from dfkd_deploy._compat import import_torchvision
+from dfkd_deploy.models.registry import register_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Mapping, Optional
 
-from ..io import sha256_file, write_json
+from dfkd_deploy.core.io import sha256_file, write_json
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1

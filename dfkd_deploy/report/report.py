@@ -14,8 +14,8 @@ from typing import Any, Mapping, Optional
 
 from torch import nn
 
-from ..io import write_json, write_text
-from ..teachers.spec import TeacherSpec
+from dfkd_deploy.core.io import write_json, write_text
+from dfkd_deploy.teachers.spec import TeacherSpec
 
 REPORT_VERSION = 1
 REPORT_JSON = "report.json"

@@ -11,12 +11,12 @@ __all__ = ["fit_mars", "build_network", "mars_head"]
 
 def __getattr__(name):
     if name == "fit_mars":
-        from .mars import fit_mars
+        from dfkd_deploy.spline.mars import fit_mars
         return fit_mars
     if name == "build_network":
-        from .construct import build_network
+        from dfkd_deploy.spline.construct import build_network
         return build_network
     if name == "mars_head":
-        from .head import mars_head
+        from dfkd_deploy.spline.head import mars_head
         return mars_head
     raise AttributeError(name)

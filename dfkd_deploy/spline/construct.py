@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import DfkdError, UsageError
-from .mars import Factor, MarsModel
+from dfkd_deploy.core.errors import DfkdError, UsageError
+from dfkd_deploy.spline.mars import Factor, MarsModel
 
 __all__ = ["ConstructionError", "build_network", "check_network", "required_widths"]
 

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import UsageError
-from .construct import build_network, required_widths
-from .mars import MarsModel, fit_mars
+from dfkd_deploy.core.errors import UsageError
+from dfkd_deploy.spline.construct import build_network, required_widths
+from dfkd_deploy.spline.mars import MarsModel, fit_mars
 
 __all__ = ["mars_head", "fit_mars_head", "HeadFit"]
 
@@ -127,7 +127,7 @@ def init_student_head(student: nn.Module, teacher: nn.Module, images: Tensor, *,
     because KD divides the student's logits by T too, so the head starts at the teacher's
     centred logits.
     """
-    from ..models.heads import features_and_logits, load_head_weights
+    from dfkd_deploy.models.heads import features_and_logits, load_head_weights
 
     device = next(student.parameters()).device
     was_training = student.training
@@ -154,7 +154,7 @@ def init_student_head(student: nn.Module, teacher: nn.Module, images: Tensor, *,
     load_head_weights(student, num_classes, fit.head.float())
     student.train(was_training)
     target = T_.argmax(1)
-    from .mars import terms_markdown
+    from dfkd_deploy.spline.mars import terms_markdown
 
     return StudentHeadFit(fit.fit_seconds, len(F_), len(fit.mars.terms),
                           float((S_.argmax(1) == target).float().mean()),

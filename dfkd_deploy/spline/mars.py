@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import UsageError
+from dfkd_deploy.core.errors import UsageError
 
 __all__ = ["Factor", "Term", "MarsModel", "fit_mars", "term_rows", "terms_markdown", "terms_csv"]
 

@@ -15,7 +15,7 @@ from typing import Callable, ContextManager
 import torch
 from torch import nn
 
-from .losses import InversionLoss, resolve_priors
+from dfkd_deploy.synthesis.losses import InversionLoss, resolve_priors
 
 
 @dataclass
@@ -119,7 +119,7 @@ class Synthesizer:
 
     def _check_finite(self, terms) -> None:
         if not torch.isfinite(terms.total):
-            from ..errors import TrainingError
+            from dfkd_deploy.core.errors import TrainingError
 
             raise TrainingError(f"synthesis loss is {terms.total.item()} (bn={terms.bn.item():.4g}, "
                                 f"ce={terms.ce.item():.4g}, adv={terms.adv.item():.4g}); lower synthesis.lr_g")

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import RoundStats, Synthesizer, frozen
-from .losses import target_confidence
+from dfkd_deploy.synthesis.base import RoundStats, Synthesizer, frozen
+from dfkd_deploy.synthesis.losses import target_confidence
 
 
 class DeepInversionSynthesizer(Synthesizer):

@@ -22,9 +22,9 @@ import copy
 import torch
 from torch import nn
 
-from ..models.generator import Generator
-from .base import RoundStats, Synthesizer, frozen
-from .losses import target_confidence
+from dfkd_deploy.models.generator import Generator
+from dfkd_deploy.synthesis.base import RoundStats, Synthesizer, frozen
+from dfkd_deploy.synthesis.losses import target_confidence
 
 
 class FastSynthesizer(Synthesizer):
@@ -42,7 +42,7 @@ class FastSynthesizer(Synthesizer):
         self.meta_optimizer = torch.optim.Adam(self.generator.parameters(), opts.lr_g * opts.g_steps,
                                                betas=(0.5, 0.999))
         # Under torch.distributed the caller sets this to average the meta-gradients across ranks
-        # before the meta step (see dfkd_deploy.distributed); None in a single process.
+        # before the meta step (see dfkd_deploy.core.distributed); None in a single process.
         self.meta_grad_sync = None
 
     def reset_l0(self) -> None:

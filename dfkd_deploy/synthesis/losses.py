@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UsageError
-from ..teachers.batchnorm import find_batchnorms, is_onnx_functional_bn
-from .augment import crop_flip
+from dfkd_deploy.core.errors import UsageError
+from dfkd_deploy.teachers.batchnorm import find_batchnorms, is_onnx_functional_bn
+from dfkd_deploy.synthesis.augment import crop_flip
 
 # Prior weights used when the teacher has no BN statistics and the recipe leaves a weight null.
 # tv/l2: DeepInversion's priors, scaled to this module's definitions (pixel-space L1 TV, mean

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..distill.faults import reached
-from ..errors import DataError, UsageError
-from ..io import atomic_path, write_json
+from dfkd_deploy.core.faults import reached
+from dfkd_deploy.core.errors import DataError, UsageError
+from dfkd_deploy.core.io import atomic_path, write_json
 
 SINGLE_INDEX = "index.json"
 

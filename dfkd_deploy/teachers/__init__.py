@@ -5,9 +5,9 @@ TorchScript, ``torch.export`` (.pt2), plain state_dicts (with ``options.arch``) 
 trusted, pickled whole modules. ``inspect_teacher`` is the same call, named for the CLI's
 ``inspect`` command, which prints ``teacher.spec.to_dict()``.
 """
-from .batchnorm import count_batchnorms, find_batchnorms
-from .loaders import EXTENSIONS, load_teacher
-from .spec import Normalizer, Teacher, TeacherModule, TeacherSpec, freeze
+from dfkd_deploy.teachers.batchnorm import count_batchnorms, find_batchnorms
+from dfkd_deploy.teachers.loaders import EXTENSIONS, load_teacher
+from dfkd_deploy.teachers.spec import Normalizer, Teacher, TeacherModule, TeacherSpec, freeze
 
 inspect_teacher = load_teacher
 

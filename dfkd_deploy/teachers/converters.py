@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._compat import import_onnx2torch
+from dfkd_deploy._compat import import_onnx2torch
 
 DOMAIN = "dfkd_deploy"      # custom-domain ops produced by prepare(), converted below
 _DOMAIN_VERSION = 1

@@ -46,8 +46,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import DfkdError
-from ..recipe import TeacherOptions
+from dfkd_deploy.core.errors import DfkdError
+from dfkd_deploy.recipe import TeacherOptions
 
 TABLE_BEGIN = "<!-- coverage-table:begin (python -m dfkd_deploy.teachers.coverage --out docs/teachers.md) -->"
 TABLE_END = "<!-- coverage-table:end -->"
@@ -109,7 +109,7 @@ def randomise_bn(model: nn.Module, seed: int = 0, mean_scale: float = 0.2) -> nn
 
 
 def zoo_model(name: str, shape, seed: int = 0) -> nn.Module:
-    from ..models import build_model
+    from dfkd_deploy.models import build_model
 
     torch.manual_seed(seed)
     return randomise_bn(build_model(name, num_classes=10, in_channels=shape[0], input_size=shape[1:]), seed)
@@ -282,7 +282,7 @@ def randomised_light(name: str, seed: int = 0):
     import onnx
     from onnx import numpy_helper
 
-    from .converters import fold_constants
+    from dfkd_deploy.teachers.converters import fold_constants
 
     model = onnx.load(str(light_dir() / f"{name}.onnx"))
     fold_constants(model)
@@ -427,7 +427,7 @@ def light_cases(names=LIGHT) -> list[Case]:
 def run_case(case: Case, workdir: Path) -> Row:
     import onnx
 
-    from . import load_teacher
+    from dfkd_deploy.teachers import load_teacher
 
     t0 = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -435,7 +435,7 @@ def run_case(case: Case, workdir: Path) -> Row:
         with _quiet():
             path = case.write(workdir)
     except Exception as exc:  # noqa: BLE001 - the exporter's limitation, not the loader's: recorded
-        from ..errors import one_line
+        from dfkd_deploy.core.errors import one_line
 
         return Row(case.model, case.producer, case.opset, converted=False, not_written=True,
                    message=f"the producer cannot write it: {type(exc).__name__}: "
@@ -494,7 +494,7 @@ def markdown_table(rows: list[Row]) -> str:
 
 def write_into(doc: Path, table: str, footer: str) -> None:
     """Replace the text between the table markers in ``doc`` (appending them if absent)."""
-    from ..io import write_text
+    from dfkd_deploy.core.io import write_text
 
     text = doc.read_text() if doc.exists() else ""
     block = f"{TABLE_BEGIN}\n{table}\n{footer}\n{TABLE_END}"

@@ -26,11 +26,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .._compat import import_onnx2torch
-from ..errors import ConversionError, TeacherError, one_line as _short
-from ..recipe import TeacherOptions
-from . import conventions, converters
-from .loaders import Detected, guess_layout, resolve_shape
+from dfkd_deploy._compat import import_onnx2torch
+from dfkd_deploy.core.errors import ConversionError, TeacherError, one_line as _short
+from dfkd_deploy.recipe import TeacherOptions
+from dfkd_deploy.teachers import conventions, converters
+from dfkd_deploy.teachers.detect import Detected, guess_layout, resolve_shape
 
 _PARITY_SEED = 0
 _PARITY_ROUNDS = 3

@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..errors import DataError
+from dfkd_deploy.core.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 

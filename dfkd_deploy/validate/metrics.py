@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import DataError
-from .data import EvalData, to_pixels
+from dfkd_deploy.core.errors import DataError
+from dfkd_deploy.validate.data import EvalData, to_pixels
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from ..conftest import quick_recipe
 
 @pytest.fixture(scope="session")
 def deploy_run(tmp_path_factory, digits_teacher_onnx, digits_eval_npz):
-    from dfkd_deploy import api
+    from dfkd_deploy import run as api
 
     out = tmp_path_factory.mktemp("deploy") / "run"
     recipe = quick_recipe(**{"deploy.batch_profile": [2, 4, 16], "deploy.calibration_images": 48})

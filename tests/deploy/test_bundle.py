@@ -42,8 +42,8 @@ def test_verify_exit_codes(deploy_run, tmp_path):
 
 def test_verify_reruns_figures(deploy_run, tmp_path):
     """A recorded figure that no longer holds is caught even when the hashes match."""
-    from dfkd_deploy.io import sha256_file
-    from dfkd_deploy.report.bundle import verify_bundle
+    from dfkd_deploy.core.io import sha256_file
+    from dfkd_deploy.deploy.bundle import verify_bundle
 
     b = tmp_path / "bundle"
     shutil.copytree(deploy_run.run_dir / "bundle", b)

@@ -1,6 +1,6 @@
 import numpy as np
 
-from dfkd_deploy.validate.compare import (TOLERANCES, Backend, Dataset, all_passed, compare_backends,
+from dfkd_deploy.deploy.compare import (TOLERANCES, Backend, Dataset, all_passed, compare_backends,
                                           comparison_markdown)
 
 W = np.random.default_rng(0).standard_normal((12, 5)).astype(np.float32)
@@ -60,7 +60,7 @@ def test_latency_exports_torch_teacher(tmp_path):
     import torch
 
     from dfkd_deploy.teachers.spec import Teacher, TeacherModule, TeacherSpec
-    from dfkd_deploy.validate.latency import latency_and_size
+    from dfkd_deploy.deploy.latency import latency_and_size
     from exporters.onnx_export import export_student_onnx
 
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))

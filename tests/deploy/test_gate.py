@@ -4,9 +4,9 @@ import xml.etree.ElementTree as ET
 import pytest
 from click.testing import CliRunner
 
-from dfkd_deploy import gate
+from dfkd_deploy.validate import gate
 from dfkd_deploy.cli import cli
-from dfkd_deploy.errors import DataError, UsageError
+from dfkd_deploy.core.errors import DataError, UsageError
 
 
 def _validate(deploy_run, recipe, *args):

@@ -2,7 +2,7 @@ import subprocess
 
 import pytest
 
-from dfkd_deploy.errors import ExportError
+from dfkd_deploy.core.errors import ExportError
 from exporters import tensorrt as trt_mod
 
 

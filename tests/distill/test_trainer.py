@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from dfkd_deploy.api import build_student, make_probes, make_synthesizer
+from dfkd_deploy.run import build_student, make_probes, make_synthesizer
 from dfkd_deploy.distill.trainer import Distiller, seed_everything
-from dfkd_deploy.errors import TrainingError
+from dfkd_deploy.core.errors import TrainingError
 from dfkd_deploy.synthesis.pool import ImagePool
 from dfkd_deploy.validate.metrics import predict, top1_agreement
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import exporters.onnx_export as onnx_export
-from dfkd_deploy.errors import ExportError
+from dfkd_deploy.core.errors import ExportError
 from dfkd_deploy.models import build_model
 from exporters import export_student_onnx, fold_conv_bn, onnx_predict
 

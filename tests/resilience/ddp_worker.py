@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from dfkd_deploy import distributed
+from dfkd_deploy.core import distributed
 from dfkd_deploy.distill.trainer import Distiller, seed_everything
-from dfkd_deploy.io import OutputError
+from dfkd_deploy.core.io import OutputError
 from dfkd_deploy.models.small_cnn import SmallCNN
 from dfkd_deploy.synthesis.fast import FastSynthesizer
 from dfkd_deploy.synthesis.pool import ImagePool

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from dfkd_deploy.distributed import DistContext
+from dfkd_deploy.core.distributed import DistContext
 from dfkd_deploy.distill.checkpoint import load_checkpoint
 
 from ..conftest import REPO

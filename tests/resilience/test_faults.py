@@ -24,13 +24,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import dfkd_deploy.io as dio
-from dfkd_deploy.api import build_student, make_synthesizer
+import dfkd_deploy.core.io as dio
+from dfkd_deploy.run import build_student, make_synthesizer
 from dfkd_deploy.cli import cli
 from dfkd_deploy.distill.checkpoint import load_checkpoint
 from dfkd_deploy.distill.trainer import Distiller, seed_everything
-from dfkd_deploy.errors import TrainingError
-from dfkd_deploy.io import OutputError
+from dfkd_deploy.core.errors import TrainingError
+from dfkd_deploy.core.io import OutputError
 from dfkd_deploy.synthesis.pool import ImagePool
 
 from ..conftest import REPO, quick_recipe
@@ -121,8 +121,8 @@ def test_full_disk_stops_the_cli_with_one_line_and_resume_finishes(digits_teache
 
 
 def test_a_raw_os_error_from_any_writer_is_one_line_exit_2(digits_teacher_onnx, tmp_path, monkeypatch):
-    """Writers outside dfkd_deploy.io (a library writing its own file) still end in one line."""
-    import dfkd_deploy.api as api
+    """Writers outside dfkd_deploy.core.io (a library writing its own file) still end in one line."""
+    import dfkd_deploy.run as api
 
     def no_space(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.onnx"))
@@ -184,7 +184,7 @@ def test_interrupted_write_leaves_the_old_version(tmp_path):
 _WRITER = """
 import sys, numpy as np, torch
 from pathlib import Path
-from dfkd_deploy.io import atomic_path, save_torch, write_json
+from dfkd_deploy.core.io import atomic_path, save_torch, write_json
 out = Path(sys.argv[1])
 k = 0
 while True:

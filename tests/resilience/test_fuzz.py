@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dfkd_deploy.cli import cli
-from dfkd_deploy.errors import DfkdError, RecipeError
+from dfkd_deploy.core.errors import DfkdError, RecipeError
 from dfkd_deploy.recipe import load_recipe
 from dfkd_deploy.teachers import load_teacher
 

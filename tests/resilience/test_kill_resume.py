@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from dfkd_deploy.distill.checkpoint import load_checkpoint
-from dfkd_deploy.distill.faults import PAUSE_AT, PAUSE_FILE
+from dfkd_deploy.core.faults import PAUSE_AT, PAUSE_FILE
 
 from ..conftest import REPO
 from .conftest import REFERENCE, subprocess_env

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dfkd_deploy.errors import DataError, UsageError
+from dfkd_deploy.core.errors import DataError, UsageError
 from dfkd_deploy.synthesis.pool import ImagePool
 
 SHAPE = (3, 16, 16)

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("pyearth")
 
-from dfkd_deploy.errors import DataError  # noqa: E402
+from dfkd_deploy.core.errors import DataError  # noqa: E402
 from dfkd_deploy.spline.construct import ConstructionError, build_network, check_network  # noqa: E402
 from dfkd_deploy.spline.mars import fit_mars, terms_csv, terms_markdown  # noqa: E402
 
@@ -55,7 +55,7 @@ def test_padding_keeps_function(pad):
 
 
 def test_width_too_small_is_a_usage_error():
-    from dfkd_deploy.errors import UsageError
+    from dfkd_deploy.core.errors import UsageError
 
     X, Y = _data(4)
     model = fit_mars(X, Y, max_terms=15)
@@ -98,7 +98,7 @@ def test_cli_fit_writes_artifacts(small_csv, tmp_path):
 
     from click.testing import CliRunner
 
-    from dfkd_deploy.spline.cli import spline
+    from dfkd_deploy.spline.tabular.cli import spline
 
     out = tmp_path / "run"
     res = CliRunner().invoke(spline, ["fit", str(small_csv), "--target", "rings", "--out", str(out),
@@ -115,7 +115,7 @@ def test_cli_fit_writes_artifacts(small_csv, tmp_path):
 def test_cli_missing_column_and_file(small_csv, tmp_path):
     from click.testing import CliRunner
 
-    from dfkd_deploy.spline.cli import spline
+    from dfkd_deploy.spline.tabular.cli import spline
 
     res = CliRunner().invoke(spline, ["fit", str(small_csv), "--target", "age", "--out", str(tmp_path / "r")])
     assert isinstance(res.exception, DataError) and "no column 'age'" in str(res.exception)

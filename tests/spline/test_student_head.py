@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from dfkd_deploy.api import build_student, make_synthesizer
+from dfkd_deploy.run import build_student, make_synthesizer
 from dfkd_deploy.distill.trainer import Distiller, seed_everything
-from dfkd_deploy.errors import RecipeError
+from dfkd_deploy.core.errors import RecipeError
 from dfkd_deploy.models import build_model
 from dfkd_deploy.models.heads import attach_mlp_head, head_config, head_name, penultimate_features
 from dfkd_deploy.models.student_file import load_student, save_student

@@ -4,9 +4,9 @@ import dataclasses
 import pytest
 import torch
 
-from dfkd_deploy.api import build_student, make_probes, make_synthesizer, plan
+from dfkd_deploy.run import build_student, make_probes, make_synthesizer, plan
 from dfkd_deploy.distill.trainer import Distiller, seed_everything
-from dfkd_deploy.errors import UsageError
+from dfkd_deploy.core.errors import UsageError
 from dfkd_deploy.models import build_model
 from dfkd_deploy.synthesis.deepinversion import DeepInversionSynthesizer
 from dfkd_deploy.synthesis.fast import FastSynthesizer

@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from dfkd_deploy.api import build_student, make_synthesizer
+from dfkd_deploy.run import build_student, make_synthesizer
 from dfkd_deploy.distill.trainer import Distiller, seed_everything
 from dfkd_deploy.models import build_model
 from dfkd_deploy.models.generator import Generator

@@ -152,7 +152,7 @@ def bn_free_dynamo(tmp_path_factory):
 
 
 def test_bn_free_teacher_inspect_and_synthesis(bn_free_dynamo):
-    from dfkd_deploy import api
+    from dfkd_deploy import run as api
     from tests.conftest import quick_recipe
 
     r = CliRunner().invoke(cli, ["inspect", str(bn_free_dynamo)])

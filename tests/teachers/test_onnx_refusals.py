@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from dfkd_deploy.cli import cli
-from dfkd_deploy.errors import TeacherError
+from dfkd_deploy.core.errors import TeacherError
 from dfkd_deploy.teachers import load_teacher
 
 

@@ -10,7 +10,7 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from dfkd_deploy.errors import ConversionError, TeacherError
+from dfkd_deploy.core.errors import ConversionError, TeacherError
 from dfkd_deploy.models import build_model
 from dfkd_deploy.recipe import TeacherOptions
 from dfkd_deploy.teachers import load_teacher

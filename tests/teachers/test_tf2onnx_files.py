@@ -52,7 +52,7 @@ def test_real_tf2onnx_file_loads_with_its_conventions_and_matches_onnxruntime(na
 
 
 def test_real_tf2onnx_teacher_synthesizes_with_the_bn_free_priors():
-    from dfkd_deploy import api
+    from dfkd_deploy import run as api
     from tests.conftest import quick_recipe
 
     teacher = load_teacher(DATA / "keras_cnn_tf2onnx_opset13.onnx")

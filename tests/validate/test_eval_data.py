@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dfkd_deploy.errors import DataError
+from dfkd_deploy.core.errors import DataError
 from dfkd_deploy.validate import load_eval_data, to_pixels
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10-test-jpeg.npz"

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 import torch
 from torch import nn
 
-from .errors import UsageError
+from dfkd_deploy.core.errors import UsageError
 
 T = TypeVar("T")
 

@@ -14,21 +14,31 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import distributed
-from .device import resolve_device
-from .distill.trainer import Distiller, seed_everything
-from .errors import UsageError
-from .io import OUTPUT_ERRNOS, OutputError, os_error_reason
-from .models import build_model
-from .models.heads import apply_head_config
-from .progress import console, task
-from .recipe import Recipe
-from .report.report import count_parameters
-from .synthesis.base import Synthesizer
-from .synthesis.fast import FastSynthesizer
-from .synthesis.pool import ImagePool
-from .teachers import load_teacher
-from .teachers.spec import Teacher
+from exporters.onnx_export import export_student_onnx
+
+from dfkd_deploy.core.io import write_text
+from dfkd_deploy.distill.trainer import DistillResult
+from dfkd_deploy.models.student_file import save_student
+from dfkd_deploy.report.manifest import write_manifest
+from dfkd_deploy.deploy.stage import run_deployment
+from dfkd_deploy.report.report import REPORT_MD, build_report, render_report_md, write_report_json
+from dfkd_deploy.validate.data import load_eval_data
+from dfkd_deploy.validate.metrics import evaluate, predict, top1_agreement
+from dfkd_deploy.core import distributed
+from dfkd_deploy.core.device import resolve_device
+from dfkd_deploy.distill.trainer import Distiller, seed_everything
+from dfkd_deploy.core.errors import UsageError
+from dfkd_deploy.core.io import OUTPUT_ERRNOS, OutputError, os_error_reason
+from dfkd_deploy.models import build_model
+from dfkd_deploy.models.heads import apply_head_config
+from dfkd_deploy.core.progress import console, task
+from dfkd_deploy.recipe import Recipe
+from dfkd_deploy.report.report import count_parameters
+from dfkd_deploy.synthesis.base import Synthesizer
+from dfkd_deploy.synthesis.fast import FastSynthesizer
+from dfkd_deploy.synthesis.pool import ImagePool
+from dfkd_deploy.teachers import load_teacher
+from dfkd_deploy.teachers.spec import Teacher
 
 PROBE_SEED_OFFSET = 1_000_003   # probes come from a random stream no training batch used
 
@@ -51,8 +61,8 @@ def make_synthesizer(teacher: Teacher, recipe: Recipe, device: torch.device) -> 
     """The recipe's synthesis method on this teacher. A teacher without BN statistics
     (``spec.bn_layers == 0``) gets no BN term, and the BN-free priors (DAFL entropy and activation,
     TV, L2) at their defaults wherever the recipe leaves ``synthesis.priors.*`` null."""
-    from .synthesis.deepinversion import DeepInversionSynthesizer
-    from .synthesis.losses import resolve_priors
+    from dfkd_deploy.synthesis.deepinversion import DeepInversionSynthesizer
+    from dfkd_deploy.synthesis.losses import resolve_priors
 
     s = recipe.synthesis
     has_bn = teacher.spec.bn_layers > 0
@@ -64,7 +74,7 @@ def make_synthesizer(teacher: Teacher, recipe: Recipe, device: torch.device) -> 
 
 def plan(teacher: Teacher, recipe: Recipe) -> dict:
     """What a run would do, without doing it (``--dry-run``)."""
-    from .synthesis.losses import resolve_priors
+    from dfkd_deploy.synthesis.losses import resolve_priors
 
     s, d = recipe.synthesis, recipe.distillation
     student = build_student(recipe, teacher)
@@ -139,7 +149,7 @@ def distill(teacher: Teacher, recipe: Recipe, run_dir: Path, device: torch.devic
 
     ``pool`` defaults to ``run_dir/pool``; with ``synthesize_more=False`` the student is trained
     on the given pool only. Under torch.distributed (torchrun) every rank calls this; each
-    synthesizes its share of every round (see :mod:`dfkd_deploy.distributed`)."""
+    synthesizes its share of every round (see :mod:`dfkd_deploy.core.distributed`)."""
     ctx = distributed.current()
     seed_everything(recipe.seed)   # the same initial student and generator on every rank
     student = build_student(recipe, teacher).to(device)
@@ -156,8 +166,6 @@ def distill(teacher: Teacher, recipe: Recipe, run_dir: Path, device: torch.devic
 def compress(teacher_path: str | Path, recipe: Recipe, out: str | Path, *, device: str = "auto",
              eval_data: str | Path | None = None, trust_pickle: bool = False, resume: bool = False,
              show_progress: bool = True, bundle_dir: str | Path | None = None) -> CompressResult:
-    from .pipeline import finish_run  # export + validation + reports
-
     # Under torchrun this joins the process group; every rank distills, rank 0 alone finishes
     # (probes, export, validation, reports) while the others wait, and all return its report.
     with distributed.session(resolve_device(device)) as (ctx, dev):
@@ -179,3 +187,73 @@ def compress(teacher_path: str | Path, recipe: Recipe, out: str | Path, *, devic
 
         report = ctx.on_main(finish)
     return CompressResult(run_dir, report)
+
+
+# --- the end of every run: export, validate, hand off, write the reports ---------------------
+
+ARTIFACTS = ("student.onnx", "student.pt", "recipe.resolved.yaml", "report.json", "report.md")
+
+
+def probe_agreement(teacher: Teacher, student: nn.Module, probes: torch.Tensor, device) -> dict:
+    norm = teacher.normalizer()
+    t = predict(teacher.module, probes, normalizer=norm, device=device)
+    s = predict(student, probes, normalizer=norm, device=device)
+    return {"top1": top1_agreement(t, s), "images": int(probes.shape[0])}
+
+
+def finish_run(teacher: Teacher, student: nn.Module, recipe: Recipe, run_dir: Path, *, probes: torch.Tensor,
+               distill_result: DistillResult | None, eval_data=None, device="cpu", wall_seconds: float | None = None,
+               show_progress: bool = True, bundle_dir: Path | None = None) -> dict:
+    spec = teacher.spec
+    student.eval()
+    with task("export + validate", 3, show_progress) as bar:
+        model_space_probes = teacher.normalizer()(probes)
+        export = export_student_onnx(student, run_dir / "student.onnx", input_shape=spec.input_shape,
+                                     layout=spec.layout, opset=recipe.export.opset, probes=model_space_probes,
+                                     tolerance=recipe.export.parity_tolerance)
+        bar.advance()
+        agreement = probe_agreement(teacher, student, probes, device)
+        bar.advance()
+        evaluation = data = None
+        if eval_data is not None:
+            data = load_eval_data(eval_data, input_shape=spec.input_shape, num_classes=spec.num_classes)
+            evaluation = evaluate(teacher.module, student, teacher.normalizer(), data, device=device,
+                                  batch_size=recipe.validation.batch_size, onnx_path=export.path,
+                                  onnx_layout=spec.layout)
+        bar.advance()
+    # Deployment hand-off: int8, bundle (default run_dir/bundle), TensorRT or its script,
+    # back-end comparison, latency/size. Appended to report.json/report.md below.
+    with task("int8 + bundle + latency", 1, show_progress) as bar:
+        deployment = run_deployment(
+            teacher, student, run_dir, probes=probes, eval_data=data, seed=recipe.seed, bundle_dir=bundle_dir,
+            calibration_images=recipe.deploy.calibration_images, profile_batches=recipe.deploy.batch_profile,
+            figures={"student_accuracy": (evaluation or {}).get("student_accuracy"),
+                     "teacher_accuracy": (evaluation or {}).get("teacher_accuracy"),
+                     "onnx_accuracy": (evaluation or {}).get("onnx_accuracy"),
+                     "agreement_top1": (evaluation or {}).get("agreement", agreement["top1"])},
+            echo=console.print)
+        bar.advance()
+
+    r = distill_result
+    report = build_report(
+        spec,
+        student={"arch": recipe.student.arch, "params": count_parameters(student),
+                 "teacher_params": count_parameters(teacher.module)},
+        evaluation=evaluation, probe_agreement=agreement, export=export,
+        synthesis={"method": recipe.synthesis.method, "g_steps": recipe.synthesis.g_steps,
+                   "images": r.images if r else None, "seconds": round(r.synthesis_seconds, 2) if r else None,
+                   "images_per_second": round(r.images / r.synthesis_seconds, 2) if r and r.synthesis_seconds else None},
+        distillation={"epochs": r.epochs if r else None,
+                      "seconds": round(r.distillation_seconds, 2) if r else None,
+                      "final": r.history[-1] if r and r.history else None},
+        extra={"seed": recipe.seed, "device": str(device),
+               "wall_seconds": round(wall_seconds, 2) if wall_seconds is not None else None,
+               **deployment.sections},
+    )
+    save_student(run_dir / "student.pt", student, arch=recipe.student.arch, num_classes=spec.num_classes,
+                 input_shape=spec.input_shape, teacher_spec=spec.to_dict())
+    write_text(run_dir / "recipe.resolved.yaml", recipe.resolved_yaml())
+    write_report_json(run_dir, report)
+    write_text(run_dir / REPORT_MD, render_report_md(report) + deployment.markdown)
+    write_manifest(run_dir, seed=recipe.seed, artifacts=list(ARTIFACTS) + deployment.artifacts)
+    return report

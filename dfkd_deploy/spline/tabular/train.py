@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .construct import build_network, required_widths
-from .data import Split
-from .mars import MarsModel, fit_mars
+from dfkd_deploy.spline.construct import build_network, required_widths
+from dfkd_deploy.spline.tabular.data import Split
+from dfkd_deploy.spline.mars import MarsModel, fit_mars
 
 __all__ = ["Schedule", "make_mlp", "train_regressor", "compare_inits", "epochs_to_reach"]
 

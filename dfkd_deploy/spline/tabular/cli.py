@@ -8,18 +8,18 @@ from pathlib import Path
 
 import click
 
-from ..errors import UsageError
-from ..io import write_json, write_text
+from dfkd_deploy.core.errors import UsageError
+from dfkd_deploy.core.io import write_json, write_text
 
 
 def run_fit(data: str | Path, target: str, *, out: str | Path, epochs: int = 100, seed: int = 0,
             hidden: int = 64, lr: float = 1e-3, batch_size: int = 64, optimizer: str = "adam",
             max_degree: int = 1, max_terms: int | None = None, drop_outliers: float | None = None) -> dict:
     """Library entry behind ``spline fit``; returns the metrics written to ``metrics.json``."""
-    from .data import drop_outlier_rows, load_csv, split_standardise
-    from .mars import terms_csv, terms_markdown
-    from .plots import plot_curves
-    from .train import INITS, Schedule, compare_inits, epochs_to_reach
+    from dfkd_deploy.spline.tabular.data import drop_outlier_rows, load_csv, split_standardise
+    from dfkd_deploy.spline.mars import terms_csv, terms_markdown
+    from dfkd_deploy.spline.tabular.plots import plot_curves
+    from dfkd_deploy.spline.tabular.train import INITS, Schedule, compare_inits, epochs_to_reach
 
     if epochs < 1 or hidden < 1:
         raise UsageError("--epochs and --hidden must be >= 1")

@@ -2,7 +2,7 @@
 so a run killed at any moment leaves either the old or the new version, never half a file.
 
 A write that fails because the disk is full or the directory is not writable raises
-:class:`OutputError` (a :class:`~dfkd_deploy.errors.DfkdError`: one line, exit 2) naming the file;
+:class:`OutputError` (a :class:`~dfkd_deploy.core.errors.DfkdError`: one line, exit 2) naming the file;
 the temporary file is removed and the previous version of the file stays as it was.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import DfkdError
+from dfkd_deploy.core.errors import DfkdError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from dfkd_deploy.core.errors import DataError
 
 __all__ = ["Table", "load_csv", "drop_outlier_rows", "split_standardise", "Split"]
 

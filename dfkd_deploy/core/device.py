@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import UsageError
+from dfkd_deploy.core.errors import UsageError
 
 
 def resolve_device(name: str = "auto") -> torch.device:

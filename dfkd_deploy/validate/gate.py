@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from .errors import DataError, UsageError
-from .io import write_bytes
+from dfkd_deploy.core.errors import DataError, UsageError
+from dfkd_deploy.core.io import write_bytes
 
 SUITE = "dfkd-deploy validate"
 
@@ -108,13 +108,13 @@ def write_junit(path: str | Path, checks: Sequence[Check], *, metrics: Optional[
         for k, v in metrics.items():
             ET.SubElement(props, "property", name=str(k), value=json.dumps(v))
     for c in checks:
-        case = ET.SubElement(suite, "testcase", classname="dfkd_deploy.gate", name=c.name)
+        case = ET.SubElement(suite, "testcase", classname="dfkd_deploy.validate.gate", name=c.name)
         if not c.passed:
             ET.SubElement(case, "failure", message=c.message, type="ThresholdFailed").text = json.dumps(c.to_dict())
         else:
             ET.SubElement(case, "system-out").text = c.message
     if error:
-        case = ET.SubElement(suite, "testcase", classname="dfkd_deploy.gate", name="inputs")
+        case = ET.SubElement(suite, "testcase", classname="dfkd_deploy.validate.gate", name="inputs")
         ET.SubElement(case, "error", message=error, type="InputError")
     ET.indent(suites)
     return write_bytes(path, ET.tostring(suites, encoding="utf-8", xml_declaration=True) + b"\n")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..io import atomic_path
+from dfkd_deploy.core.io import atomic_path
 
 COLOURS = {"mars": "tab:red", "he": "tab:blue", "xavier": "tab:green", "random": "tab:blue"}
 
