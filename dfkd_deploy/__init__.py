@@ -1,6 +1,61 @@
-"""dfkd-deploy: data-free distillation of a deployed image classifier into a small, exported student."""
+"""dfkd-deploy: data-free distillation of a deployed image classifier into a small, exported student.
+
+The public API: everything the command line does is one of these calls, with the same names.
+
+    import dfkd_deploy as dd
+    recipe = dd.load_recipe("recipes/tiny.yaml", {"distillation.epochs": 5})
+    result = dd.compress("teacher.onnx", recipe, "runs/t", eval_data="test.npz")
+
+Names are imported on first use, so ``import dfkd_deploy`` (and the CLI's ``--help``) stays fast.
+"""
+from __future__ import annotations
+
+import importlib
+
 from dfkd_deploy._compat import import_torchvision as _import_torchvision
 
 _import_torchvision()  # once, before anything (onnx2torch included) imports torchvision
 
 __version__ = "0.1.0"
+
+# public name -> module that defines it (and the name there, where it differs: the `validate` stage
+# is `validate_student` here, because `dfkd_deploy.validate` is the validation package)
+_EXPORTS = {
+    "compress": "dfkd_deploy.run",
+    "CompressResult": "dfkd_deploy.run",
+    "build_student": "dfkd_deploy.run",
+    "plan": "dfkd_deploy.run",
+    "synthesize": "dfkd_deploy.stages",
+    "distill_on_pool": "dfkd_deploy.stages",
+    "export": "dfkd_deploy.stages",
+    "export_teacher": "dfkd_deploy.stages",
+    "validate_student": ("dfkd_deploy.stages", "validate"),
+    "load_teacher": "dfkd_deploy.teachers",
+    "Teacher": "dfkd_deploy.teachers",
+    "TeacherSpec": "dfkd_deploy.teachers",
+    "load_recipe": "dfkd_deploy.recipe",
+    "Recipe": "dfkd_deploy.recipe",
+    "list_students": "dfkd_deploy.models",
+    "build_model": "dfkd_deploy.models",
+    "load_student": "dfkd_deploy.models.student_file",
+    "save_student": "dfkd_deploy.models.student_file",
+    "load_eval_data": "dfkd_deploy.validate",
+    "verify_bundle": "dfkd_deploy.deploy.bundle",
+    "DfkdError": "dfkd_deploy.core.errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    target = _EXPORTS.get(name)
+    if target is None:
+        raise AttributeError(f"module 'dfkd_deploy' has no attribute {name!r}")
+    module, attr = target if isinstance(target, tuple) else (target, name)
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -374,10 +374,10 @@ def list_group():
 @list_group.command("students")
 def list_students():
     """Architectures a recipe may name as student.arch (or --teacher-arch)."""
-    from dfkd_deploy.models import get_entry, model_names
+    from dfkd_deploy import list_students as students
 
-    for name in model_names():
-        click.echo(f"{name:18s} {get_entry(name).description}")
+    for entry in students():
+        click.echo(f"{entry.name:18s} {entry.description}")
 
 
 def _register_optional_groups() -> None:

@@ -42,6 +42,11 @@ def model_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def list_students() -> list[ModelEntry]:
+    """Every registered architecture with its description (``dfkd-deploy list students``)."""
+    return [_REGISTRY[n] for n in model_names()]
+
+
 def get_entry(name: str) -> ModelEntry:
     try:
         return _REGISTRY[name]
