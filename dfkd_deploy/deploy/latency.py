@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
 from exporters.onnx_export import export_teacher_onnx
 
 from dfkd_deploy.runtime.base import Runner
@@ -100,15 +101,29 @@ def time_teacher(teacher, *, threads: Optional[int] = None, **kw) -> TeacherTimi
     with tempfile.TemporaryDirectory(prefix="dfkd-latency-") as tmp:
         try:
             if spec.format == "onnx" and Path(spec.source).is_file():
-                src, layout, source = Path(spec.source), spec.layout, "file"
-            else:   # the teacher's module speaks NCHW whatever its file did
-                src = export_teacher_onnx(teacher.module, Path(tmp) / "teacher.onnx", input_shape=spec.input_shape,
-                                          fold=True)
+                src, layout, shape, source = Path(spec.source), spec.layout, spec.input_shape, "file"
+            else:
+                module, shape = _exportable(teacher)
+                src = export_teacher_onnx(module, Path(tmp) / "teacher.onnx", input_shape=shape, fold=True)
                 layout, source = "NCHW", "exported"
-            runner = OrtRunner(src, layout=layout, threads=threads, input_shape=spec.input_shape)
+            runner = OrtRunner(src, layout=layout, threads=threads, input_shape=shape)
             return TeacherTiming(time_runner(runner, **kw), source, None, src.stat().st_size)
         except Exception as exc:  # noqa: BLE001 - timing the teacher is informative, never fatal
             return TeacherTiming(reason=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+
+
+def _exportable(teacher) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """What to export for timing, and the shape of one input it takes.
+
+    The teacher's module speaks NCHW whatever its file did. A TorchScript model cannot be traced
+    inside that Python wrapper, so it is exported as it is, taking its file's own layout (the
+    wrapper's permute and flatten cost nothing worth timing).
+    """
+    spec, inner = teacher.spec, getattr(teacher.module, "model", None)
+    if isinstance(inner, torch.jit.ScriptModule):
+        c, h, w = spec.input_shape
+        return inner, ((h, w, c) if spec.layout.upper() == "NHWC" else (c, h, w))
+    return teacher.module, tuple(spec.input_shape)
 
 
 def latency_and_size(teacher, student: OrtRunner, *, student_params: int, teacher_params: int,

@@ -1,5 +1,6 @@
 """Latency and size: teacher (its ONNX file, or exported here) vs the student files, on ORT CPU."""
 import numpy as np
+import pytest
 import torch
 
 from dfkd_deploy.deploy.latency import latency_and_size
@@ -77,3 +78,40 @@ def test_teacher_that_fails_to_export_is_reported_not_fatal(tmp_path):
     lat = out.latency.to_dict()
     assert lat["teacher"] is None and lat["teacher_source"] is None and lat["teacher_reason"]
     assert lat["speedup_batch_1"] is None and "Teacher not timed" in latency_markdown(lat, out.size.to_dict())
+
+
+def _save_teacher(kind: str, model: torch.nn.Module, path):
+    x = torch.randn(2, 1, 8, 8)
+    if kind == "state_dict":
+        torch.save(model.state_dict(), path)
+    elif kind == "pickle":
+        torch.save(model, path)
+    elif kind == "torchscript":
+        torch.jit.save(torch.jit.trace(model, x), str(path))
+    else:   # a torch.export program with a dynamic batch
+        torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)), str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["state_dict", "pickle", "torchscript", "exported"])
+def test_every_torch_teacher_kind_is_timed(kind, tmp_path):
+    """Each torch format the loader takes is exported for timing, with synthesis-style hooks on it."""
+    from dfkd_deploy.models import build_model
+    from dfkd_deploy.recipe import TeacherOptions
+    from dfkd_deploy.teachers import load_teacher
+
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn", num_classes=4, in_channels=1, input_size=(8, 8)).eval()
+    path = _save_teacher(kind, model, tmp_path / f"teacher.{'pt2' if kind == 'exported' else 'pt'}")
+    teacher = load_teacher(path, TeacherOptions(arch="tiny_cnn", input_shape=(1, 8, 8), num_classes=4),
+                           trust_pickle=kind == "pickle")
+    held = []
+    for m in teacher.module.modules():   # hooks holding graph tensors, as the BN-statistics loss leaves them
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda mod, i, o: held.append(o * 1))
+    teacher.module(torch.zeros(1, 1, 8, 8, requires_grad=True))
+    student = OrtRunner(export_student_onnx(build_model("tiny_cnn", num_classes=4, in_channels=1, input_size=(8, 8)),
+                                            tmp_path / "s.onnx", input_shape=(1, 8, 8)).path)
+    lat = latency_and_size(teacher, student, student_params=1, teacher_params=1, repeats=1, warmup=0).latency
+    assert lat.teacher_reason is None, lat.teacher_reason
+    assert lat.teacher_source == "exported" and lat.teacher["batch_32_ms"] > 0
