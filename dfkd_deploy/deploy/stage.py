@@ -64,11 +64,7 @@ def run_deployment(teacher, student: nn.Module, run_dir: str | Path, *, probes, 
     int8 = _quantize(run_dir / FP32, run_dir / INT8, inputs, spec.layout)
     fp32_runner = OrtRunner(run_dir / FP32, layout=spec.layout)
     int8_runner = OrtRunner(run_dir / INT8, layout=spec.layout, precision="int8") if int8.produced else None
-    staged = stage_bundle(bundle_dir, student_onnx=run_dir / FP32,
-                          student_int8_onnx=run_dir / INT8 if int8.produced else None,
-                          calibration_uint8=inputs.calib_u8, probes_uint8=inputs.probes_u8,
-                          probe_logits_fp32=fp32_runner.predict(inputs.probes_ms), spec=spec,
-                          profile_batches=options.profile_batches)
+    staged = _stage(bundle_dir, fp32_runner, int8_runner, inputs, spec, options.profile_batches)
     if not staged.tensorrt.available:
         echo(staged.tensorrt.message)
 
@@ -80,7 +76,7 @@ def run_deployment(teacher, student: nn.Module, run_dir: str | Path, *, probes, 
                                     repeats=options.latency_repeats, warmup=options.latency_warmup)
     manifest = seal_bundle(staged, spec=spec, validation=_validation(inputs, int8, figures, comparison),
                            class_names=getattr(eval_data, "class_names", None),
-                           comparison_md=comparison_markdown([r.to_dict() for r in comparison.rows]), seed=options.seed)
+                           comparison_md=comparison_markdown(comparison.to_dict()["rows"]), seed=options.seed)
     return DeployResult(int8=int8, comparison=comparison, latency=measured.latency, size=measured.size,
                         tensorrt=staged.tensorrt, bundle=BundleInfo(bundle_dir, list(manifest["artifacts"])),
                         artifacts=_run_artifacts(run_dir, bundle_dir, int8.produced))
@@ -101,6 +97,14 @@ def _quantize(fp32_path: Path, int8_path: Path, inputs: _Inputs, layout: str) ->
     except DfkdError as exc:   # int8 is an extra: the fp32 hand-off still goes ahead
         int8_path.unlink(missing_ok=True)
         return Int8Result(error=str(exc))
+
+
+def _stage(bundle_dir: Path, fp32: OrtRunner, int8: Optional[OrtRunner], inputs: _Inputs, spec,
+           profile_batches: Optional[Sequence[int]]) -> StagedBundle:
+    """The bundle's files (+ TensorRT engines where TensorRT is here), with the fp32 probe logits."""
+    return stage_bundle(bundle_dir, student_onnx=fp32.path, student_int8_onnx=int8.path if int8 else None,
+                        calibration_uint8=inputs.calib_u8, probes_uint8=inputs.probes_u8,
+                        probe_logits_fp32=fp32.predict(inputs.probes_ms), spec=spec, profile_batches=profile_batches)
 
 
 def _engine_runners(staged: StagedBundle, layout: str) -> list[Runner]:
