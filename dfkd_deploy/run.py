@@ -20,7 +20,9 @@ from dfkd_deploy.core.io import write_text
 from dfkd_deploy.distill.trainer import DistillResult
 from dfkd_deploy.models.student_file import save_student
 from dfkd_deploy.report.manifest import write_manifest
-from dfkd_deploy.deploy.stage import run_deployment
+from dfkd_deploy.deploy.results import RunFigures
+from dfkd_deploy.deploy.stage import DeployOptions, run_deployment
+from dfkd_deploy.report.deploy_md import deploy_report_md
 from dfkd_deploy.report.report import REPORT_MD, build_report, render_report_md, write_report_json
 from dfkd_deploy.validate.data import load_eval_data
 from dfkd_deploy.validate.metrics import evaluate, predict, top1_agreement
@@ -225,12 +227,11 @@ def finish_run(teacher: Teacher, student: nn.Module, recipe: Recipe, run_dir: Pa
     # back-end comparison, latency/size. Appended to report.json/report.md below.
     with task("int8 + bundle + latency", 1, show_progress) as bar:
         deployment = run_deployment(
-            teacher, student, run_dir, probes=probes, eval_data=data, seed=recipe.seed, bundle_dir=bundle_dir,
-            calibration_images=recipe.deploy.calibration_images, profile_batches=recipe.deploy.batch_profile,
-            figures={"student_accuracy": (evaluation or {}).get("student_accuracy"),
-                     "teacher_accuracy": (evaluation or {}).get("teacher_accuracy"),
-                     "onnx_accuracy": (evaluation or {}).get("onnx_accuracy"),
-                     "agreement_top1": (evaluation or {}).get("agreement", agreement["top1"])},
+            teacher, student, run_dir, probes=probes, eval_data=data,
+            figures=RunFigures.from_evaluation(evaluation, agreement["top1"]),
+            options=DeployOptions(seed=recipe.seed, bundle_dir=bundle_dir,
+                                  calibration_images=recipe.deploy.calibration_images,
+                                  profile_batches=recipe.deploy.batch_profile),
             echo=console.print)
         bar.advance()
 
@@ -248,12 +249,12 @@ def finish_run(teacher: Teacher, student: nn.Module, recipe: Recipe, run_dir: Pa
                       "final": r.history[-1] if r and r.history else None},
         extra={"seed": recipe.seed, "device": str(device),
                "wall_seconds": round(wall_seconds, 2) if wall_seconds is not None else None,
-               **deployment.sections},
+               **deployment.sections()},
     )
     save_student(run_dir / "student.pt", student, arch=recipe.student.arch, num_classes=spec.num_classes,
                  input_shape=spec.input_shape, teacher_spec=spec.to_dict())
     write_text(run_dir / "recipe.resolved.yaml", recipe.resolved_yaml())
     write_report_json(run_dir, report)
-    write_text(run_dir / REPORT_MD, render_report_md(report) + deployment.markdown)
+    write_text(run_dir / REPORT_MD, render_report_md(report) + deploy_report_md(deployment.sections()))
     write_manifest(run_dir, seed=recipe.seed, artifacts=list(ARTIFACTS) + deployment.artifacts)
     return report

@@ -14,6 +14,7 @@ from dfkd_deploy.core.errors import UsageError
 from dfkd_deploy.models.student_file import load_student, save_student
 from dfkd_deploy.core.progress import task
 from dfkd_deploy.recipe import Recipe
+from dfkd_deploy.runtime.onnxruntime import OrtRunner
 from dfkd_deploy.synthesis.pool import ImagePool
 from dfkd_deploy.teachers import load_teacher
 
@@ -73,8 +74,6 @@ def export(student_path, out, *, opset: int = 17):
 def validate(student_path, teacher_path, recipe: Recipe, *, eval_data=None, probes: int = 256,
              trust_pickle: bool = False, device="auto") -> dict:
     """Teacher vs student (student.pt, or an exported .onnx) on fresh synthetic probes and real data."""
-    from exporters.onnx_export import onnx_predict
-
     from dfkd_deploy.validate.data import load_eval_data, to_pixels
     from dfkd_deploy.validate.metrics import predict, top1_accuracy, top1_agreement
 
@@ -84,11 +83,11 @@ def validate(student_path, teacher_path, recipe: Recipe, *, eval_data=None, prob
     norm = teacher.normalizer().to(dev)
     student_path = Path(student_path)
     if student_path.suffix == ".onnx":
-        layout = teacher.spec.layout
+        runner = OrtRunner(student_path, layout=teacher.spec.layout)
 
         def student_logits(pixels):
             with torch.no_grad():
-                return torch.from_numpy(onnx_predict(student_path, norm(pixels.to(dev)).cpu(), layout=layout))
+                return torch.from_numpy(runner.predict(norm(pixels.to(dev)).cpu().numpy()))
     else:
         student, _ = load_student(student_path)
         student.to(dev)

@@ -1,6 +1,6 @@
 """Exporters: turn a trained student into a deployable file (ONNX today)."""
 from exporters.onnx_export import (INPUT_NAME, OUTPUT_NAME, NHWCInput, OnnxExportResult, export_student_onnx,
-                          fold_conv_bn, load_session, onnx_predict)
+                          fold_conv_bn)
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME", "NHWCInput", "OnnxExportResult", "export_student_onnx",
-           "fold_conv_bn", "load_session", "onnx_predict"]
+           "fold_conv_bn"]

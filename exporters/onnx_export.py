@@ -15,7 +15,6 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,9 +22,8 @@ from torch import nn
 
 from dfkd_deploy.core.errors import ExportError, one_line
 from dfkd_deploy.core.io import atomic_path
-
-if TYPE_CHECKING:
-    import onnxruntime as ort
+from dfkd_deploy.runtime.onnxruntime import OrtRunner
+from dfkd_deploy.runtime.torch import TorchRunner, cpu_eval
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -82,11 +80,11 @@ def export_student_onnx(student: nn.Module, path: str | Path, *, input_shape: tu
 
     # A copy, so the caller's student keeps its device, mode and BatchNorm layers.
     model = copy.deepcopy(student).cpu().eval()
-    with torch.no_grad():
-        expected = _torch_logits(model, probes)
-        extra_inputs = [torch.randn((n, c, h, w), generator=torch.Generator().manual_seed(n))
-                        for n in _DYNAMIC_BATCHES]
-        extra_expected = [_torch_logits(model, x) for x in extra_inputs]
+    reference = TorchRunner(model)
+    expected = reference.predict(probes.numpy())
+    extra_inputs = [torch.randn((n, c, h, w), generator=torch.Generator().manual_seed(n)).numpy()
+                    for n in _DYNAMIC_BATCHES]
+    extra_expected = [reference.predict(x) for x in extra_inputs]
 
     path = Path(path)
     notes: list[str] = []
@@ -106,18 +104,18 @@ def export_student_onnx(student: nn.Module, path: str | Path, *, input_shape: tu
         if bn_total:
             notes.append(f"{bn_total} BatchNormalization node(s) left ({bn_foldable} after a Conv)")
 
-        session = load_session(tmp)
-        got = onnx_predict(session, probes, layout=layout)
+        runner = OrtRunner(tmp, layout=layout)   # one session for every check
+        got = runner.predict(probes.numpy())
         max_diff, agreement = _compare(got, expected)
         if not np.isfinite(max_diff) or max_diff > tolerance:
             raise ExportError(
                 f"ONNX export disagrees with the torch student: max abs diff {max_diff:.3g} > tolerance "
                 f"{tolerance:.3g} over {len(probes)} probes (top-1 agreement {agreement:.4f})")
         for x, want in zip(extra_inputs, extra_expected):
-            out = onnx_predict(session, x, layout=layout)
+            out = runner.predict(x)
             if out.shape != tuple(want.shape):
                 raise ExportError(f"ONNX export does not take a dynamic batch: batch {len(x)} gave "
-                                  f"output shape {out.shape}, expected {tuple(want.shape)}")
+                                  f"output shape {out.shape}, expected {want.shape}")
             diff = _compare(out, want)[0]
             if not np.isfinite(diff) or diff > tolerance:
                 raise ExportError(f"ONNX export disagrees with the torch student at batch {len(x)}: "
@@ -126,40 +124,6 @@ def export_student_onnx(student: nn.Module, path: str | Path, *, input_shape: tu
     return OnnxExportResult(path=path, opset=opset, input_name=INPUT_NAME, output_name=OUTPUT_NAME,
                             max_abs_diff=max_diff, top1_agreement=agreement, bn_nodes_remaining=bn_total,
                             layout=layout, probes=len(probes), notes=notes)
-
-
-def onnx_predict(path: str | Path | ort.InferenceSession, inputs_nchw: np.ndarray | torch.Tensor,
-                 layout: str = "NCHW", batch_size: int = 256) -> np.ndarray:
-    """Logits of the ONNX file at ``path`` for model-space NCHW ``inputs_nchw``, on CPU.
-
-    ``layout`` is the file's own input layout; NHWC files get the inputs permuted here, so
-    callers always speak NCHW like the rest of the project. ``path`` may also be a session
-    from :func:`load_session`, for callers that predict batch after batch.
-    """
-    if isinstance(inputs_nchw, torch.Tensor):
-        inputs_nchw = inputs_nchw.detach().cpu().numpy()
-    x = np.asarray(inputs_nchw, dtype=np.float32)
-    if x.ndim != 4:
-        raise ExportError(f"onnx_predict expects NCHW inputs, got shape {x.shape}")
-    if layout.upper() == "NHWC":
-        x = x.transpose(0, 2, 3, 1)
-    sess = load_session(path) if isinstance(path, (str, Path)) else path
-    name = sess.get_inputs()[0].name
-    outs = [sess.run(None, {name: np.ascontiguousarray(x[i:i + batch_size])})[0]
-            for i in range(0, len(x), max(1, batch_size))]
-    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
-
-
-def load_session(path: str | Path):
-    """An ONNX Runtime CPU session for ``path``; ExportError (one line) when it cannot load."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3   # ORT warns about unused initializers etc.; not the user's concern
-    try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
-        raise ExportError(f"onnxruntime cannot load {Path(path).name}: {one_line(exc)}") from None
 
 
 def fold_conv_bn(model: nn.Module) -> tuple[nn.Module, int]:
@@ -216,14 +180,6 @@ def _probes(probes: torch.Tensor | None, chw: tuple[int, int, int]) -> torch.Ten
     return probes
 
 
-def _torch_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    outs = []
-    for i in range(0, len(x), batch_size):
-        out = model(x[i:i + batch_size])
-        outs.append(out[0] if isinstance(out, (tuple, list)) else out)
-    return torch.cat(outs).float()
-
-
 TEACHER_EXPORTERS = ("legacy", "dynamo")
 _TEACHER_DEFAULT_OPSET = {"legacy": 17, "dynamo": 18}
 
@@ -260,24 +216,26 @@ def export_teacher_onnx(model: nn.Module, path: str | Path, *, input_shape: tupl
     if external and exporter != "dynamo":
         raise ExportError("external weight files are written by the dynamo exporter only (--exporter dynamo)")
     chw = tuple(int(v) for v in input_shape)
-    model = copy.deepcopy(model).cpu().eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    # The teacher itself (no copy: a teacher with synthesis hooks cannot be deep-copied), on CPU
+    # for the export and given back its device and mode afterwards.
     try:
-        target = work / path.name
-        if exporter == "dynamo":
-            _export_teacher_dynamo(model, target, chw, layout, opset, dynamic_batch)
-        else:
-            _export_teacher_legacy(model, target, chw, layout, opset, fold, dynamic_batch)
-        _add_teacher_metadata(target, mean=mean, std=std, value_range=value_range, external=external)
-        _load_checked(target)
-        _check_teacher_parity(model, target, chw, layout, dynamic_batch, tolerance)
-        data = work / f"{path.name}.data"
-        if external and data.is_file():
-            data.chmod(target.stat().st_mode & 0o777)   # onnx writes it 0600; give it the model's mode
-            os.replace(data, path.parent / data.name)
-        os.replace(target, path)
+        with cpu_eval(model):
+            target = work / path.name
+            if exporter == "dynamo":
+                _export_teacher_dynamo(model, target, chw, layout, opset, dynamic_batch)
+            else:
+                _export_teacher_legacy(model, target, chw, layout, opset, fold, dynamic_batch)
+            _add_teacher_metadata(target, mean=mean, std=std, value_range=value_range, external=external)
+            _load_checked(target)
+            _check_teacher_parity(model, target, chw, layout, dynamic_batch, tolerance)
+            data = work / f"{path.name}.data"
+            if external and data.is_file():
+                data.chmod(target.stat().st_mode & 0o777)   # onnx writes it 0600; give it the model's mode
+                os.replace(data, path.parent / data.name)
+            os.replace(target, path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return path
@@ -356,19 +314,18 @@ def _add_teacher_metadata(target: Path, *, mean, std, value_range, external: boo
 
 def _check_teacher_parity(model, target: Path, chw, layout, dynamic_batch, tolerance) -> None:
     batch = 3 if dynamic_batch else 2
-    x = torch.randn((batch, *chw), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want = _torch_logits(model, x)
+    x = torch.randn((batch, *chw), generator=torch.Generator().manual_seed(0)).numpy()
+    want = TorchRunner(model).predict(x)
     try:
-        got = onnx_predict(target, x, layout=layout)
+        got = OrtRunner(target, layout=layout).predict(x)
     except ExportError:
         raise
     except Exception as exc:  # noqa: BLE001 - e.g. a batch the file does not accept
         raise ExportError(f"the exported teacher does not run in onnxruntime at batch {batch}: {one_line(exc)}") from None
-    if got.shape != tuple(want.shape):
-        raise ExportError(f"the exported teacher outputs shape {got.shape}, the torch teacher {tuple(want.shape)}")
-    scale = max(1.0, float(want.abs().max()))
-    diff = float(np.abs(got.astype(np.float64) - want.numpy()).max())
+    if got.shape != want.shape:
+        raise ExportError(f"the exported teacher outputs shape {got.shape}, the torch teacher {want.shape}")
+    scale = max(1.0, float(np.abs(want).max()))
+    diff = float(np.abs(got.astype(np.float64) - want).max())
     if not diff <= tolerance * scale:
         raise ExportError(f"the exported teacher differs from the torch teacher by {diff:.3g} (max abs), above "
                           f"{tolerance:g} x {scale:.3g}")
@@ -413,8 +370,7 @@ def _count_batchnorm(graph) -> tuple[int, int]:
     return len(bns), after_conv
 
 
-def _compare(got: np.ndarray, expected: torch.Tensor) -> tuple[float, float]:
-    want = expected.numpy()
+def _compare(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
     if got.shape != want.shape:
         raise ExportError(f"ONNX output shape {got.shape} differs from the torch student's {want.shape}")
     max_diff = float(np.abs(got.astype(np.float64) - want).max()) if got.size else 0.0

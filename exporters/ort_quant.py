@@ -21,7 +21,8 @@ import numpy as np
 from dfkd_deploy.core.errors import ExportError, one_line
 from dfkd_deploy.core.io import atomic_path
 
-from exporters.onnx_export import INPUT_NAME, load_session, onnx_predict
+from exporters.onnx_export import INPUT_NAME
+from dfkd_deploy.runtime.onnxruntime import OrtRunner
 
 CALIBRATION_IMAGES = 256        # default pool images used for calibration (recipe candidate)
 CALIBRATION_BATCH = 32          # calibration batch fed to ORT; memory only, not a result
@@ -111,8 +112,8 @@ def quantize_student(fp32_path: str | Path, out_path: str | Path, calibration: n
         result = QuantResult(path=out_path, format="QDQ", calibration_images=len(calibration),
                              calibration_method=method, per_channel=per_channel, qdq_nodes=qdq, notes=notes)
         if probes is not None and len(probes):
-            fp32 = onnx_predict(fp32_path, probes, layout=layout)
-            int8 = onnx_predict(load_session(tmp), probes, layout=layout)
+            fp32 = OrtRunner(fp32_path, layout=layout).predict(probes)
+            int8 = OrtRunner(tmp, layout=layout, precision="int8").predict(probes)
             result.probe_images = len(probes)
             result.top1_agreement_vs_fp32 = float((fp32.argmax(1) == int8.argmax(1)).mean())
             result.max_abs_diff_vs_fp32 = float(np.abs(fp32.astype(np.float64) - int8).max())

@@ -24,6 +24,7 @@ import numpy as np
 from dfkd_deploy.core.errors import ExportError
 from dfkd_deploy.core.io import write_bytes, write_text
 
+from dfkd_deploy.runtime.tensorrt import tensorrt_module
 from exporters.onnx_export import INPUT_NAME
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -181,15 +182,6 @@ class TrtResult:
                 "gpu": self.gpu, "engines": self.engines, "script": self.script, "profile": self.profile}
 
 
-def tensorrt_module():
-    """The ``tensorrt`` module, or None when it is not installed (or not loadable here)."""
-    try:
-        import tensorrt  # noqa: F401
-    except Exception:  # noqa: BLE001 - ImportError, or a broken CUDA install raising OSError
-        return None
-    return tensorrt
-
-
 def build_engines(out_dir: str | Path, fp32_onnx: str | Path, *, input_shape: Sequence[int], layout: str = "NCHW",
                   precisions: Sequence[str] = PRECISIONS, int8_onnx: str | Path | None = None,
                   calibration: Optional[np.ndarray] = None, batches: Sequence[int] = PROFILE_BATCHES,
@@ -297,42 +289,3 @@ def _gpu_name() -> Optional[str]:
         return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except Exception:  # noqa: BLE001
         return None
-
-
-def engine_predictor(engine_path: str | Path, *, layout: str = "NCHW", max_batch: int = PROFILE_BATCHES[-1]):
-    """A predict function (model-space NCHW numpy -> logits numpy) running a built engine.
-
-    Uses TensorRT's named-tensor API (TensorRT >= 8.5) with torch CUDA buffers; only called
-    where :func:`build_engines` built engines, i.e. where TensorRT and a GPU are present.
-    """
-    import torch
-
-    trt = tensorrt_module()
-    if trt is None:
-        raise ExportError(MISSING_MESSAGE)
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
-    context = engine.create_execution_context()
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    inp = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-    out = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, np.float32)
-        if layout.upper() == "NHWC":
-            x = x.transpose(0, 2, 3, 1)
-        outs = []
-        stream = torch.cuda.Stream()
-        for i in range(0, len(x), max_batch):
-            xb = torch.from_numpy(np.ascontiguousarray(x[i:i + max_batch])).cuda()
-            context.set_input_shape(inp, tuple(xb.shape))
-            yb = torch.empty(tuple(context.get_tensor_shape(out)), dtype=torch.float32, device="cuda")
-            context.set_tensor_address(inp, int(xb.data_ptr()))
-            context.set_tensor_address(out, int(yb.data_ptr()))
-            if not context.execute_async_v3(stream.cuda_stream):
-                raise ExportError(f"TensorRT engine {Path(engine_path).name} failed to run")
-            stream.synchronize()
-            outs.append(yb.cpu().numpy())
-        return np.concatenate(outs)
-
-    return predict

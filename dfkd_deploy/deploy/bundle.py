@@ -19,9 +19,13 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from exporters.onnx_export import INPUT_NAME, OUTPUT_NAME
+from exporters.tensorrt import PROFILE_BATCHES, TrtResult, build_engines
+
 from dfkd_deploy.core.errors import DataError
 from dfkd_deploy.core.io import atomic_path, sha256_file, write_bytes, write_json, write_text
 from dfkd_deploy.report.manifest import library_versions, verify_manifest
+from dfkd_deploy.runtime.onnxruntime import OrtRunner
 
 BUNDLE_VERSION = 1
 MANIFEST = "manifest.json"
@@ -35,11 +39,11 @@ INT8_AGREEMENT_SLACK = 0.02  # verify: int8 kernels differ a little across CPUs 
 class StagedBundle:
     path: Path
     files: list[str]
-    tensorrt: dict
+    tensorrt: TrtResult
     has_int8: bool
 
     def engine_files(self) -> list[str]:
-        return [e["file"] for e in self.tensorrt.get("engines", {}).values() if e.get("file")]
+        return [e["file"] for e in self.tensorrt.engines.values() if e.get("file")]
 
 
 def stage_bundle(bundle_dir: str | Path, *, student_onnx: str | Path, student_int8_onnx: str | Path | None,
@@ -51,8 +55,6 @@ def stage_bundle(bundle_dir: str | Path, *, student_onnx: str | Path, student_in
     ``spec`` is the teacher's :class:`~dfkd_deploy.teachers.spec.TeacherSpec`: the student
     takes the same input (layout, normalisation) as the teacher file.
     """
-    from exporters.tensorrt import PROFILE_BATCHES, build_engines
-
     out = Path(bundle_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = [FP32]
@@ -77,8 +79,8 @@ def stage_bundle(bundle_dir: str | Path, *, student_onnx: str | Path, student_in
                         precisions=trt_precisions, int8_onnx=out / INT8 if has_int8 else None,
                         calibration=calib_ms, batches=tuple(profile_batches or PROFILE_BATCHES))
     files += ["build_engine.sh", "calib_loader.py"]
-    staged = StagedBundle(out, files, trt.to_dict(), has_int8)
-    staged.tensorrt["script"] = "build_engine.sh"   # relative: the bundle moves between machines
+    trt.script = "build_engine.sh"   # relative: the bundle moves between machines
+    staged = StagedBundle(out, files, trt, has_int8)
     staged.files += staged.engine_files() + (["timing.cache"] if (out / "timing.cache").is_file() else [])
     return staged
 
@@ -86,10 +88,8 @@ def stage_bundle(bundle_dir: str | Path, *, student_onnx: str | Path, student_in
 def seal_bundle(staged: StagedBundle, *, spec, validation: Mapping[str, Any], class_names: Optional[list[str]] = None,
                 comparison_md: str = "", seed: Optional[int] = None) -> dict:
     """Write README.md and manifest.json (hashing every bundled file); returns the manifest."""
-    from exporters.onnx_export import INPUT_NAME, OUTPUT_NAME
-
     out = staged.path
-    profile = staged.tensorrt.get("profile") or {}
+    profile = staged.tensorrt.profile or {}
     manifest = {
         "bundle_version": BUNDLE_VERSION,
         "seed": seed,
@@ -104,7 +104,7 @@ def seal_bundle(staged: StagedBundle, *, spec, validation: Mapping[str, Any], cl
         "classes": {"count": spec.num_classes, "names": class_names},
         "teacher": {"source": Path(spec.source).name, "format": spec.format},
         "versions": library_versions(),
-        "tensorrt": staged.tensorrt,
+        "tensorrt": staged.tensorrt.to_dict(),
         "validation": dict(validation),
     }
     write_text(out / "README.md", render_readme(manifest, staged, comparison_md))
@@ -130,8 +130,6 @@ def verify_bundle(bundle_dir: str | Path) -> BundleCheck:
     Raises :class:`DataError` (exit 2) when ``bundle_dir`` is not a bundle at all; returns the
     problems (exit 1 when any) otherwise.
     """
-    from exporters.onnx_export import onnx_predict
-
     out = Path(bundle_dir)
     try:
         manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
@@ -148,14 +146,14 @@ def verify_bundle(bundle_dir: str | Path) -> BundleCheck:
     with np.load(out / CALIBRATION) as npz:
         probes = _model_space(npz["probes"], npz["mean"], npz["std"], float(npz["value_range"]))
         recorded = npz["probe_logits_fp32"]
-    fp32 = onnx_predict(out / FP32, probes, layout=layout)
+    fp32 = OrtRunner(out / FP32, layout=layout).predict(probes)
     diff = float(np.abs(fp32.astype(np.float64) - recorded).max()) if fp32.size else 0.0
     result.checks["fp32_max_abs_diff_vs_recorded"] = diff
     if fp32.shape != recorded.shape or diff > FP32_ATOL:
         result.problems.append(f"{FP32}: logits differ from the recorded ones by {diff:.3g} (> {FP32_ATOL:g})")
     want = (validation.get("int8") or {}).get("top1_agreement_vs_fp32")
     if (out / INT8).is_file() and want is not None:
-        int8 = onnx_predict(out / INT8, probes, layout=layout)
+        int8 = OrtRunner(out / INT8, layout=layout, precision="int8").predict(probes)
         agree = float((int8.argmax(1) == fp32.argmax(1)).mean())
         result.checks["int8_top1_agreement_vs_fp32"] = agree
         if agree < want - INT8_AGREEMENT_SLACK:
@@ -247,31 +245,3 @@ def _layout_shape(chw, layout: str) -> list[int]:
 def _pct(v) -> str:
     return "-" if v is None else f"{100 * float(v):.2f} %"
 
-
-def deploy_report_md(report: Mapping[str, Any], comparison_md: str = "", latency_md: str = "") -> str:
-    """The deployment sections appended to report.md: int8, back-end comparison, latency, TensorRT, bundle."""
-    lines: list[str] = []
-    int8 = report.get("int8") or {}
-    lines += ["", "## INT8 (ONNX Runtime, data-free calibration)", ""]
-    if int8.get("error"):
-        lines.append(f"Not produced: {int8['error']}")
-    elif int8:
-        lines.append(f"`{int8.get('file')}`: {int8.get('format')}, {int8.get('qdq_nodes')} Q/DQ nodes, calibrated on "
-                     f"{int8.get('calibration_images')} synthetic pool images ({int8.get('calibration_method')}); "
-                     f"top-1 agreement with fp32 on {int8.get('probe_images')} held-out probes "
-                     f"{_pct(int8.get('top1_agreement_vs_fp32'))}"
-                     + (f", accuracy {_pct(int8['accuracy'])}" if int8.get("accuracy") is not None else "") + ".")
-    if comparison_md:
-        lines += ["", "## Back-end comparison", "", "Every back end against the torch student.", "", comparison_md]
-    if latency_md:
-        lines += ["", "## Latency and size", "", latency_md]
-    trt = report.get("tensorrt") or {}
-    if trt:
-        lines += ["", "## TensorRT", ""]
-        lines.append(f"TensorRT {trt.get('version')} on {trt.get('gpu')}." if trt.get("available")
-                     else (trt.get("message") or "TensorRT not available."))
-    b = report.get("bundle") or {}
-    if b.get("path"):
-        lines += ["", "## Deployment bundle", "", f"`{b['path']}` ({len(b.get('files') or [])} files); "
-                  "check it with `dfkd-deploy bundle verify`."]
-    return "\n".join(lines) + "\n"

@@ -1,20 +1,22 @@
 """Cross-backend comparison: does every deployable form of the student compute what the torch
 student computes?
 
-Each back end (torch, ORT fp32, ORT int8, TensorRT engines where present) is a function from
-model-space NCHW float32 inputs to logits. All are compared with one reference (the torch
+Each back end (torch, ORT fp32, ORT int8, TensorRT engines where present) is a
+:class:`~dfkd_deploy.runtime.base.Runner`: model-space NCHW float32 inputs to logits. All are compared with one reference (the torch
 student) on the same inputs, and judged by a tolerance preset for their precision: fp32 must
 match elementwise, fp16 looser, and int8 is judged by top-1 agreement, because quantized logits
 legitimately move while the decisions should not.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-PredictFn = Callable[[np.ndarray], np.ndarray]
+from dfkd_deploy.runtime.base import Runner
+
+REFERENCE = "torch fp32 (CPU)"
 
 
 @dataclass(frozen=True)
@@ -43,13 +45,6 @@ TOLERANCES: dict[str, Tolerance] = {
 
 
 @dataclass(frozen=True)
-class Backend:
-    name: str
-    precision: str
-    predict: PredictFn
-
-
-@dataclass(frozen=True)
 class Dataset:
     name: str
     inputs: np.ndarray                      # model-space NCHW float32
@@ -74,7 +69,28 @@ class ComparisonRow:
         return dict(self.__dict__)
 
 
-def compare_backends(reference: Backend, others: Sequence[Backend], datasets: Sequence[Dataset], *,
+@dataclass
+class Comparison:
+    """Every row of a comparison and what they were compared with (report.json ``comparison``)."""
+
+    rows: list[ComparisonRow] = field(default_factory=list)
+    reference: str = REFERENCE
+
+    @property
+    def passed(self) -> bool:
+        return all_passed(self.rows)
+
+    def accuracy(self, backend: str, precision: str) -> Optional[float]:
+        """The accuracy of a back end on labelled data (the last such row), or None."""
+        found = [r.accuracy for r in self.rows
+                 if (r.backend, r.precision) == (backend, precision) and r.accuracy is not None]
+        return found[-1] if found else None
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "reference": self.reference, "rows": [r.to_dict() for r in self.rows]}
+
+
+def compare_backends(reference: Runner, others: Sequence[Runner], datasets: Sequence[Dataset], *,
                      tolerances: Mapping[str, Tolerance] = TOLERANCES) -> list[ComparisonRow]:
     """One row per (back end, data set), the reference included (for its accuracy)."""
     rows: list[ComparisonRow] = []
@@ -108,19 +124,6 @@ def all_passed(rows: Sequence[ComparisonRow]) -> bool:
     return all(r.passed is not False for r in rows)
 
 
-def comparison_markdown(rows: Sequence[ComparisonRow]) -> str:
-    """The comparison as a markdown table for report.md and the bundle README."""
-    out = ["| Back end | Precision | Data | Images | Max abs diff | Top-1 agreement | Accuracy | Criterion | Result |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        result = "reference" if r.criterion == "reference" else ("pass" if r.passed else "FAIL")
-        if r.error:
-            result += f" ({r.error})"
-        out.append(f"| {r.backend} | {r.precision} | {r.data} | {r.images} | {_sci(r.max_abs_diff)} | "
-                   f"{_pct(r.top1_agreement)} | {_pct(r.accuracy)} | {r.criterion} | {result} |")
-    return "\n".join(out)
-
-
 # --- helpers -----------------------------------------------------------------------------------
 
 def _passes(diff: np.ndarray, ref: np.ndarray, agreement: float, tol: Tolerance) -> bool:
@@ -137,10 +140,3 @@ def _accuracy(logits: np.ndarray, labels: Optional[np.ndarray]) -> Optional[floa
         return None
     return float((logits.argmax(1) == np.asarray(labels)).mean())
 
-
-def _sci(v) -> str:
-    return "-" if v is None else f"{v:.2e}"
-
-
-def _pct(v) -> str:
-    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.2f} %"

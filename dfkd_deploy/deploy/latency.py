@@ -2,147 +2,145 @@
 with like (what ships is an ONNX file; torch eager timings would flatter neither).
 
 Timing: a few warm-up runs (allocations, kernel selection), then the median of ``repeats``
-runs per batch size. Repeats are small by default so a run stays fast; raise them for a
-benchmark. Teachers that are not ONNX files are exported to a temporary ONNX file first
-(legacy exporter); when that fails the teacher's latency is null with the reason.
+runs per batch size (:meth:`dfkd_deploy.runtime.base.Runner.time`). Repeats are small by
+default so a run stays fast; raise them for a benchmark. Teachers that are not ONNX files are
+exported to a temporary ONNX file first (the teacher exporter, legacy, constant folding on);
+when that fails the teacher's latency is null with the reason.
 """
 from __future__ import annotations
 
 import tempfile
-import time
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
+import torch
+from exporters.onnx_export import export_teacher_onnx
+
+from dfkd_deploy.runtime.base import Runner
+from dfkd_deploy.runtime.onnxruntime import PROVIDER, OrtRunner
 
 LATENCY_BATCHES = (1, 32)
 WARMUP = 2
 REPEATS = 5
 
-
-def time_onnx(path: str | Path, input_shape: Sequence[int], *, layout: str = "NCHW",
-              batches: Sequence[int] = LATENCY_BATCHES, warmup: int = WARMUP, repeats: int = REPEATS,
-              threads: Optional[int] = None) -> dict:
-    """``{"batch_1_ms": median, ...}`` for the ONNX file at ``path`` on ORT CPU (random inputs)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    c, h, w = (int(v) for v in input_shape)
-    out = {}
-    rng = np.random.default_rng(0)
-    for b in batches:
-        shape = (b, h, w, c) if layout.upper() == "NHWC" else (b, c, h, w)
-        feed = {name: rng.standard_normal(shape, dtype=np.float32)}
-        for _ in range(max(0, warmup)):
-            sess.run(None, feed)
-        times = []
-        for _ in range(max(1, repeats)):
-            t0 = time.perf_counter()
-            sess.run(None, feed)
-            times.append(time.perf_counter() - t0)
-        out[f"batch_{b}_ms"] = round(1000 * float(np.median(times)), 4)
-    return out
+Timings = dict   # {"batch_1_ms": median, ...}
 
 
-def export_teacher_for_timing(module, input_shape: Sequence[int], path: Path, opset: int = 17) -> Path:
-    """A torch teacher (model-space NCHW in) as ONNX with a dynamic batch, for timing only."""
-    import copy
+@dataclass
+class Latency:
+    """report.json ``latency``: median milliseconds per batch size, per model."""
 
-    import torch
+    batches: list[int]
+    warmup: int
+    repeats: int
+    student: Timings
+    student_int8: Optional[Timings] = None
+    teacher: Optional[Timings] = None
+    teacher_source: Optional[str] = None     # "file" (the teacher's ONNX), "exported", None (not timed)
+    teacher_reason: Optional[str] = None     # why the teacher was not timed
+    provider: str = PROVIDER
 
-    c, h, w = (int(v) for v in input_shape)
-    module = copy.deepcopy(module)   # a CPU copy: the caller's teacher keeps its device
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # the legacy exporter's deprecation notes are no news here
-        with torch.no_grad():
-            torch.onnx.export(module.cpu().eval(), (torch.zeros(1, c, h, w),), str(path), dynamo=False,
-                              opset_version=opset, input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    return path
+    def speedups(self) -> dict:
+        """Speed-up of the student over the teacher, per batch size."""
+        out = {}
+        for b in self.batches:
+            t, s = (self.teacher or {}).get(f"batch_{b}_ms"), self.student.get(f"batch_{b}_ms")
+            out[f"speedup_batch_{b}"] = round(t / s, 3) if t and s else None
+        return out
+
+    def to_dict(self) -> dict:
+        return {"provider": self.provider, "warmup": self.warmup, "repeats": self.repeats,
+                "batches": list(self.batches), "teacher": self.teacher, "student": self.student,
+                "student_int8": self.student_int8, "teacher_source": self.teacher_source,
+                "teacher_reason": self.teacher_reason, **self.speedups()}
 
 
-def latency_and_size(teacher, student_onnx: str | Path, *, student_params: int, teacher_params: int,
-                     student_int8_onnx: str | Path | None = None, batches: Sequence[int] = LATENCY_BATCHES,
-                     warmup: int = WARMUP, repeats: int = REPEATS, threads: Optional[int] = None) -> dict:
-    """``{"latency": {...}, "size": {...}}`` for report.json (keys listed in the module's callers).
+@dataclass
+class Size:
+    """report.json ``size``: parameters and file bytes, with the teacher/student ratios."""
 
-    ``teacher`` is a :class:`~dfkd_deploy.teachers.spec.Teacher`. The student files use the
-    teacher's layout; a teacher exported here is timed in NCHW (its module speaks NCHW).
-    """
+    teacher_params: int
+    student_params: int
+    student_bytes: int
+    teacher_bytes: Optional[int] = None
+    student_int8_bytes: Optional[int] = None
+
+    def to_dict(self) -> dict:
+        return {"teacher_params": self.teacher_params, "student_params": self.student_params,
+                "teacher_bytes": self.teacher_bytes, "student_bytes": self.student_bytes,
+                "student_int8_bytes": self.student_int8_bytes,
+                "param_ratio": round(self.teacher_params / self.student_params, 3) if self.student_params else None,
+                "bytes_ratio": (round(self.teacher_bytes / self.student_bytes, 3)
+                                if self.teacher_bytes and self.student_bytes else None)}
+
+
+@dataclass
+class TeacherTiming:
+    timings: Optional[Timings] = None
+    source: Optional[str] = None
+    reason: Optional[str] = None
+    nbytes: Optional[int] = None
+
+
+@dataclass
+class LatencyAndSize:
+    latency: Latency
+    size: Size
+
+
+def time_runner(runner: Runner, *, batches: Sequence[int] = LATENCY_BATCHES, warmup: int = WARMUP,
+                repeats: int = REPEATS) -> Timings:
+    """``{"batch_1_ms": median, ...}`` for ``runner`` on random inputs."""
+    return {f"batch_{b}_ms": round(runner.time(b, repeats=repeats, warmup=warmup).median_ms, 4) for b in batches}
+
+
+def time_teacher(teacher, *, threads: Optional[int] = None, **kw) -> TeacherTiming:
+    """The teacher on ORT CPU: its own ONNX file, or one exported here; never fatal."""
     spec = teacher.spec
-    kw = dict(batches=batches, warmup=warmup, repeats=repeats, threads=threads)
-    latency: dict = {"provider": "CPUExecutionProvider", "warmup": warmup, "repeats": repeats,
-                     "batches": list(batches), "teacher": None, "student": None, "student_int8": None,
-                     "teacher_source": None, "teacher_reason": None}
-    latency["student"] = time_onnx(student_onnx, spec.input_shape, layout=spec.layout, **kw)
-    if student_int8_onnx and Path(student_int8_onnx).is_file():
-        latency["student_int8"] = time_onnx(student_int8_onnx, spec.input_shape, layout=spec.layout, **kw)
-
-    teacher_bytes = None
     with tempfile.TemporaryDirectory(prefix="dfkd-latency-") as tmp:
         try:
             if spec.format == "onnx" and Path(spec.source).is_file():
-                src, layout, latency["teacher_source"] = Path(spec.source), spec.layout, "file"
+                src, layout, shape, source = Path(spec.source), spec.layout, spec.input_shape, "file"
             else:
-                src = export_teacher_for_timing(teacher.module, spec.input_shape, Path(tmp) / "teacher.onnx")
-                layout, latency["teacher_source"] = "NCHW", "exported"
-            teacher_bytes = src.stat().st_size
-            latency["teacher"] = time_onnx(src, spec.input_shape, layout=layout, **kw)
+                module, shape = _exportable(teacher)
+                src = export_teacher_onnx(module, Path(tmp) / "teacher.onnx", input_shape=shape, fold=True)
+                layout, source = "NCHW", "exported"
+            runner = OrtRunner(src, layout=layout, threads=threads, input_shape=shape)
+            return TeacherTiming(time_runner(runner, **kw), source, None, src.stat().st_size)
         except Exception as exc:  # noqa: BLE001 - timing the teacher is informative, never fatal
-            latency["teacher_source"] = None
-            latency["teacher_reason"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-
-    for b in batches:   # speed-up of the student over the teacher, per batch size
-        t, s = (latency["teacher"] or {}).get(f"batch_{b}_ms"), latency["student"].get(f"batch_{b}_ms")
-        latency[f"speedup_batch_{b}"] = round(t / s, 3) if t and s else None
-
-    student_bytes = Path(student_onnx).stat().st_size
-    int8_bytes = Path(student_int8_onnx).stat().st_size if student_int8_onnx and Path(student_int8_onnx).is_file() else None
-    size = {"teacher_params": teacher_params, "student_params": student_params,
-            "teacher_bytes": teacher_bytes, "student_bytes": student_bytes, "student_int8_bytes": int8_bytes,
-            "param_ratio": round(teacher_params / student_params, 3) if student_params else None,
-            "bytes_ratio": round(teacher_bytes / student_bytes, 3) if teacher_bytes and student_bytes else None}
-    return {"latency": latency, "size": size}
+            return TeacherTiming(reason=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
 
 
-def latency_markdown(latency: dict, size: dict) -> str:
-    """report.md section: one row per model, one column per batch size."""
-    batches = latency.get("batches") or list(LATENCY_BATCHES)
-    head = "| Model | Parameters | File size | " + " | ".join(f"batch {b} (ms)" for b in batches) + " |"
-    lines = [f"ONNX Runtime CPU, median of {latency.get('repeats')} runs after {latency.get('warmup')} warm-up runs.",
-             "", head, "|" + "---|" * (3 + len(batches))]
+def _exportable(teacher) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """What to export for timing, and the shape of one input it takes.
 
-    def row(label, timings, params, nbytes):
-        cells = [_ms((timings or {}).get(f"batch_{b}_ms")) for b in batches]
-        return f"| {label} | {_int(params)} | {_bytes(nbytes)} | " + " | ".join(cells) + " |"
-
-    lines.append(row("Teacher", latency.get("teacher"), size.get("teacher_params"), size.get("teacher_bytes")))
-    lines.append(row("Student (fp32)", latency.get("student"), size.get("student_params"), size.get("student_bytes")))
-    if latency.get("student_int8"):
-        lines.append(row("Student (int8)", latency["student_int8"], size.get("student_params"),
-                         size.get("student_int8_bytes")))
-    if latency.get("teacher_reason"):
-        lines += ["", f"Teacher not timed: {latency['teacher_reason']}"]
-    elif latency.get("teacher_source") == "exported":
-        lines += ["", "The teacher was exported to a temporary ONNX file for timing."]
-    return "\n".join(lines)
+    The teacher's module speaks NCHW whatever its file did. A TorchScript model cannot be traced
+    inside that Python wrapper, so it is exported as it is, taking its file's own layout (the
+    wrapper's permute and flatten cost nothing worth timing).
+    """
+    spec, inner = teacher.spec, getattr(teacher.module, "model", None)
+    if isinstance(inner, torch.jit.ScriptModule):
+        c, h, w = spec.input_shape
+        return inner, ((h, w, c) if spec.layout.upper() == "NHWC" else (c, h, w))
+    return teacher.module, tuple(spec.input_shape)
 
 
-def _ms(v) -> str:
-    return "-" if v is None else f"{v:.3f}"
+def latency_and_size(teacher, student: OrtRunner, *, student_params: int, teacher_params: int,
+                     student_int8: Optional[OrtRunner] = None, batches: Sequence[int] = LATENCY_BATCHES,
+                     warmup: int = WARMUP, repeats: int = REPEATS) -> LatencyAndSize:
+    """Teacher, student and int8 student timed alike (the teacher with the student's ORT threads).
 
+    ``teacher`` is a :class:`~dfkd_deploy.teachers.spec.Teacher`; ``student``/``student_int8``
+    run the student files (in the teacher's layout).
+    """
+    kw = dict(batches=batches, warmup=warmup, repeats=repeats)
+    t = time_teacher(teacher, threads=student.threads, **kw)
+    latency = Latency(batches=list(batches), warmup=warmup, repeats=repeats, student=time_runner(student, **kw),
+                      student_int8=time_runner(student_int8, **kw) if student_int8 else None,
+                      teacher=t.timings, teacher_source=t.source, teacher_reason=t.reason)
+    size = Size(teacher_params=teacher_params, student_params=student_params, teacher_bytes=t.nbytes,
+                student_bytes=student.path.stat().st_size,
+                student_int8_bytes=student_int8.path.stat().st_size if student_int8 else None)
+    return LatencyAndSize(latency, size)
 
-def _int(v) -> str:
-    return "-" if v is None else f"{int(v):,}"
-
-
-def _bytes(v) -> str:
-    if v is None:
-        return "-"
-    return f"{v / 1e6:.2f} MB" if v >= 1e6 else f"{v / 1e3:.1f} kB"

@@ -1,117 +1,150 @@
 """The hand-off stage of a finished run: INT8, bundle (+ TensorRT or its script), back-end
-comparison, latency and size."""
+comparison, latency and size; one :class:`~dfkd_deploy.deploy.results.DeployResult` back."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-from dfkd_deploy.deploy.bundle import FP32, INT8, MANIFEST, _model_space, deploy_report_md, seal_bundle, stage_bundle
+import numpy as np
+from torch import nn
 
-# --- the whole hand-off for a finished run (called by pipeline.finish_run) ----------------------
+from exporters.ort_quant import CALIBRATION_IMAGES, quantize_student, sample_calibration
+
+from dfkd_deploy.core.errors import DfkdError
+from dfkd_deploy.deploy import latency as lat
+from dfkd_deploy.deploy.bundle import FP32, INT8, MANIFEST, StagedBundle, _model_space, seal_bundle, stage_bundle
+from dfkd_deploy.deploy.compare import Comparison, Dataset, compare_backends
+from dfkd_deploy.deploy.results import BundleInfo, DeployResult, Int8Result, RunFigures
+from dfkd_deploy.report.deploy_md import comparison_markdown
+from dfkd_deploy.runtime.base import Runner
+from dfkd_deploy.runtime.onnxruntime import OrtRunner
+from dfkd_deploy.runtime.tensorrt import MAX_BATCH, TrtRunner
+from dfkd_deploy.runtime.torch import TorchRunner
+from dfkd_deploy.synthesis.pool import ImagePool, to_uint8
 
 COMPARE_EVAL_IMAGES = 1024   # real eval images in the back-end comparison (float copies cost memory)
 
 
+@dataclass(frozen=True)
+class DeployOptions:
+    """The recipe's deploy settings and the run's knobs for the hand-off stage."""
+
+    seed: int = 0
+    bundle_dir: Optional[Path] = None                 # default: run_dir/bundle
+    calibration_images: Optional[int] = None          # default: exporters.ort_quant.CALIBRATION_IMAGES
+    profile_batches: Optional[Sequence[int]] = None   # TensorRT profile min/opt/max batch
+    compare_eval_images: int = COMPARE_EVAL_IMAGES
+    latency_repeats: int = lat.REPEATS
+    latency_warmup: int = lat.WARMUP
+
+
 @dataclass
-class Deployment:
-    sections: dict            # report.json top-level sections: int8, comparison, latency, size, tensorrt, bundle
-    markdown: str             # appended to report.md
-    artifacts: list[str]      # run-relative files for the run's manifest.json
+class _Inputs:
+    """Probes and calibration images as uint8 (what the bundle stores and `bundle verify` reruns)
+    and in model space (what the models take)."""
+
+    probes_u8: np.ndarray
+    probes_ms: np.ndarray
+    calib_u8: np.ndarray
+    calib_ms: np.ndarray
 
 
-def run_deployment(teacher, student, run_dir: str | Path, *, probes, eval_data=None, seed: int = 0,
-                   bundle_dir: str | Path | None = None, calibration_images: Optional[int] = None,
-                   profile_batches: Optional[Sequence[int]] = None,
-                   compare_eval_images: int = COMPARE_EVAL_IMAGES, latency_repeats: Optional[int] = None,
-                   latency_warmup: Optional[int] = None, figures: Optional[Mapping[str, Any]] = None,
-                   echo=print) -> Deployment:
+def run_deployment(teacher, student: nn.Module, run_dir: str | Path, *, probes, eval_data=None,
+                   figures: RunFigures = RunFigures(), options: DeployOptions = DeployOptions(),
+                   echo: Callable[[str], object] = print) -> DeployResult:
     """INT8, bundle (+ TensorRT or its script), back-end comparison and latency for ``run_dir``.
 
     ``probes`` are the held-out synthetic probes (pixel space); ``eval_data`` an EvalData or None;
     ``figures`` the run's accuracy/agreement figures, copied into the bundle manifest.
     """
-    import copy
-
-    import torch
-
-    from exporters.ort_quant import CALIBRATION_IMAGES, quantize_student, sample_calibration
-    from exporters.onnx_export import onnx_predict
-    from exporters.tensorrt import engine_predictor
-
-    from dfkd_deploy.core.errors import DfkdError
-    from dfkd_deploy.synthesis.pool import ImagePool, to_uint8
-    from dfkd_deploy.deploy import latency as lat
-    from dfkd_deploy.deploy.compare import Backend, Dataset, all_passed, compare_backends, comparison_markdown
-    from dfkd_deploy.validate.metrics import predict
-
     run_dir, spec = Path(run_dir), teacher.spec
-    fp32_path, int8_path = run_dir / FP32, run_dir / INT8
-    bundle_dir = Path(bundle_dir) if bundle_dir else run_dir / "bundle"
-    ms = lambda u8: _model_space(u8, spec.mean, spec.std, spec.value_range)  # noqa: E731
-    # Probes as uint8, so the figures recorded here are exactly what `bundle verify` recomputes.
+    bundle_dir = Path(options.bundle_dir) if options.bundle_dir else run_dir / "bundle"
+    inputs = _inputs(probes, run_dir / "pool", spec, options)
+    int8 = _quantize(run_dir / FP32, run_dir / INT8, inputs, spec.layout)
+    fp32_runner = OrtRunner(run_dir / FP32, layout=spec.layout)
+    int8_runner = OrtRunner(run_dir / INT8, layout=spec.layout, precision="int8") if int8.produced else None
+    staged = _stage(bundle_dir, fp32_runner, int8_runner, inputs, spec, options.profile_batches)
+    if not staged.tensorrt.available:
+        echo(staged.tensorrt.message)
+
+    others = [fp32_runner] + ([int8_runner] if int8_runner else []) + _engine_runners(staged, spec.layout)
+    comparison = _compare(student, others, _datasets(inputs, eval_data, spec, options.compare_eval_images))
+    int8.accuracy = comparison.accuracy("onnxruntime", "int8")
+    measured = lat.latency_and_size(teacher, fp32_runner, student_int8=int8_runner,
+                                    student_params=_params(student), teacher_params=_params(teacher.module),
+                                    repeats=options.latency_repeats, warmup=options.latency_warmup)
+    manifest = seal_bundle(staged, spec=spec, validation=_validation(inputs, int8, figures, comparison),
+                           class_names=getattr(eval_data, "class_names", None),
+                           comparison_md=comparison_markdown(comparison.to_dict()["rows"]), seed=options.seed)
+    return DeployResult(int8=int8, comparison=comparison, latency=measured.latency, size=measured.size,
+                        tensorrt=staged.tensorrt, bundle=BundleInfo(bundle_dir, list(manifest["artifacts"])),
+                        artifacts=_run_artifacts(run_dir, bundle_dir, int8.produced))
+
+
+# --- steps -------------------------------------------------------------------------------------
+
+def _inputs(probes, pool_dir: Path, spec, options: DeployOptions) -> _Inputs:
     probes_u8 = to_uint8(probes)
-    probes_ms = ms(probes_u8)
-    calib_u8 = sample_calibration(ImagePool(run_dir / "pool"), calibration_images or CALIBRATION_IMAGES, seed)
+    calib_u8 = sample_calibration(ImagePool(pool_dir), options.calibration_images or CALIBRATION_IMAGES, options.seed)
+    return _Inputs(probes_u8, _to_model_space(probes_u8, spec), calib_u8, _to_model_space(calib_u8, spec))
 
+
+def _quantize(fp32_path: Path, int8_path: Path, inputs: _Inputs, layout: str) -> Int8Result:
     try:
-        int8 = quantize_student(fp32_path, int8_path, ms(calib_u8), layout=spec.layout, probes=probes_ms).to_dict()
+        return Int8Result(quantize_student(fp32_path, int8_path, inputs.calib_ms, layout=layout,
+                                           probes=inputs.probes_ms))
     except DfkdError as exc:   # int8 is an extra: the fp32 hand-off still goes ahead
-        int8 = {"file": None, "error": str(exc)}
         int8_path.unlink(missing_ok=True)
-    has_int8 = int8_path.is_file()
+        return Int8Result(error=str(exc))
 
-    staged = stage_bundle(bundle_dir, student_onnx=fp32_path, student_int8_onnx=int8_path if has_int8 else None,
-                          calibration_uint8=calib_u8, probes_uint8=probes_u8,
-                          probe_logits_fp32=onnx_predict(fp32_path, probes_ms, layout=spec.layout), spec=spec,
-                          profile_batches=profile_batches)
-    if not staged.tensorrt["available"]:
-        echo(staged.tensorrt["message"])
 
-    # Back ends, all against the torch student on CPU (on a GPU, TF32 would blur an fp32 comparison).
-    cpu_student = copy.deepcopy(student).cpu().eval()
-    reference = Backend("torch", "fp32", lambda x: predict(cpu_student, torch.from_numpy(x)).numpy())
-    others = [Backend("onnxruntime", "fp32", lambda x: onnx_predict(fp32_path, x, layout=spec.layout))]
-    if has_int8:
-        others.append(Backend("onnxruntime", "int8", lambda x: onnx_predict(int8_path, x, layout=spec.layout)))
-    for precision, engine in staged.tensorrt.get("engines", {}).items():
-        if engine.get("file"):
-            others.append(Backend("tensorrt", precision, engine_predictor(bundle_dir / engine["file"], layout=spec.layout)))
-    datasets = [Dataset("synthetic probes", probes_ms)]
+def _stage(bundle_dir: Path, fp32: OrtRunner, int8: Optional[OrtRunner], inputs: _Inputs, spec,
+           profile_batches: Optional[Sequence[int]]) -> StagedBundle:
+    """The bundle's files (+ TensorRT engines where TensorRT is here), with the fp32 probe logits."""
+    return stage_bundle(bundle_dir, student_onnx=fp32.path, student_int8_onnx=int8.path if int8 else None,
+                        calibration_uint8=inputs.calib_u8, probes_uint8=inputs.probes_u8,
+                        probe_logits_fp32=fp32.predict(inputs.probes_ms), spec=spec, profile_batches=profile_batches)
+
+
+def _engine_runners(staged: StagedBundle, layout: str) -> list[Runner]:
+    """A runner per TensorRT engine built into the bundle (none where TensorRT is absent)."""
+    max_batch = (staged.tensorrt.profile or {}).get("max", [MAX_BATCH])[0]
+    return [TrtRunner(staged.path / engine["file"], layout=layout, precision=precision, max_batch=max_batch)
+            for precision, engine in staged.tensorrt.engines.items() if engine.get("file")]
+
+
+def _compare(student: nn.Module, others: Sequence[Runner], datasets: Sequence[Dataset]) -> Comparison:
+    """Every back end against the torch student on CPU (on a GPU, TF32 would blur an fp32 comparison)."""
+    return Comparison(compare_backends(TorchRunner(student), others, datasets))
+
+
+def _datasets(inputs: _Inputs, eval_data, spec, n_eval: int) -> list[Dataset]:
+    datasets = [Dataset("synthetic probes", inputs.probes_ms)]
     if eval_data is not None and len(eval_data):
-        part = eval_data.subset(compare_eval_images)
-        datasets.append(Dataset("eval data" + (f" ({len(part)} drawn at random, seed 0)" if len(part) < len(eval_data)
-                                               else ""), ms(part.images), part.labels))
-    rows = compare_backends(reference, others, datasets)
-    table = comparison_markdown(rows)
-    for r in rows:   # int8 accuracy on real data, beside its agreement
-        if r.backend == "onnxruntime" and r.precision == "int8" and r.accuracy is not None:
-            int8["accuracy"] = r.accuracy
+        part = eval_data.subset(n_eval)
+        drawn = f" ({len(part)} drawn at random, seed 0)" if len(part) < len(eval_data) else ""
+        datasets.append(Dataset("eval data" + drawn, _to_model_space(part.images, spec), part.labels))
+    return datasets
 
-    kw = {k: v for k, v in (("repeats", latency_repeats), ("warmup", latency_warmup)) if v is not None}
-    ls = lat.latency_and_size(teacher, fp32_path, student_params=sum(p.numel() for p in student.parameters()),
-                              teacher_params=sum(p.numel() for p in teacher.module.parameters()),
-                              student_int8_onnx=int8_path if has_int8 else None, **kw)
 
-    validation = {"probe_images": len(probes_u8), "int8": {k: int8.get(k) for k in
-                                                           ("top1_agreement_vs_fp32", "max_abs_diff_vs_fp32",
-                                                            "probe_images", "accuracy")} if has_int8 else None,
-                  **dict(figures or {}), "comparison": [r.to_dict() for r in rows]}
-    class_names = getattr(eval_data, "class_names", None)
-    manifest = seal_bundle(staged, spec=spec, validation=validation, class_names=class_names,
-                           comparison_md=table, seed=seed)
+def _validation(inputs: _Inputs, int8: Int8Result, figures: RunFigures, comparison: Comparison) -> dict:
+    return {"probe_images": len(inputs.probes_u8), "int8": int8.validation(), **figures.to_dict(),
+            "comparison": [r.to_dict() for r in comparison.rows]}
+
+
+def _run_artifacts(run_dir: Path, bundle_dir: Path, has_int8: bool) -> list[str]:
+    """Run-relative files for the run's manifest.json (a bundle outside the run cannot be listed)."""
     try:
         bundle_rel = bundle_dir.resolve().relative_to(run_dir.resolve()).as_posix()
     except ValueError:
-        bundle_rel = None   # a bundle outside the run: the run's manifest cannot list it
-    sections = {
-        "int8": int8,
-        "comparison": {"passed": all_passed(rows), "reference": "torch fp32 (CPU)",
-                       "rows": [r.to_dict() for r in rows]},
-        "latency": ls["latency"], "size": ls["size"],
-        "tensorrt": staged.tensorrt,
-        "bundle": {"path": str(bundle_dir), "files": sorted(manifest["artifacts"])},
-    }
-    artifacts = ([INT8] if has_int8 else []) + ([f"{bundle_rel}/{MANIFEST}"] if bundle_rel else [])
-    markdown = deploy_report_md(sections, table, lat.latency_markdown(ls["latency"], ls["size"]))
-    return Deployment(sections, markdown, artifacts)
+        bundle_rel = None
+    return ([INT8] if has_int8 else []) + ([f"{bundle_rel}/{MANIFEST}"] if bundle_rel else [])
+
+
+def _to_model_space(images_u8: np.ndarray, spec) -> np.ndarray:
+    return _model_space(images_u8, spec.mean, spec.std, spec.value_range)
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from dfkd_deploy.core.errors import DataError
+from dfkd_deploy.runtime.onnxruntime import OrtRunner
 from dfkd_deploy.validate.data import EvalData, to_pixels
 
 
@@ -69,11 +70,7 @@ def evaluate(teacher_module: nn.Module, student: Optional[nn.Module], normalizer
     """
     if len(data) == 0:
         raise DataError(f"eval data {data.source} is empty")
-    session = None
-    if onnx_path is not None:
-        from exporters.onnx_export import load_session, onnx_predict
-
-        session = load_session(onnx_path)   # one session for all batches
+    runner = OrtRunner(onnx_path, layout=onnx_layout, batch_size=batch_size) if onnx_path is not None else None
     teacher_logits, student_logits, onnx_logits = [], [], []
     for i in range(0, len(data), batch_size):
         pixels = to_pixels(data.images[i:i + batch_size])
@@ -82,11 +79,10 @@ def evaluate(teacher_module: nn.Module, student: Optional[nn.Module], normalizer
         if student is not None:
             student_logits.append(predict(student, pixels, normalizer=normalizer,
                                           batch_size=batch_size, device=device))
-        if session is not None:
+        if runner is not None:
             with torch.no_grad():
-                model_space = normalizer(pixels.to(device)).cpu()
-            onnx_logits.append(torch.from_numpy(onnx_predict(session, model_space, layout=onnx_layout,
-                                                             batch_size=batch_size)))
+                model_space = normalizer(pixels.to(device)).cpu().numpy()
+            onnx_logits.append(torch.from_numpy(runner.predict(model_space)))
 
     labels = torch.from_numpy(data.labels)
     t = torch.cat(teacher_logits)

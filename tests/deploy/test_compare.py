@@ -1,13 +1,27 @@
 import numpy as np
 
-from dfkd_deploy.deploy.compare import (TOLERANCES, Backend, Dataset, all_passed, compare_backends,
-                                          comparison_markdown)
+from dfkd_deploy.deploy.compare import TOLERANCES, Comparison, Dataset, all_passed, compare_backends
+from dfkd_deploy.report.deploy_md import comparison_markdown
+from dfkd_deploy.runtime.base import Runner
 
 W = np.random.default_rng(0).standard_normal((12, 5)).astype(np.float32)
 
 
 def _ref(x):
     return x.reshape(len(x), -1) @ W
+
+
+class Backend(Runner):
+    """A stand-in back end: a function of the NCHW inputs."""
+
+    def __init__(self, name, precision, fn):
+        self.name, self.precision, self.fn = name, precision, fn
+
+    def prepare(self, x_nchw):
+        return x_nchw
+
+    def run(self, prepared):
+        return self.fn(prepared)
 
 
 def test_presets_and_table():
@@ -30,7 +44,10 @@ def test_presets_and_table():
     assert got == {"torch": None, "same": True, "noisy": False, "fp16ish": True, "int8ok": True,
                    "int8bad": False, "broken": False}
     assert rows[0].accuracy == 1.0 and not all_passed(rows)
-    table = comparison_markdown(rows).splitlines()
+    comparison = Comparison(rows)
+    assert not comparison.passed and comparison.accuracy("int8ok", "int8") == 1.0
+    assert comparison.to_dict()["rows"][0] == rows[0].to_dict() and comparison.to_dict()["passed"] is False
+    table = comparison_markdown(comparison.to_dict()["rows"]).splitlines()
     assert len(table) == 2 + len(rows)
     assert all(line.count("|") == 10 for line in table)   # no stray pipes break the table
     assert "FAIL" in table[-1] and "ZeroDivisionError" in table[-1]
@@ -46,26 +63,3 @@ def test_run_report_comparison(deploy_run):
     md = (deploy_run.run_dir / "report.md").read_text()
     assert "## Back-end comparison" in md and "## Latency and size" in md
 
-
-def test_run_report_latency_and_size(deploy_run):
-    r = deploy_run.report
-    lat, size = r["latency"], r["size"]
-    for who in ("teacher", "student", "student_int8"):
-        assert lat[who]["batch_1_ms"] > 0 and lat[who]["batch_32_ms"] > 0
-    assert lat["teacher_source"] == "file" and lat["speedup_batch_1"] is not None
-    assert size["student_params"] < size["teacher_params"] and size["student_bytes"] > 0
-
-
-def test_latency_exports_torch_teacher(tmp_path):
-    import torch
-
-    from dfkd_deploy.teachers.spec import Teacher, TeacherModule, TeacherSpec
-    from dfkd_deploy.deploy.latency import latency_and_size
-    from exporters.onnx_export import export_student_onnx
-
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
-    teacher = Teacher(TeacherModule(net), TeacherSpec("state_dict", "t.pt", (1, 4, 4), num_classes=3))
-    student = export_student_onnx(net, tmp_path / "s.onnx", input_shape=(1, 4, 4)).path
-    out = latency_and_size(teacher, student, student_params=51, teacher_params=51, repeats=1, warmup=0)
-    assert out["latency"]["teacher_source"] == "exported" and out["latency"]["teacher"]["batch_32_ms"] > 0
-    assert out["size"]["teacher_bytes"] > 0

@@ -2,7 +2,7 @@ import numpy as np
 import onnx
 
 from dfkd_deploy.synthesis.pool import ImagePool
-from exporters.onnx_export import onnx_predict
+from dfkd_deploy.runtime.onnxruntime import OrtRunner
 from exporters.ort_quant import qdq_node_count, quantize_student, sample_calibration, to_model_space
 
 
@@ -29,7 +29,7 @@ def test_quantize_student_valid_qdq(deploy_run, tmp_path):
     zps = [v for k, v in init.items() if k.endswith("zero_point")]
     assert zps and all(z.dtype == np.int8 and not z.any() for z in zps)
     # dynamic batch survives quantization
-    assert onnx_predict(res.path, x[:3]).shape == (3, 10)
+    assert OrtRunner(res.path).predict(np.asarray(x[:3])).shape == (3, 10)
 
 
 def test_to_model_space_matches_normalizer():

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-import exporters.onnx_export as onnx_export
 from dfkd_deploy.core.errors import ExportError
 from dfkd_deploy.models import build_model
-from exporters import export_student_onnx, fold_conv_bn, onnx_predict
+from dfkd_deploy.runtime.onnxruntime import OrtRunner
+from exporters import export_student_onnx, fold_conv_bn
 
 
 def _randomized(arch: str, input_size=(32, 32), seed: int = 0) -> nn.Module:
@@ -51,9 +51,10 @@ def test_export_folds_bn_and_matches_torch(tmp_path, arch):
     graph = onnx.load(str(path)).graph
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param
     assert graph.output[0].type.tensor_type.shape.dim[0].dim_param
+    runner = OrtRunner(path, batch_size=5)
     with torch.no_grad():
         for n in (1, 7, 33):
-            out = onnx_predict(path, probes.repeat(2, 1, 1, 1)[:n], batch_size=5)
+            out = runner.predict(probes.repeat(2, 1, 1, 1)[:n].numpy())
             assert out.shape == (n, 10)
             np.testing.assert_allclose(out, student(probes.repeat(2, 1, 1, 1)[:n]).numpy(), atol=1e-4)
 
@@ -80,16 +81,16 @@ def test_nhwc_export_takes_nhwc_input(tmp_path):
     got = sess.run(None, {"input": x.permute(0, 2, 3, 1).contiguous().numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, student(x).numpy(), atol=1e-4)
-    # onnx_predict speaks NCHW and permutes for NHWC files itself.
-    np.testing.assert_allclose(onnx_predict(path, x, layout="NHWC"), got, atol=1e-6)
+    # The runner speaks NCHW and permutes for NHWC files itself.
+    np.testing.assert_allclose(OrtRunner(path, layout="NHWC").predict(x.numpy()), got, atol=1e-6)
 
 
 def test_parity_failure_raises_and_keeps_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "student.onnx"
     path.write_bytes(b"previous good export")
-    real_predict = onnx_export.onnx_predict
+    real_predict = OrtRunner.predict
     # A deterministic disagreement of exactly 0.1 on every logit.
-    monkeypatch.setattr(onnx_export, "onnx_predict", lambda *a, **k: real_predict(*a, **k) + 0.1)
+    monkeypatch.setattr(OrtRunner, "predict", lambda *a, **k: real_predict(*a, **k) + 0.1)
 
     with pytest.raises(ExportError) as err:
         export_student_onnx(_randomized("tiny_cnn"), path, input_shape=(3, 32, 32), tolerance=1e-3)
