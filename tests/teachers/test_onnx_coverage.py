@@ -1,4 +1,4 @@
-"""The coverage matrix (dfkd_deploy.teachers.coverage): the zoo exported through every producer,
+"""The coverage matrix (tools/onnx_coverage.py): the zoo exported through every producer,
 tf2onnx-pattern graphs, the onnx package's light models, and the refusals; plus the table in
 docs/teachers.md that the full matrix writes."""
 from __future__ import annotations
@@ -9,7 +9,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from dfkd_deploy.teachers import converters, coverage
+from dfkd_deploy.teachers import converters
+from tools import onnx_coverage as coverage
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "teachers.md"
 
