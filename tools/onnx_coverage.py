@@ -193,7 +193,8 @@ def tf2onnx_graph(opset: int, *, uint8: bool = False, size=(28, 36), channels: i
 
 
 def refusal_graph(kind: str):
-    """Graphs that must be refused in one line: 'qdq' (quantized), 'op' (Shrink), 'loop' (If)."""
+    """Graphs that must be refused in one line: 'qint' (a quantized op nothing dequantizes,
+    ConvInteger), 'op' (Shrink), 'loop' (If)."""
     from onnx import TensorProto, helper, numpy_helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])
@@ -202,10 +203,12 @@ def refusal_graph(kind: str):
     head = [helper.make_node("Conv", ["h", "w"], ["c"], name="conv"),
             helper.make_node("Flatten", ["c"], ["y"], name="flatten")]
     inits = [w]
-    if kind == "qdq":
-        inits += [numpy_helper.from_array(np.float32(0.02), "s"), numpy_helper.from_array(np.uint8(128), "z")]
+    if kind == "qint":
+        inits += [numpy_helper.from_array(np.float32(0.02), "s"), numpy_helper.from_array(np.uint8(128), "z"),
+                  numpy_helper.from_array(np.ones((3, 3, 1, 1), np.uint8), "wq")]
         body = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="input_quant"),
-                helper.make_node("DequantizeLinear", ["q", "s", "z"], ["h"], name="input_dequant")]
+                helper.make_node("ConvInteger", ["q", "wq", "z"], ["ci"], name="conv_integer"),
+                helper.make_node("Cast", ["ci"], ["h"], to=TensorProto.FLOAT, name="cast")]
     elif kind == "op":
         body = [helper.make_node("Shrink", ["x"], ["h"], lambd=0.5, name="shrink_0")]
     elif kind == "loop":
@@ -357,7 +360,7 @@ def extra_cases(quick: bool = False) -> list[Case]:
                           lambda d, op=op: save(tf2onnx_graph(op), d)))
     cases.append(Case("Keras-style CNN, grey 28x36", "tf2onnx pattern, hand-built (uint8 input)", 13,
                       lambda d: save(tf2onnx_graph(13, uint8=True), d)))
-    for kind, what in (("qdq", "quantized (QDQ) conv net"), ("op", "Shrink op"), ("loop", "If (control flow)")):
+    for kind, what in (("qint", "quantized conv net (ConvInteger)"), ("op", "Shrink op"), ("loop", "If (control flow)")):
         cases.append(Case(f"hand-built: {what}", "onnx.helper", 17, lambda d, k=kind: save(refusal_graph(k), d),
                           expect_refusal=True))
     return cases
