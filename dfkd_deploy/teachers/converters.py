@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfkd_deploy._compat import import_onnx2torch
+from dfkd_deploy.teachers import quantized
 
 DOMAIN = "dfkd_deploy"      # custom-domain ops produced by prepare(), converted below
 _DOMAIN_VERSION = 1
@@ -541,6 +542,7 @@ def register() -> None:
     for domain, op, versions, fn in _NEW:
         for v in versions:
             add(op, v, fn, domain)
+    add("FakeQuant", 1, quantized.convert_fake_quant, DOMAIN)     # int8 teachers (teachers/quantized.py)
     _registered["done"] = True
 
 

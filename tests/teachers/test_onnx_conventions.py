@@ -17,7 +17,7 @@ from dfkd_deploy.cli import cli
 from dfkd_deploy.recipe import TeacherOptions
 from dfkd_deploy.teachers import load_teacher
 from dfkd_deploy.teachers.conventions import pick_value_range
-from dfkd_deploy.teachers.coverage import BNFree, randomise_bn
+from tests.teachers.onnx_fixtures import BNFree, randomise_bn
 from dfkd_deploy.models import build_model
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

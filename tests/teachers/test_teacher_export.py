@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from dfkd_deploy.cli import cli
 from dfkd_deploy.core.errors import ExportError
 from dfkd_deploy.teachers import load_teacher
-from dfkd_deploy.teachers.coverage import zoo_model
+from tests.teachers.onnx_fixtures import zoo_model
 from exporters.onnx_export import describe_teacher_onnx, export_teacher_onnx
 
 

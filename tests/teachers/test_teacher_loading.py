@@ -15,7 +15,7 @@ from dfkd_deploy.models import build_model
 from dfkd_deploy.recipe import TeacherOptions
 from dfkd_deploy.teachers import load_teacher
 from dfkd_deploy.teachers import onnx_teacher
-from dfkd_deploy.teachers.coverage import randomise_bn as coverage_randomise_bn
+from tests.teachers.onnx_fixtures import randomise_bn as coverage_randomise_bn
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 

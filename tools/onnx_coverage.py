@@ -25,8 +25,8 @@ Producers covered:
 - hand-built graphs that must be *refused* in one line (a quantized QDQ graph, an op nobody
   converts, control flow).
 
-    python -m dfkd_deploy.teachers.coverage --out docs/teachers.md   # rewrite the table there
-    python -m dfkd_deploy.teachers.coverage --quick                  # the subset the tests use
+    python tools/onnx_coverage.py --out docs/teachers.md   # rewrite the table there
+    python tools/onnx_coverage.py --quick                  # the subset the tests use
 """
 from __future__ import annotations
 
@@ -46,10 +46,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from dfkd_deploy.core.errors import DfkdError
-from dfkd_deploy.recipe import TeacherOptions
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))   # this checkout's dfkd_deploy and its test fixtures
 
-TABLE_BEGIN = "<!-- coverage-table:begin (python -m dfkd_deploy.teachers.coverage --out docs/teachers.md) -->"
+from dfkd_deploy.core.errors import DfkdError  # noqa: E402
+from dfkd_deploy.recipe import TeacherOptions  # noqa: E402
+from tests.teachers.onnx_fixtures import BNFree, NHWCSoftmax, zoo_model  # noqa: E402
+
+TABLE_BEGIN = "<!-- coverage-table:begin (python tools/onnx_coverage.py --out docs/teachers.md) -->"
 TABLE_END = "<!-- coverage-table:end -->"
 
 ZOO = {"cifar_resnet8": (3, 32, 32), "tiny_cnn": (3, 32, 32), "small_cnn": (3, 32, 32),
@@ -89,59 +93,6 @@ class Row:
     @property
     def as_expected(self) -> bool:
         return self.not_written or self.converted != self.expect_refusal
-
-
-# --------------------------------------------------------------------------- model builders
-
-
-def randomise_bn(model: nn.Module, seed: int = 0, mean_scale: float = 0.2) -> nn.Module:
-    """Fresh BN layers are the identity in eval mode; random statistics make folding matter
-    (running means drawn with standard deviation ``mean_scale``)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * mean_scale)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-    return model.eval()
-
-
-def zoo_model(name: str, shape, seed: int = 0) -> nn.Module:
-    from dfkd_deploy.models import build_model
-
-    torch.manual_seed(seed)
-    return randomise_bn(build_model(name, num_classes=10, in_channels=shape[0], input_size=shape[1:]), seed)
-
-
-class NHWCSoftmax(nn.Module):
-    """What a Keras classifier looks like after tf2onnx: NHWC in, probabilities out."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return torch.softmax(self.model(x.permute(0, 3, 1, 2)), dim=1)
-
-
-class BNFree(nn.Module):
-    """A small BN-free classifier (GroupNorm, GELU, HardSwish, LayerNorm) for 1x24x40 images."""
-
-    def __init__(self, in_channels: int = 1, num_classes: int = 5):
-        super().__init__()
-        self.c1 = nn.Conv2d(in_channels, 8, 3, padding=1)
-        self.gn = nn.GroupNorm(2, 8)
-        self.c2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-        self.ln = nn.LayerNorm(16)
-        self.fc = nn.Linear(16, num_classes)
-
-    def forward(self, x):
-        x = torch.nn.functional.gelu(self.gn(self.c1(x)))
-        x = torch.nn.functional.hardswish(self.c2(x))
-        x = torch.nn.functional.adaptive_max_pool2d(x, 1) + x.mean((2, 3), keepdim=True)
-        return self.fc(self.ln(x.reshape(x.shape[0], -1)))
 
 
 @contextlib.contextmanager
@@ -242,7 +193,8 @@ def tf2onnx_graph(opset: int, *, uint8: bool = False, size=(28, 36), channels: i
 
 
 def refusal_graph(kind: str):
-    """Graphs that must be refused in one line: 'qdq' (quantized), 'op' (Shrink), 'loop' (If)."""
+    """Graphs that must be refused in one line: 'qint' (a quantized op nothing dequantizes,
+    ConvInteger), 'op' (Shrink), 'loop' (If)."""
     from onnx import TensorProto, helper, numpy_helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])
@@ -251,10 +203,12 @@ def refusal_graph(kind: str):
     head = [helper.make_node("Conv", ["h", "w"], ["c"], name="conv"),
             helper.make_node("Flatten", ["c"], ["y"], name="flatten")]
     inits = [w]
-    if kind == "qdq":
-        inits += [numpy_helper.from_array(np.float32(0.02), "s"), numpy_helper.from_array(np.uint8(128), "z")]
+    if kind == "qint":
+        inits += [numpy_helper.from_array(np.float32(0.02), "s"), numpy_helper.from_array(np.uint8(128), "z"),
+                  numpy_helper.from_array(np.ones((3, 3, 1, 1), np.uint8), "wq")]
         body = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="input_quant"),
-                helper.make_node("DequantizeLinear", ["q", "s", "z"], ["h"], name="input_dequant")]
+                helper.make_node("ConvInteger", ["q", "wq", "z"], ["ci"], name="conv_integer"),
+                helper.make_node("Cast", ["ci"], ["h"], to=TensorProto.FLOAT, name="cast")]
     elif kind == "op":
         body = [helper.make_node("Shrink", ["x"], ["h"], lambd=0.5, name="shrink_0")]
     elif kind == "loop":
@@ -406,7 +360,7 @@ def extra_cases(quick: bool = False) -> list[Case]:
                           lambda d, op=op: save(tf2onnx_graph(op), d)))
     cases.append(Case("Keras-style CNN, grey 28x36", "tf2onnx pattern, hand-built (uint8 input)", 13,
                       lambda d: save(tf2onnx_graph(13, uint8=True), d)))
-    for kind, what in (("qdq", "quantized (QDQ) conv net"), ("op", "Shrink op"), ("loop", "If (control flow)")):
+    for kind, what in (("qint", "quantized conv net (ConvInteger)"), ("op", "Shrink op"), ("loop", "If (control flow)")):
         cases.append(Case(f"hand-built: {what}", "onnx.helper", 17, lambda d, k=kind: save(refusal_graph(k), d),
                           expect_refusal=True))
     return cases
@@ -507,7 +461,7 @@ def write_into(doc: Path, table: str, footer: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dfkd_deploy.teachers.coverage", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="tools/onnx_coverage.py", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the subset the tests run")
     parser.add_argument("--no-light", action="store_true", help="skip the onnx package's light models")
     parser.add_argument("--out", type=Path, help="markdown file whose coverage table to rewrite")
@@ -524,7 +478,7 @@ def main(argv=None) -> int:
 
     from importlib.metadata import version
 
-    footer = (f"Generated by `python -m dfkd_deploy.teachers.coverage{' --quick' if args.quick else ''}` in "
+    footer = (f"Generated by `python tools/onnx_coverage.py{' --quick' if args.quick else ''}` in "
               f"{time.perf_counter() - t0:.0f} s (load average {os.getloadavg()[0]:.1f}): torch {torch.__version__}, "
               f"onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, "
               f"onnx2torch {version('onnx2torch')}. {sum(r.converted for r in rows)} of {len(rows)} "

@@ -1,0 +1,130 @@
+"""int8 ONNX teachers (teachers/quantized.py): a small model quantized here by onnxruntime's own
+quantizer, in both formats and both weight granularities, loads as a float teacher that agrees
+with the int8 onnxruntime session and passes gradients to its input; a quantized op nothing
+dequantizes is refused by op and node; the two real int8 files in ../shared load with parity."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from dfkd_deploy.core.errors import TeacherError
+from dfkd_deploy.recipe import TeacherOptions
+from dfkd_deploy.teachers import load_teacher, quantized
+from tests.conftest import shared_path
+
+
+class SmallNet(nn.Module):
+    """Conv-ReLU, a residual Add, average pooling and a Linear head: the ops a quantizer rewrites."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = h + self.c2(h)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+
+class _Reader:
+    def __init__(self, name: str, batches):
+        self.name, self.batches = name, iter(batches)
+
+    def get_next(self):
+        batch = next(self.batches, None)
+        return None if batch is None else {self.name: batch}
+
+
+@pytest.fixture(scope="module")
+def float_onnx(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("int8") / "small.onnx"
+    torch.onnx.export(SmallNet().eval(), (torch.randn(1, 3, 12, 12),), str(path), dynamo=False, opset_version=13,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
+    return path
+
+
+def quantize(float_path, out, fmt: str, per_channel: bool):
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    gen = np.random.default_rng(0)
+    batches = [gen.standard_normal((4, 3, 12, 12)).astype(np.float32) for _ in range(8)]
+    quantize_static(str(float_path), str(out), _Reader("x", batches),
+                    quant_format=QuantFormat.QDQ if fmt == "QDQ" else QuantFormat.QOperator,
+                    per_channel=per_channel, reduce_range=True)   # reduce_range: no u8s8 saturation on AVX2
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["QOperator", "QDQ"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_quantized_by_onnxruntime_loads_and_agrees(float_onnx, tmp_path, fmt, per_channel):
+    path = quantize(float_onnx, tmp_path / "q.onnx", fmt, per_channel)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert ("QLinearConv" in ops) == (fmt == "QOperator") and "DequantizeLinear" in ops
+    teacher = load_teacher(path, TeacherOptions(int8_min_agreement=0.95))   # the agreement gate is the check
+    summary = next(n for n in teacher.spec.notes if n.startswith("int8 teacher"))
+    assert f"({fmt} format" in summary or (fmt == "QOperator" and "QOperator+QDQ format" in summary)
+    assert ("per-channel" in summary) == per_channel
+    parity = next(n for n in teacher.spec.notes if n.startswith("int8 parity"))
+    assert "top-1 agreement" in parity and teacher.spec.converter_max_abs_diff is not None
+    x = torch.randn(2, 3, 12, 12, requires_grad=True)
+    teacher.module(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_fake_quant_rounds_forward_and_passes_gradient():
+    fq = quantized.FakeQuant(0.5, 2.0, 0, 255, None, rounding=True)
+    x = torch.tensor([0.2, 0.3, 1.1, -5.0], requires_grad=True)
+    y = fq(x)
+    assert torch.equal(y.detach(), torch.tensor([0.0, 0.5, 1.0, -1.0]))   # -5 clamps to (0 - 2) * 0.5
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.tensor([1.0, 1.0, 1.0, 0.0]))          # identity inside, 0 where clamped
+    plain = quantized.FakeQuant(0.5, 2.0, 0, 255, None, rounding=False)
+    assert torch.allclose(plain(x).detach(), torch.tensor([0.2, 0.3, 1.1, -1.0]))
+
+
+def test_activation_modes_both_load(float_onnx, tmp_path):
+    path = quantize(float_onnx, tmp_path / "q.onnx", "QOperator", True)
+    spec = load_teacher(path, TeacherOptions(int8_activations="float", int8_min_agreement=0.9)).spec
+    assert spec.sources["quantization"].endswith("activations float")
+
+
+def test_quantized_op_nobody_handles_is_refused_by_op_and_node(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])
+    inits = [numpy_helper.from_array(np.float32(0.02), "s"), numpy_helper.from_array(np.uint8(128), "z"),
+             numpy_helper.from_array(np.ones((3, 3, 1, 1), np.uint8), "wq")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="quant_in"),
+             helper.make_node("ConvInteger", ["q", "wq", "z"], ["ci"], name="conv_int"),
+             helper.make_node("Cast", ["ci"], ["c"], to=TensorProto.FLOAT),
+             helper.make_node("GlobalAveragePool", ["c"], ["p"]), helper.make_node("Flatten", ["p"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], initializer=inits),
+                              opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    path = tmp_path / "qint.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(TeacherError) as info:
+        load_teacher(path)
+    message = str(info.value)
+    assert "cannot convert the ConvInteger op (node 'conv_int', opset 13)" in message and "\n" not in message
+    assert "not one dfkd_deploy dequantizes" in message
+
+
+SHARED_INT8 = {
+    "cifar10-resnet8-mlperftiny-int8.onnx": ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010], 10),
+    "imagenet-mobilenetv2-12-int8.onnx": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225], 1000),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_INT8))
+def test_shared_int8_teachers_load_with_int8_parity(name):
+    mean, std, classes = SHARED_INT8[name]
+    teacher = load_teacher(shared_path("teachers", name), TeacherOptions(mean=mean, std=std))
+    assert teacher.spec.num_classes == classes
+    assert any(n.startswith("int8 teacher (QOperator") and "per-channel" in n for n in teacher.spec.notes)
+    assert any(n.startswith("int8 parity") for n in teacher.spec.notes)

@@ -1,0 +1,1 @@
+"""Lab tools that are not part of the runtime package (run from a checkout)."""
