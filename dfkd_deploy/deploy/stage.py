@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from dfkd_deploy.deploy.bundle import FP32, INT8, MANIFEST, _model_space, deploy_report_md, seal_bundle, stage_bundle
+from dfkd_deploy.deploy.bundle import FP32, INT8, MANIFEST, deploy_report_md, seal_bundle, stage_bundle
 
 # --- the whole hand-off for a finished run (called by pipeline.finish_run) ----------------------
 
@@ -40,7 +40,8 @@ def run_deployment(teacher, student, run_dir: str | Path, *, probes, eval_data=N
     from exporters.tensorrt import engine_predictor
 
     from dfkd_deploy.core.errors import DfkdError
-    from dfkd_deploy.synthesis.pool import ImagePool, to_uint8
+    from dfkd_deploy.images import pixels_to_uint8, uint8_to_model
+    from dfkd_deploy.synthesis.pool import ImagePool
     from dfkd_deploy.deploy import latency as lat
     from dfkd_deploy.deploy.compare import Backend, Dataset, all_passed, compare_backends, comparison_markdown
     from dfkd_deploy.validate.metrics import predict
@@ -48,9 +49,9 @@ def run_deployment(teacher, student, run_dir: str | Path, *, probes, eval_data=N
     run_dir, spec = Path(run_dir), teacher.spec
     fp32_path, int8_path = run_dir / FP32, run_dir / INT8
     bundle_dir = Path(bundle_dir) if bundle_dir else run_dir / "bundle"
-    ms = lambda u8: _model_space(u8, spec.mean, spec.std, spec.value_range)  # noqa: E731
+    ms = lambda u8: uint8_to_model(u8, spec.mean, spec.std, spec.value_range)  # noqa: E731
     # Probes as uint8, so the figures recorded here are exactly what `bundle verify` recomputes.
-    probes_u8 = to_uint8(probes)
+    probes_u8 = pixels_to_uint8(probes)
     probes_ms = ms(probes_u8)
     calib_u8 = sample_calibration(ImagePool(run_dir / "pool"), calibration_images or CALIBRATION_IMAGES, seed)
 
