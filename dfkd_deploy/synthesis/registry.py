@@ -35,14 +35,10 @@ def synthesizer_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_synthesizer(name: str) -> type:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UsageError(f"unknown synthesis method {name!r}; choose one of: {', '.join(synthesizer_names())}") from None
-
-
 def build_synthesizer(name: str, teacher: "Teacher", options, device: torch.device | str,
                       priors: Priors) -> "Synthesizer":
     """The method ``name`` on ``teacher`` with ``options`` (a recipe's ``synthesis`` section)."""
-    return get_synthesizer(name)(teacher, options, device, priors)
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise UsageError(f"unknown synthesis method {name!r}; choose one of: {', '.join(synthesizer_names())}")
+    return cls(teacher, options, device, priors)
