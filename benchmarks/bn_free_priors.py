@@ -11,7 +11,7 @@ steps of 64 into a CIFAR ResNet-20, seed 0) and differs only in the synthesis lo
 - ``bn-free/adv``: the dynamo teacher, CE + adversarial only (every prior 0);
 - ``bn-free/dafl``: + DAFL information entropy and activation;
 - ``bn-free/image``: + total variation and L2 image priors;
-- ``bn-free/all``: all four priors (the weights in ``synthesis.losses.BN_FREE_PRIORS``).
+- ``bn-free/all``: all four priors (the weights in ``synthesis.priors.BN_FREE_PRIORS``).
 
 Reported per arm: student top-1 on the 10,000 real test images, agreement with the teacher,
 synthesis seconds, and two properties of the synthetic pool measured with the BN-kept teacher
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
 
     from dfkd_deploy.core.io import write_text
     from dfkd_deploy.recipe import TeacherOptions
-    from dfkd_deploy.synthesis.losses import resolve_priors
+    from dfkd_deploy.synthesis.priors import resolve_priors
     from dfkd_deploy.teachers import load_teacher
     from dfkd_deploy.validate.data import load_eval_data, to_pixels
     from dfkd_deploy.validate.metrics import predict, top1_accuracy

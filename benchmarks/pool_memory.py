@@ -62,8 +62,9 @@ def child_run(images: int, out: Path) -> dict:
     from dfkd_deploy.distill.trainer import Distiller, seed_everything
     from dfkd_deploy.models.small_cnn import SmallCNN
     from dfkd_deploy.recipe import Recipe
-    from dfkd_deploy.synthesis.fast import FastSynthesizer
+    from dfkd_deploy.synthesis import Priors, build_synthesizer
     from dfkd_deploy.synthesis.pool import ImagePool
+    from dfkd_deploy.teachers import Teacher, TeacherSpec, count_batchnorms
 
     epochs = images // (BATCH * ROUNDS)
     recipe = Recipe.model_validate({
@@ -75,7 +76,9 @@ def child_run(images: int, out: Path) -> dict:
     })
     seed_everything(0)
     teacher = _tiny_teacher()
-    synth = FastSynthesizer(teacher, nn.Identity(), SHAPE, 10, recipe.synthesis)
+    spec = TeacherSpec("torch", "pool_memory", SHAPE, num_classes=10, bn_layers=count_batchnorms(teacher))
+    synth = build_synthesizer("fastdfkd", Teacher(teacher, spec), recipe.synthesis, "cpu",
+                              Priors.for_teacher(spec, recipe.synthesis.priors))
     d = Distiller(teacher, nn.Identity(), SmallCNN(10, SHAPE[0], width=8), synth, ImagePool(out / "pool"), recipe,
                   out, show_progress=False)
     t0 = time.time()

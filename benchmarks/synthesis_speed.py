@@ -111,7 +111,7 @@ def eval_subset(num_images: int, n: int):
 def machine() -> dict:
     import torch
 
-    from dfkd_deploy.synthesis.base import bf16_native
+    from dfkd_deploy.core.precision import bf16_native
 
     cpu = platform.processor() or platform.machine()
     try:

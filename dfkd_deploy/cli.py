@@ -164,14 +164,14 @@ def inspect(teacher, teacher_arch, trust_pickle, recipe_path, sets, as_json):
     normalisation, output kind, BN statistics, converter parity. Each convention is printed with
     where it came from (recipe, file metadata, detected, or a default) so a wrong guess can be
     corrected in the recipe's teacher: section."""
-    from dfkd_deploy.synthesis.losses import resolve_priors
+    from dfkd_deploy.synthesis.priors import Priors
     from dfkd_deploy.teachers import load_teacher
 
     recipe = _recipe(recipe_path, sets, teacher_arch)
-    spec = load_teacher(teacher, recipe.teacher, trust_pickle=trust_pickle).spec.to_dict()
-    has_bn = (spec.get("bn_layers") or 0) > 0
-    losses = {"bn_statistics": has_bn and recipe.synthesis.bn > 0,
-              "priors": {k: v for k, v in resolve_priors(recipe.synthesis.priors, has_bn).items() if v}}
+    loaded = load_teacher(teacher, recipe.teacher, trust_pickle=trust_pickle).spec
+    spec = loaded.to_dict()
+    losses = {"bn_statistics": loaded.bn_layers > 0 and recipe.synthesis.bn > 0,
+              "priors": Priors.for_teacher(loaded, recipe.synthesis.priors).active()}
     if as_json:
         click.echo(json.dumps({**spec, "synthesis_losses": losses}, indent=2))
         return

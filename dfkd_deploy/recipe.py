@@ -76,7 +76,7 @@ class AugmentOptions(_Strict):
 class PriorOptions(_Strict):
     """Priors that need no BatchNorm statistics (DAFL, DeepInversion), for teachers without BN
     layers (fused graphs, BN-free nets). ``null`` (the default) means automatic: 0 when the
-    teacher has BN statistics, the BN-free defaults (``dfkd_deploy.synthesis.losses.BN_FREE_PRIORS``)
+    teacher has BN statistics, the BN-free defaults (``dfkd_deploy.synthesis.priors.BN_FREE_PRIORS``)
     when it has none. A number, 0 included, is used as given."""
 
     tv: Optional[float] = Field(None, ge=0, description="total variation of the pixels (mean |neighbour difference|, 4 directions)")

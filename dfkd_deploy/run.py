@@ -36,8 +36,7 @@ from dfkd_deploy.models.heads import apply_head_config
 from dfkd_deploy.core.progress import console, task
 from dfkd_deploy.recipe import Recipe
 from dfkd_deploy.report.report import count_parameters
-from dfkd_deploy.synthesis.base import Synthesizer
-from dfkd_deploy.synthesis.fast import FastSynthesizer
+from dfkd_deploy.synthesis import Priors, Synthesizer, build_synthesizer
 from dfkd_deploy.synthesis.pool import ImagePool
 from dfkd_deploy.teachers import load_teacher
 from dfkd_deploy.teachers.spec import Teacher
@@ -61,23 +60,14 @@ def build_student(recipe: Recipe, teacher: Teacher) -> nn.Module:
 
 def make_synthesizer(teacher: Teacher, recipe: Recipe, device: torch.device) -> Synthesizer:
     """The recipe's synthesis method on this teacher. A teacher without BN statistics
-    (``spec.bn_layers == 0``) gets no BN term, and the BN-free priors (DAFL entropy and activation,
-    TV, L2) at their defaults wherever the recipe leaves ``synthesis.priors.*`` null."""
-    from dfkd_deploy.synthesis.deepinversion import DeepInversionSynthesizer
-    from dfkd_deploy.synthesis.losses import resolve_priors
-
+    (``spec.bn_layers == 0``) gets no BN term, and the BN-free priors (TV, L2, DAFL entropy and
+    activation) at their defaults wherever the recipe leaves ``synthesis.priors.*`` null."""
     s = recipe.synthesis
-    has_bn = teacher.spec.bn_layers > 0
-    cls = DeepInversionSynthesizer if s.method == "deepinversion" else FastSynthesizer
-    return cls(teacher.module, teacher.normalizer(), teacher.spec.input_shape, teacher.spec.num_classes, s, device,
-               use_bn_statistics=has_bn, priors=resolve_priors(s.priors, has_bn),
-               explicit_activation=s.priors.activation is not None)
+    return build_synthesizer(s.method, teacher, s, device, Priors.for_teacher(teacher.spec, s.priors))
 
 
 def plan(teacher: Teacher, recipe: Recipe) -> dict:
     """What a run would do, without doing it (``--dry-run``)."""
-    from dfkd_deploy.synthesis.losses import resolve_priors
-
     s, d = recipe.synthesis, recipe.distillation
     student = build_student(recipe, teacher)
     return {
@@ -87,7 +77,7 @@ def plan(teacher: Teacher, recipe: Recipe) -> dict:
                       "rounds": d.epochs * s.rounds_per_epoch,
                       "images": d.epochs * s.rounds_per_epoch * s.batch_size,
                       "precision": s.precision, "channels_last": s.channels_last,
-                      "priors": resolve_priors(s.priors, teacher.spec.bn_layers > 0)},
+                      "priors": Priors.for_teacher(teacher.spec, s.priors).weights},
         "distillation": {"epochs": d.epochs, "warmup": d.warmup, "kd_steps_per_epoch": d.kd_steps,
                          "batch_size": d.batch_size, "temperature": d.temperature},
         "validation": {"probe_images": recipe.validation.probe_images},

@@ -20,6 +20,7 @@ import numpy as np
 
 from dfkd_deploy.core.errors import ExportError, one_line
 from dfkd_deploy.core.io import atomic_path
+from dfkd_deploy.images import pixels_to_uint8, to_layout
 
 from exporters.onnx_export import INPUT_NAME
 from dfkd_deploy.runtime.onnxruntime import OrtRunner
@@ -62,16 +63,7 @@ def sample_calibration(pool, count: int = CALIBRATION_IMAGES, seed: int = 0) -> 
         raise ExportError("INT8 calibration needs synthetic images, but the image pool is empty")
     idx = np.sort(np.random.default_rng(seed).choice(n, size=min(count, n), replace=False))
     pixels = pool.get(idx).numpy()   # float [0,1]; back to uint8 exactly (the pool stores uint8)
-    return np.clip(np.round(pixels * 255.0), 0, 255).astype(np.uint8)
-
-
-def to_model_space(images_uint8: np.ndarray, mean, std, value_range: float) -> np.ndarray:
-    """uint8 NCHW pixels -> float32 model space (the Normalizer's formula, in numpy)."""
-    x = images_uint8.astype(np.float32) / 255.0
-    c = x.shape[1]
-    m = np.asarray(mean if mean else [0.0] * c, np.float32).reshape(1, -1, 1, 1)
-    s = np.asarray(std if std else [1.0] * c, np.float32).reshape(1, -1, 1, 1)
-    return ((x * np.float32(value_range) - m) / s).astype(np.float32)
+    return pixels_to_uint8(pixels)
 
 
 def quantize_student(fp32_path: str | Path, out_path: str | Path, calibration: np.ndarray, *,
@@ -79,7 +71,7 @@ def quantize_student(fp32_path: str | Path, out_path: str | Path, calibration: n
                      probes: Optional[np.ndarray] = None, batch_size: int = CALIBRATION_BATCH) -> QuantResult:
     """Quantize ``fp32_path`` to a QDQ int8 model at ``out_path``.
 
-    ``calibration`` and ``probes`` are model-space float32 NCHW arrays (see :func:`to_model_space`);
+    ``calibration`` and ``probes`` are model-space float32 NCHW arrays (see :func:`dfkd_deploy.images.uint8_to_model`);
     the probes must be held out from calibration. With probes, agreement and max abs diff
     against the fp32 model are measured on them.
     """
@@ -131,7 +123,7 @@ def calibration_reader(data: np.ndarray, *, layout: str = "NCHW", batch_size: in
     from onnxruntime.quantization import CalibrationDataReader
 
     x = np.asarray(data, np.float32)
-    x = x.transpose(0, 2, 3, 1) if layout.upper() == "NHWC" else x   # the file's own layout
+    x = to_layout(x, layout)   # the file's own layout
     step = max(1, int(batch_size))
 
     class _Reader(CalibrationDataReader):

@@ -24,6 +24,7 @@ from exporters.tensorrt import PROFILE_BATCHES, TrtResult, build_engines
 
 from dfkd_deploy.core.errors import DataError
 from dfkd_deploy.core.io import atomic_path, sha256_file, write_bytes, write_json, write_text
+from dfkd_deploy.images import uint8_to_model
 from dfkd_deploy.report.manifest import library_versions, verify_manifest
 from dfkd_deploy.runtime.onnxruntime import OrtRunner
 
@@ -74,7 +75,7 @@ def stage_bundle(bundle_dir: str | Path, *, student_onnx: str | Path, student_in
                 mean=np.asarray(spec.mean or [0.0] * c, np.float32), std=np.asarray(spec.std or [1.0] * c, np.float32),
                 value_range=np.float32(spec.value_range))
     files.append(CALIBRATION)
-    calib_ms = _model_space(np.asarray(calibration_uint8), spec.mean, spec.std, spec.value_range)
+    calib_ms = uint8_to_model(np.asarray(calibration_uint8), spec.mean, spec.std, spec.value_range)
     trt = build_engines(out, out / FP32, input_shape=spec.input_shape, layout=spec.layout,
                         precisions=trt_precisions, int8_onnx=out / INT8 if has_int8 else None,
                         calibration=calib_ms, batches=tuple(profile_batches or PROFILE_BATCHES))
@@ -144,7 +145,7 @@ def verify_bundle(bundle_dir: str | Path) -> BundleCheck:
     if result.problems or not (out / CALIBRATION).is_file():
         return result   # changed files: rerunning them would only restate the mismatch
     with np.load(out / CALIBRATION) as npz:
-        probes = _model_space(npz["probes"], npz["mean"], npz["std"], float(npz["value_range"]))
+        probes = uint8_to_model(npz["probes"], npz["mean"], npz["std"], float(npz["value_range"]))
         recorded = npz["probe_logits_fp32"]
     fp32 = OrtRunner(out / FP32, layout=layout).predict(probes)
     diff = float(np.abs(fp32.astype(np.float64) - recorded).max()) if fp32.size else 0.0
@@ -228,14 +229,6 @@ def render_readme(manifest: Mapping[str, Any], staged: StagedBundle, comparison_
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-def _model_space(images_uint8, mean, std, value_range) -> np.ndarray:
-    from exporters.ort_quant import to_model_space
-
-    mean = None if mean is None else [float(v) for v in np.asarray(mean).ravel()]
-    std = None if std is None else [float(v) for v in np.asarray(std).ravel()]
-    return to_model_space(np.asarray(images_uint8), mean, std, float(value_range))
-
 
 def _layout_shape(chw, layout: str) -> list[int]:
     c, h, w = (int(v) for v in chw)

@@ -13,7 +13,7 @@ from exporters.ort_quant import CALIBRATION_IMAGES, quantize_student, sample_cal
 
 from dfkd_deploy.core.errors import DfkdError
 from dfkd_deploy.deploy import latency as lat
-from dfkd_deploy.deploy.bundle import FP32, INT8, MANIFEST, StagedBundle, _model_space, seal_bundle, stage_bundle
+from dfkd_deploy.deploy.bundle import FP32, INT8, MANIFEST, StagedBundle, seal_bundle, stage_bundle
 from dfkd_deploy.deploy.compare import Comparison, Dataset, compare_backends
 from dfkd_deploy.deploy.results import BundleInfo, DeployResult, Int8Result, RunFigures
 from dfkd_deploy.report.deploy_md import comparison_markdown
@@ -21,7 +21,8 @@ from dfkd_deploy.runtime.base import Runner
 from dfkd_deploy.runtime.onnxruntime import OrtRunner
 from dfkd_deploy.runtime.tensorrt import MAX_BATCH, TrtRunner
 from dfkd_deploy.runtime.torch import TorchRunner
-from dfkd_deploy.synthesis.pool import ImagePool, to_uint8
+from dfkd_deploy.images import pixels_to_uint8, uint8_to_model
+from dfkd_deploy.synthesis.pool import ImagePool
 
 COMPARE_EVAL_IMAGES = 1024   # real eval images in the back-end comparison (float copies cost memory)
 
@@ -85,7 +86,7 @@ def run_deployment(teacher, student: nn.Module, run_dir: str | Path, *, probes, 
 # --- steps -------------------------------------------------------------------------------------
 
 def _inputs(probes, pool_dir: Path, spec, options: DeployOptions) -> _Inputs:
-    probes_u8 = to_uint8(probes)
+    probes_u8 = pixels_to_uint8(probes)
     calib_u8 = sample_calibration(ImagePool(pool_dir), options.calibration_images or CALIBRATION_IMAGES, options.seed)
     return _Inputs(probes_u8, _to_model_space(probes_u8, spec), calib_u8, _to_model_space(calib_u8, spec))
 
@@ -143,7 +144,7 @@ def _run_artifacts(run_dir: Path, bundle_dir: Path, has_int8: bool) -> list[str]
 
 
 def _to_model_space(images_u8: np.ndarray, spec) -> np.ndarray:
-    return _model_space(images_u8, spec.mean, spec.std, spec.value_range)
+    return uint8_to_model(images_u8, spec.mean, spec.std, spec.value_range)
 
 
 def _params(module: nn.Module) -> int:

@@ -28,10 +28,10 @@ from dfkd_deploy.core.errors import TrainingError, UsageError
 from dfkd_deploy.core.io import OutputError
 from dfkd_deploy.core.progress import task
 from dfkd_deploy.recipe import Recipe
-from dfkd_deploy.synthesis.augment import crop_flip
-from dfkd_deploy.synthesis.base import autocast_factory, resolve_precision
-from dfkd_deploy.synthesis.fast import FastSynthesizer
-from dfkd_deploy.synthesis.losses import kd_kl
+from dfkd_deploy.core.augment import crop_flip
+from dfkd_deploy.core.precision import autocast_factory, resolve_precision
+from dfkd_deploy.distill.kd import kd_kl
+from dfkd_deploy.synthesis.base import Synthesizer
 from dfkd_deploy.synthesis.pool import ImagePool
 from dfkd_deploy.distill.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dfkd_deploy.core.faults import reached
@@ -57,22 +57,6 @@ def _params_sha(params) -> str:
     return h.hexdigest()
 
 
-def _keep_ranks_in_step(synth, ctx: distributed.DistContext) -> None:
-    """Under torch.distributed: average the meta-gradients before every meta step, and make a
-    generator re-initialisation (``reset_l0``) take rank 0's fresh weights everywhere."""
-    if hasattr(synth, "meta_grad_sync"):
-        synth.meta_grad_sync = ctx.average_gradients
-    gen = getattr(synth, "generator", None)
-    if gen is not None and hasattr(synth, "reset_l0"):
-        reset = synth.reset_l0
-
-        def reset_like_rank0() -> None:
-            reset()
-            ctx.broadcast_module(gen)
-
-        synth.reset_l0 = reset_like_rank0
-
-
 def _finite(t: torch.Tensor) -> str:
     return "finite" if bool(torch.isfinite(t).all()) else "NON-FINITE"
 
@@ -85,7 +69,7 @@ def seed_everything(seed: int) -> np.random.Generator:
 
 class Distiller:
     def __init__(self, teacher: nn.Module, normalizer: nn.Module, student: nn.Module,
-                 synthesizer: FastSynthesizer | None, pool: ImagePool, recipe: Recipe,
+                 synthesizer: Synthesizer | None, pool: ImagePool, recipe: Recipe,
                  run_dir: str | Path, device: torch.device | str = "cpu", show_progress: bool = True,
                  ctx: distributed.DistContext | None = None):
         self.ctx = ctx or distributed.current()
@@ -112,7 +96,9 @@ class Distiller:
         self._ddp_params: list[int] = []
         self._saved_epoch: int | None = None
         if self.ctx.enabled and synthesizer is not None:
-            _keep_ranks_in_step(synthesizer, self.ctx)
+            # average the meta-gradients before every meta step; a generator re-initialisation
+            # (reset_l0) takes rank 0's fresh weights everywhere
+            synthesizer.set_rank_sync(self.ctx.average_gradients, self.ctx.broadcast_module)
         self.epoch = 0
         self.synthesis_seconds = 0.0
         self.distillation_seconds = 0.0

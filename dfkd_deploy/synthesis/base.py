@@ -3,19 +3,24 @@ and the interface the Distiller, the probes and checkpoints use.
 
 A synthesizer offers ``synthesize(student, adversarial=, meta_update=, batch_size=)`` returning
 pixel-space images ([0, 1], NCHW) and a :class:`RoundStats`; ``state_dict()`` /
-``load_state_dict()``; and ``reset_l0()`` (the generator re-initialisation of FastDFKD, a no-op
-where there is no generator).
+``load_state_dict()``; ``reset_l0()`` (the generator re-initialisation of FastDFKD, a no-op
+where there is no generator); and ``set_rank_sync()``, the hook through which the Distiller keeps
+the ranks of a torch.distributed run in step. Every method is built from (Teacher, synthesis
+options, device, resolved priors): see :mod:`dfkd_deploy.synthesis.registry`.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, ContextManager
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from dfkd_deploy.synthesis.losses import InversionLoss, resolve_priors
+from dfkd_deploy.core.precision import autocast_factory, resolve_precision
+from dfkd_deploy.synthesis.losses import InversionLoss
+from dfkd_deploy.synthesis.priors import Priors
+from dfkd_deploy.teachers.spec import Teacher
 
 
 @dataclass
@@ -26,31 +31,6 @@ class RoundStats:
     adv: float
     confidence: float   # teacher's mean probability of the sampled labels, best batch
     prior: float = 0.0  # weighted sum of the BN-free prior terms, best batch
-
-
-def bf16_native(device: torch.device) -> bool:
-    """Whether the device runs bf16 convolutions natively (AVX-512/AMX CPUs, Ampere+ GPUs)."""
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 where the device supports it natively, else fp32."""
-    if precision == "auto":
-        return "bf16" if bf16_native(device) else "fp32"
-    return precision
-
-
-def autocast_factory(precision: str, device: torch.device) -> Callable[[], ContextManager]:
-    if precision == "bf16" and device.type in ("cpu", "cuda"):
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 @contextlib.contextmanager
@@ -74,28 +54,39 @@ def frozen(module: nn.Module | None):
 
 
 class Synthesizer:
-    """Common set-up: device, precision, the shared :class:`InversionLoss`."""
+    """Common set-up: device, precision, the shared :class:`InversionLoss`.
 
-    method = "base"
+    A teacher without BN statistics (``spec.bn_layers == 0``) gets no BN term."""
 
-    def __init__(self, teacher: nn.Module, normalizer: nn.Module, input_shape: tuple[int, int, int],
-                 num_classes: int, opts, device: torch.device | str = "cpu", use_bn_statistics: bool = True,
-                 priors: dict[str, float] | None = None, explicit_activation: bool = False):
-        self.teacher = teacher
+    method = "base"   # set by @register_synthesizer
+
+    def __init__(self, teacher: Teacher, opts, device: torch.device | str, priors: Priors):
+        spec = teacher.spec
+        use_bn_statistics = spec.bn_layers > 0
+        self.teacher = teacher.module
         self.device = torch.device(device)
-        self.normalizer = normalizer.to(self.device)
+        self.normalizer = teacher.normalizer().to(self.device)
         self.opts = opts
-        self.num_classes = num_classes
-        self.input_shape = tuple(input_shape)
+        self.num_classes = spec.num_classes
+        self.input_shape = tuple(spec.input_shape)
         self.precision = resolve_precision(opts.precision, self.device)
         self.autocast = autocast_factory(self.precision, self.device)
         self.channels_last = bool(opts.channels_last) and len(self.input_shape) == 3
-        if priors is None:
-            priors = resolve_priors(opts.priors, use_bn_statistics)
-        self.loss = InversionLoss(teacher, self.normalizer, opts, priors, use_bn_statistics=use_bn_statistics,
-                                  autocast=self.autocast, channels_last=self.channels_last,
-                                  explicit_activation=explicit_activation)
+        # torch.distributed hooks (see set_rank_sync); None in a single process
+        self.meta_grad_sync: Callable[[Iterable[nn.Parameter]], None] | None = None
+        self.module_sync: Callable[[nn.Module], None] | None = None
+        self.loss = InversionLoss(self.teacher, self.normalizer, opts, priors.weights,
+                                  use_bn_statistics=use_bn_statistics, autocast=self.autocast,
+                                  channels_last=self.channels_last,
+                                  explicit_activation=priors.explicit_activation)
         self._setup()
+
+    def set_rank_sync(self, meta_grad_sync: Callable[[Iterable[nn.Parameter]], None],
+                      module_sync: Callable[[nn.Module], None]) -> None:
+        """Under torch.distributed: ``meta_grad_sync(params)`` averages the meta-gradients across
+        ranks before every meta step; ``module_sync(module)`` gives a re-initialised module rank
+        0's weights everywhere (see :mod:`dfkd_deploy.core.distributed`)."""
+        self.meta_grad_sync, self.module_sync = meta_grad_sync, module_sync
 
     def _setup(self) -> None:
         """What a method builds beyond the common set-up (a generator, a pixel parametrisation)."""
@@ -105,7 +96,15 @@ class Synthesizer:
         return self.loss.bn_stats
 
     def reset_l0(self) -> None:
-        """Re-initialise the generator's input layers (FastDFKD); nothing to do without a generator."""
+        """Re-initialise the generator's input layers (FastDFKD); nothing to do without a generator.
+        Under torch.distributed every rank then takes rank 0's fresh weights."""
+        module = self._reinitialise_input_layers()
+        if module is not None and self.module_sync is not None:
+            self.module_sync(module)
+
+    def _reinitialise_input_layers(self) -> nn.Module | None:
+        """A method's own re-initialisation; returns the module it changed (None: nothing)."""
+        return None
 
     def synthesize(self, student: nn.Module | None = None, *, adversarial: bool = False,
                    meta_update: bool = True, batch_size: int | None = None) -> tuple[torch.Tensor, RoundStats]:

@@ -19,10 +19,11 @@ from torch import nn
 
 from dfkd_deploy.synthesis.base import RoundStats, Synthesizer, frozen
 from dfkd_deploy.synthesis.losses import target_confidence
+from dfkd_deploy.synthesis.registry import register_synthesizer
 
 
+@register_synthesizer("deepinversion")
 class DeepInversionSynthesizer(Synthesizer):
-    method = "deepinversion"
 
     def _setup(self) -> None:
         c = self.input_shape[0]

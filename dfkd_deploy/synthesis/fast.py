@@ -25,10 +25,11 @@ from torch import nn
 from dfkd_deploy.models.generator import Generator
 from dfkd_deploy.synthesis.base import RoundStats, Synthesizer, frozen
 from dfkd_deploy.synthesis.losses import target_confidence
+from dfkd_deploy.synthesis.registry import register_synthesizer
 
 
+@register_synthesizer("fastdfkd")
 class FastSynthesizer(Synthesizer):
-    method = "fastdfkd"
 
     def _setup(self) -> None:
         opts = self.opts
@@ -41,12 +42,10 @@ class FastSynthesizer(Synthesizer):
         # Adam with betas (0.5, 0.999) for both loops, meta lr scaled by g_steps, as the reference.
         self.meta_optimizer = torch.optim.Adam(self.generator.parameters(), opts.lr_g * opts.g_steps,
                                                betas=(0.5, 0.999))
-        # Under torch.distributed the caller sets this to average the meta-gradients across ranks
-        # before the meta step (see dfkd_deploy.core.distributed); None in a single process.
-        self.meta_grad_sync = None
 
-    def reset_l0(self) -> None:
+    def _reinitialise_input_layers(self) -> nn.Module:
         self.generator.reset_l0()
+        return self.generator
 
     def synthesize(self, student: nn.Module | None = None, *, adversarial: bool = False,
                    meta_update: bool = True, batch_size: int | None = None) -> tuple[torch.Tensor, RoundStats]:

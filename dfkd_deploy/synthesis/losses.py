@@ -12,7 +12,6 @@ Terms on the teacher's BatchNorm statistics and outputs:
 - ``class_ce``: cross-entropy of the teacher's output to the sampled target labels.
 - ``adversarial_kl``: minus the student-teacher KL, masked to samples where both agree on the
   top-1 class, so the generator seeks samples on which the student is about to fail.
-- ``kd_kl``: the distillation loss, KL(teacher || student) at temperature T, scaled by T^2.
 
 Priors that need no BN statistics (for fused or BN-free teachers; weights in ``synthesis.priors``):
 
@@ -40,29 +39,7 @@ from torch import nn
 
 from dfkd_deploy.core.errors import UsageError
 from dfkd_deploy.teachers.batchnorm import find_batchnorms, is_onnx_functional_bn
-from dfkd_deploy.synthesis.augment import crop_flip
-
-# Prior weights used when the teacher has no BN statistics and the recipe leaves a weight null.
-# tv/l2: DeepInversion's priors, scaled to this module's definitions (pixel-space L1 TV, mean
-# square of normalised pixels). entropy/activation: DAFL (Chen et al., ICCV 2019; beta=5 and
-# alpha=0.1 there, the activation as a per-feature mean like the Fast-Datafree code), off by
-# default. Chosen by benchmarks/bn_free_priors.py on the dynamo-exported (BN-fused) CIFAR-10
-# ResNet-56, seeds 0 and 1: TV+L2 and the adversarial term alone tie on the student (14.6 vs
-# 15.0 % mean top-1), TV+L2 makes pools whose feature statistics are closer to the real data's
-# on both seeds (BN loss against the BN-kept teacher 799/788 vs 849/891), and adding the DAFL
-# terms lowered the student on both seeds (14.3/13.2 vs 15.0/14.2 %).
-BN_FREE_PRIORS = {"tv": 0.5, "l2": 0.01, "entropy": 0.0, "activation": 0.0}
-PRIOR_NAMES = tuple(BN_FREE_PRIORS)
-
-
-def resolve_priors(priors, has_bn_statistics: bool) -> dict[str, float]:
-    """Prior weights to use: the recipe's where set, else 0 (BN teacher) or the BN-free default."""
-    out = {}
-    for name in PRIOR_NAMES:
-        value = getattr(priors, name, None) if priors is not None else None
-        out[name] = float(value) if value is not None else (0.0 if has_bn_statistics else BN_FREE_PRIORS[name])
-    return out
-
+from dfkd_deploy.core.augment import crop_flip
 
 # --------------------------------------------------------------------------- BN statistics
 
@@ -315,10 +292,6 @@ def kl_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T:
 def adversarial_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     agree = (student_logits.argmax(1) == teacher_logits.argmax(1)).float()
     return -(kl_per_sample(student_logits, teacher_logits) * agree).mean()
-
-
-def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
-    return kl_per_sample(student_logits, teacher_logits, T).mean() * (T * T)
 
 
 def target_confidence(teacher_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

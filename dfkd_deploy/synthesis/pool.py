@@ -24,12 +24,9 @@ import torch
 from dfkd_deploy.core.faults import reached
 from dfkd_deploy.core.errors import DataError, UsageError
 from dfkd_deploy.core.io import atomic_path, write_json
+from dfkd_deploy.images import pixels_to_uint8, uint8_to_pixels
 
 SINGLE_INDEX = "index.json"
-
-
-def to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    return (pixels.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
 def _npy_layout(path: Path) -> tuple[int, tuple[int, ...]]:
@@ -95,7 +92,7 @@ class ImagePool:
     # -- writing ----------------------------------------------------------------------------
     def add(self, pixels: torch.Tensor) -> None:
         """Append a batch of pixel-space images ([0,1], NCHW) as this rank's next shard."""
-        arr = np.ascontiguousarray(to_uint8(pixels))
+        arr = np.ascontiguousarray(pixels_to_uint8(pixels))
         name = f"{self.prefix}{len(self.own):06d}.npy"
         with atomic_path(self.root / name) as tmp:
             with open(tmp, "wb") as fh:
@@ -151,7 +148,7 @@ class ImagePool:
                     fh.seek(offset + int(i) * item_bytes)
                     if fh.readinto(memoryview(out[row]).cast("B")) != item_bytes:
                         raise DataError(f"{self.root / shard['file']}: shorter than its index says")
-        return torch.from_numpy(out).float().div_(255)
+        return uint8_to_pixels(out)
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> torch.Tensor:
         return self.get(rng.integers(0, len(self), size=batch_size))

@@ -5,6 +5,7 @@ Conventions used across the project:
   the probes live here.
 - *model space*: what the teacher file itself expects, but always NCHW: ``Normalizer`` maps
   pixel space to it (scale to the value range, subtract mean, divide by std).
+  The conversions themselves (and uint8 storage, NHWC) are in :mod:`dfkd_deploy.images`.
 - ``Teacher.module`` takes model-space NCHW input and returns logits (log-probabilities for a
   teacher whose output is probabilities). Layout conversion for NHWC teachers lives inside it.
 - Students are trained on model-space input, so an exported student is a drop-in replacement
@@ -17,6 +18,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+from dfkd_deploy import images
 
 
 @dataclass
@@ -46,19 +49,18 @@ class TeacherSpec:
 
 
 class Normalizer(nn.Module):
-    """Pixel space ([0,1], NCHW) -> model space, differentiably."""
+    """Pixel space ([0,1], NCHW) -> model space, differentiably: :func:`images.pixels_to_model`
+    as a module, its constants as buffers so that it follows ``.to(device)``."""
 
     def __init__(self, spec: TeacherSpec):
         super().__init__()
-        c = spec.input_shape[0]
-        mean = torch.tensor(spec.mean if spec.mean else [0.0] * c, dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor(spec.std if spec.std else [1.0] * c, dtype=torch.float32).view(1, -1, 1, 1)
+        mean, std = images.channel_tensors(spec.mean, spec.std, spec.input_shape[0])
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
         self.value_range = float(spec.value_range)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x * self.value_range - self.mean) / self.std
+        return images.pixels_to_model(x, self.mean, self.std, self.value_range)
 
 
 class TeacherModule(nn.Module):

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
 from dfkd_deploy.core.errors import DataError
+from dfkd_deploy.images import uint8_to_pixels
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -64,9 +64,7 @@ def load_eval_data(path: str | Path, *, input_shape: tuple[int, int, int],
     return EvalData(images=images, labels=labels, source=str(path), class_names=class_names)
 
 
-def to_pixels(images_uint8_nchw: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 NCHW -> float32 pixel space in [0, 1]."""
-    return torch.as_tensor(np.asarray(images_uint8_nchw)).float().div_(255.0)
+to_pixels = uint8_to_pixels   # uint8 NCHW -> float32 pixel space in [0, 1]
 
 
 # --- npz -----------------------------------------------------------------------------------------

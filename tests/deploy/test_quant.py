@@ -3,7 +3,8 @@ import onnx
 
 from dfkd_deploy.synthesis.pool import ImagePool
 from dfkd_deploy.runtime.onnxruntime import OrtRunner
-from exporters.ort_quant import qdq_node_count, quantize_student, sample_calibration, to_model_space
+from dfkd_deploy.images import uint8_to_model
+from exporters.ort_quant import qdq_node_count, quantize_student, sample_calibration
 
 
 def test_run_writes_int8_with_agreement(deploy_run):
@@ -18,7 +19,7 @@ def test_quantize_student_valid_qdq(deploy_run, tmp_path):
     run = deploy_run.run_dir
     calib = sample_calibration(ImagePool(run / "pool"), count=64, seed=1)
     assert calib.dtype == np.uint8 and len(calib) == 64
-    x = to_model_space(calib, None, None, 1.0)
+    x = uint8_to_model(calib, None, None, 1.0)
     res = quantize_student(run / "student.onnx", tmp_path / "s.int8.onnx", x[:48], probes=x[48:])
     onnx.checker.check_model(str(res.path))
     ops = {n.op_type for n in onnx.load(str(res.path)).graph.node}
@@ -31,13 +32,3 @@ def test_quantize_student_valid_qdq(deploy_run, tmp_path):
     # dynamic batch survives quantization
     assert OrtRunner(res.path).predict(np.asarray(x[:3])).shape == (3, 10)
 
-
-def test_to_model_space_matches_normalizer():
-    import torch
-
-    from dfkd_deploy.teachers.spec import Normalizer, TeacherSpec
-
-    spec = TeacherSpec("onnx", "x", (3, 4, 4), mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4), value_range=255.0)
-    u8 = np.random.default_rng(0).integers(0, 256, (2, 3, 4, 4), dtype=np.uint8)
-    want = Normalizer(spec)(torch.from_numpy(u8).float() / 255).numpy()
-    np.testing.assert_allclose(to_model_space(u8, spec.mean, spec.std, 255.0), want, rtol=1e-5, atol=1e-4)

@@ -119,7 +119,7 @@ def test_kd_precision_keeps_fp32_weights_and_learns(digits_teacher, tmp_path, pr
 
 
 def test_kd_precision_auto_follows_the_device(digits_teacher, tmp_path):
-    from dfkd_deploy.synthesis.base import bf16_native
+    from dfkd_deploy.core.precision import bf16_native
 
     d = _distiller(digits_teacher, quick_recipe(**{"distillation.precision": "auto"}), tmp_path)
     assert d.precision == ("bf16" if bf16_native(torch.device("cpu")) else "fp32")

@@ -18,8 +18,9 @@ from dfkd_deploy.core import distributed
 from dfkd_deploy.distill.trainer import Distiller, seed_everything
 from dfkd_deploy.core.io import OutputError
 from dfkd_deploy.models.small_cnn import SmallCNN
-from dfkd_deploy.synthesis.fast import FastSynthesizer
+from dfkd_deploy.synthesis import Priors, build_synthesizer
 from dfkd_deploy.synthesis.pool import ImagePool
+from dfkd_deploy.teachers import Teacher, TeacherSpec, count_batchnorms
 
 from ..conftest import quick_recipe
 
@@ -80,7 +81,11 @@ def full_loop(run_dir: Path, ctx, *, stop=None, resume=False) -> Distiller:
     seed_everything(recipe.seed)
     student = make_student()
     local = distributed.rank_recipe(recipe, ctx)
-    synth = FastSynthesizer(make_teacher(), nn.Identity(), SHAPE, 10, local.synthesis)
+    module = make_teacher()
+    teacher = Teacher(module, TeacherSpec("torch", "ddp_worker", SHAPE, num_classes=10,
+                                          bn_layers=count_batchnorms(module)))
+    synth = build_synthesizer("fastdfkd", teacher, local.synthesis, "cpu",
+                              Priors.for_teacher(teacher.spec, local.synthesis.priors))
     pool = ImagePool(run_dir / "pool", rank=ctx.rank, world_size=ctx.world_size)
     d = Distiller(synth.teacher, nn.Identity(), student, synth, pool, recipe, run_dir, show_progress=False, ctx=ctx)
     if resume:

@@ -10,7 +10,7 @@ from dfkd_deploy.core.errors import UsageError
 from dfkd_deploy.models import build_model
 from dfkd_deploy.synthesis.deepinversion import DeepInversionSynthesizer
 from dfkd_deploy.synthesis.fast import FastSynthesizer
-from dfkd_deploy.synthesis.losses import BN_FREE_PRIORS
+from dfkd_deploy.synthesis.priors import BN_FREE_PRIORS
 from dfkd_deploy.synthesis.pool import ImagePool
 from dfkd_deploy.teachers.spec import Teacher
 

@@ -1,4 +1,5 @@
-"""Differentiable batch augmentation: random crop after zero padding, and horizontal flip.
+"""Differentiable batch augmentation of pixel-space images: random crop after zero padding, and
+horizontal flip. Synthesis (the inversion loss) and KD (the student's batches) both use it.
 
 One gather per batch (no per-sample Python loop): each sample's crop offset and flip are folded
 into row/column index tensors, and advanced indexing keeps the result differentiable.

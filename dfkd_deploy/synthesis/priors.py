@@ -1,0 +1,48 @@
+"""The synthesis priors a run uses, resolved once from the recipe and the teacher.
+
+``synthesis.priors.*`` left null means automatic: 0 when the teacher has BN statistics (the BN
+term does the work), :data:`BN_FREE_PRIORS` when it has none. A number, 0 included, is used as
+given. :class:`Priors` is the resolved value that the entry points (``compress``, ``--dry-run``,
+``inspect``) compute and hand down; nothing below them resolves again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Prior weights used when the teacher has no BN statistics and the recipe leaves a weight null.
+# tv/l2: DeepInversion's priors, scaled to this module's definitions (pixel-space L1 TV, mean
+# square of normalised pixels). entropy/activation: DAFL (Chen et al., ICCV 2019; beta=5 and
+# alpha=0.1 there, the activation as a per-feature mean like the Fast-Datafree code), off by
+# default. Chosen by benchmarks/bn_free_priors.py on the dynamo-exported (BN-fused) CIFAR-10
+# ResNet-56, seeds 0 and 1: TV+L2 and the adversarial term alone tie on the student (14.6 vs
+# 15.0 % mean top-1), TV+L2 makes pools whose feature statistics are closer to the real data's
+# on both seeds (BN loss against the BN-kept teacher 799/788 vs 849/891), and adding the DAFL
+# terms lowered the student on both seeds (14.3/13.2 vs 15.0/14.2 %).
+BN_FREE_PRIORS = {"tv": 0.5, "l2": 0.01, "entropy": 0.0, "activation": 0.0}
+PRIOR_NAMES = tuple(BN_FREE_PRIORS)
+
+
+def resolve_priors(priors, has_bn_statistics: bool) -> dict[str, float]:
+    """Prior weights to use: the recipe's where set, else 0 (BN teacher) or the BN-free default."""
+    out = {}
+    for name in PRIOR_NAMES:
+        value = getattr(priors, name, None) if priors is not None else None
+        out[name] = float(value) if value is not None else (0.0 if has_bn_statistics else BN_FREE_PRIORS[name])
+    return out
+
+
+@dataclass(frozen=True)
+class Priors:
+    weights: dict[str, float]          # every name in PRIOR_NAMES
+    explicit_activation: bool = False  # the recipe set synthesis.priors.activation itself
+
+    @classmethod
+    def for_teacher(cls, spec, options) -> "Priors":
+        """From the teacher's spec (BN statistics: ``bn_layers > 0``) and ``synthesis.priors``
+        (a :class:`~dfkd_deploy.recipe.PriorOptions` or None)."""
+        return cls(resolve_priors(options, spec.bn_layers > 0),
+                   explicit_activation=getattr(options, "activation", None) is not None)
+
+    def active(self) -> dict[str, float]:
+        """The priors that are on (weight > 0)."""
+        return {k: v for k, v in self.weights.items() if v}

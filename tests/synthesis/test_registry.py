@@ -1,0 +1,83 @@
+"""Synthesis methods by name, built from (Teacher, options, device, priors); priors resolved once."""
+import dataclasses
+
+import pytest
+import torch
+
+from dfkd_deploy.core.errors import UsageError
+from dfkd_deploy.recipe import PriorOptions
+from dfkd_deploy.synthesis import Priors, Synthesizer, build_synthesizer, register_synthesizer, synthesizer_names
+from dfkd_deploy.synthesis.deepinversion import DeepInversionSynthesizer
+from dfkd_deploy.synthesis.fast import FastSynthesizer
+from dfkd_deploy.synthesis.priors import BN_FREE_PRIORS, resolve_priors
+from tests.conftest import quick_recipe
+
+
+def test_builtin_methods_are_registered_by_name():
+    assert {"fastdfkd", "deepinversion"} <= set(synthesizer_names())
+    assert FastSynthesizer.method == "fastdfkd" and DeepInversionSynthesizer.method == "deepinversion"
+
+
+def test_build_synthesizer_constructs_the_named_method(digits_teacher):
+    opts = quick_recipe().synthesis
+    priors = Priors.for_teacher(digits_teacher.spec, opts.priors)
+    synth = build_synthesizer("fastdfkd", digits_teacher, opts, "cpu", priors)
+    assert isinstance(synth, FastSynthesizer) and synth.device == torch.device("cpu")
+    assert synth.input_shape == digits_teacher.spec.input_shape and synth.num_classes == 10
+    assert synth.loss.priors == priors.weights
+
+
+def test_unknown_method_is_a_usage_error_naming_the_choices(digits_teacher):
+    opts = quick_recipe().synthesis
+    with pytest.raises(UsageError, match="deepinversion, fastdfkd"):
+        build_synthesizer("nope", digits_teacher, opts, "cpu", Priors.for_teacher(digits_teacher.spec, opts.priors))
+
+
+def test_a_registered_method_is_built_like_the_builtins(digits_teacher):
+    @register_synthesizer("test-constant")
+    class Constant(Synthesizer):
+        def synthesize(self, student=None, *, adversarial=False, meta_update=True, batch_size=None):
+            return torch.full((batch_size or 2, *self.input_shape), 0.5), None
+
+    try:
+        opts = quick_recipe().synthesis
+        synth = build_synthesizer("test-constant", digits_teacher, opts, "cpu",
+                                  Priors.for_teacher(digits_teacher.spec, opts.priors))
+        assert synth.method == "test-constant" and synth.synthesize(batch_size=3)[0].shape == (3, 1, 8, 8)
+        synth.reset_l0()                                   # the base class: nothing to re-initialise
+        with pytest.raises(ValueError, match="registered twice"):
+            register_synthesizer("test-constant")(Constant)
+    finally:
+        from dfkd_deploy.synthesis import registry
+        registry._REGISTRY.pop("test-constant")
+
+
+def test_rank_sync_hooks_are_called_on_the_meta_step_and_reset(digits_teacher):
+    recipe = quick_recipe(**{"synthesis.g_steps": 1, "synthesis.batch_size": 8})
+    opts = recipe.synthesis
+    synth = build_synthesizer("fastdfkd", digits_teacher, opts, "cpu", Priors.for_teacher(digits_teacher.spec, opts.priors))
+    synced, broadcast = [], []
+    synth.set_rank_sync(lambda params: synced.append(len(list(params))), broadcast.append)
+    synth.synthesize()
+    assert synced == [len(list(synth.generator.parameters()))]
+    synth.synthesize(meta_update=False)                  # probes: no meta step, nothing to sync
+    assert len(synced) == 1
+    synth.reset_l0()
+    assert broadcast == [synth.generator]
+
+
+def test_resolve_priors_auto_explicit_and_zero():
+    assert resolve_priors(PriorOptions(), has_bn_statistics=True) == {k: 0.0 for k in BN_FREE_PRIORS}
+    assert resolve_priors(PriorOptions(), has_bn_statistics=False) == BN_FREE_PRIORS
+    mixed = resolve_priors(PriorOptions(tv=0.0, entropy=2.0), has_bn_statistics=False)
+    assert mixed["tv"] == 0.0 and mixed["entropy"] == 2.0 and mixed["l2"] == BN_FREE_PRIORS["l2"]
+    assert resolve_priors(PriorOptions(tv=0.3), has_bn_statistics=True)["tv"] == 0.3
+
+
+def test_priors_for_teacher_follow_its_bn_statistics(digits_teacher):
+    bn_free = dataclasses.replace(digits_teacher.spec, bn_layers=0)
+    assert Priors.for_teacher(digits_teacher.spec, PriorOptions()).active() == {}
+    auto = Priors.for_teacher(bn_free, PriorOptions())
+    assert auto.weights == BN_FREE_PRIORS and not auto.explicit_activation
+    assert auto.active() == {k: v for k, v in BN_FREE_PRIORS.items() if v}
+    assert Priors.for_teacher(bn_free, PriorOptions(activation=0.0)).explicit_activation
