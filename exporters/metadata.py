@@ -11,7 +11,7 @@ Depends only on ``onnx`` and :mod:`dfkd_deploy.core` (see the package docstring)
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -113,7 +113,3 @@ def contract_differences(recorded: StudentContract, resolved: StudentContract) -
         if not same:
             out.append(f"{name}: student {a if a is not None else 'none'}, teacher {b if b is not None else 'none'}")
     return out
-
-
-def contract_dict(contract: StudentContract) -> dict:
-    return asdict(contract)

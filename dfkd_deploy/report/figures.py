@@ -50,6 +50,8 @@ def curves_png(rows: Sequence[Mapping]) -> Optional[bytes]:
     plt = _pyplot()
     cols = min(3, len(panels))
     nrows = -(-len(panels) // cols)
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
     for ax, (keys, title, ylabel) in zip(axes.flat, panels):
         for key in keys:
@@ -58,6 +60,7 @@ def curves_png(rows: Sequence[Mapping]) -> Optional[bytes]:
                 x, y = zip(*pts)
                 ax.plot(x, y, marker="o", markersize=3, label=CURVE_LABELS.get(key, key))
         ax.set_title(title, fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

@@ -90,7 +90,7 @@ def _headline(report: Mapping) -> str:
     cards = [(label, _pct(v), where) for label, v, where in measured_figures(report)]
     size = report.get("size") or {}
     if size.get("param_ratio"):
-        cards.append(("Parameters, teacher / student", f"{size['param_ratio']:g}x",
+        cards.append(("Parameters, teacher / student", f"{size['param_ratio']:.1f}x",
                       f"{_num(size.get('teacher_params'))} vs {_num(size.get('student_params'))}"))
     return '<div class="cards">' + "".join(
         f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{_e(v)}</div><div class="note">{_e(w)}</div></div>'

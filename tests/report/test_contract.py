@@ -135,3 +135,15 @@ def test_eval_images_are_flipped_to_a_bgr_teachers_order(tmp_path):
     assert rgb.images[:, 0].min() == 200 and bgr.images[:, 2].min() == 200 and bgr.images[:, 0].max() == 0
     grey = load_eval_data(tmp_path / "e.npz", input_shape=(1, 4, 4), channel_order="BGR")
     assert grey.images.shape == (2, 1, 4, 4)
+
+
+def test_validate_command_warns_when_the_overrides_are_missing(report_run, digits_teacher_onnx):
+    """The issue's case the other way round: a student made without normalisation, validated with a
+    teacher resolved with one; the figures still come, after a one-line warning."""
+    r = CliRunner().invoke(cli, ["validate", str(report_run.run_dir / "student.onnx"), "--teacher",
+                                 str(digits_teacher_onnx), "--probes", "16", "--set", "teacher.mean=[0.5]",
+                                 "--set", "teacher.std=[0.25]"])
+    assert r.exit_code == 0, r.output
+    warnings = [line for line in r.output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "mean: student none, teacher [0.5]" in warnings[0]
+    assert "probe_agreement" in r.output
