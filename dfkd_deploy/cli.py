@@ -85,7 +85,8 @@ def run_options(fn):
     fn = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="override a recipe value, e.g. --set distillation.epochs=5")(fn)
     fn = click.option("--seed", type=int, help="random seed (overrides the recipe's)")(fn)
     fn = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)(fn)
-    fn = click.option("--quiet", is_flag=True, help="no progress display")(fn)
+    fn = click.option("--quiet", is_flag=True, help="no progress bars or per-epoch lines (warnings and the "
+                      "final summary are still printed)")(fn)
     return fn
 
 
@@ -116,8 +117,10 @@ def cli(debug: bool):
 @click.option("--auto-resume", is_flag=True, help="--resume when --out holds a checkpoint, else start afresh "
               "(for restarts by torchrun --max-restarts or a job scheduler)")
 @click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False), help="edge hand-off bundle directory (default: OUT/bundle)")
+@click.option("--tensorboard", "tensorboard_dir", type=click.Path(file_okay=False),
+              help="also write TensorBoard scalars and image grids here (needs the tensorboard extra)")
 def compress(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, trust_pickle, eval_data, out, dry_run, resume,
-             auto_resume, bundle_dir):
+             auto_resume, bundle_dir, tensorboard_dir):
     """Distill TEACHER into a small student, export it to ONNX and validate it.
 
     Several GPUs or nodes: launch it with torchrun, e.g.
@@ -137,7 +140,8 @@ def compress(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, trus
             click.echo(yaml.safe_dump({"plan": api.plan(t, recipe), "out": out}, sort_keys=False))
         return
     result = api.compress(teacher, recipe, out, device=device, eval_data=eval_data, trust_pickle=trust_pickle,
-                          resume=resume, show_progress=not quiet, bundle_dir=bundle_dir)
+                          resume=resume, show_progress=not quiet, bundle_dir=bundle_dir,
+                          tensorboard_dir=tensorboard_dir)
     if main_rank:
         _print_summary(result.report, result.run_dir)
 
@@ -199,7 +203,8 @@ def _conventions(spec: dict) -> dict[str, str]:
         norm = f"mean {list(spec.get('mean') or [0.0] * c)} std {list(spec.get('std') or [1.0] * c)}"
     bn = spec.get("bn_layers") or 0
     return {"layout": spec["layout"], "input_shape": str(spec["input_shape"]),
-            "value_range": f"[0, {spec['value_range']:g}]", "normalisation": norm, "output": spec["output"],
+            "value_range": f"[0, {spec['value_range']:g}]", "normalisation": norm,
+            "channel_order": spec.get("channel_order", "RGB"), "output": spec["output"],
             "bn_statistics": f"{bn} BN layers" if bn else "none (BN-free priors)"}
 
 

@@ -29,6 +29,7 @@ class TeacherOptions(_Strict):
     mean: Optional[list[float]] = Field(None, description="per-channel mean the teacher expects (null: file metadata, else none)")
     std: Optional[list[float]] = Field(None, description="per-channel std the teacher expects (null: file metadata, else none)")
     value_range: Optional[float] = Field(None, gt=0, description="pixel maximum before normalisation: 1 or 255 (null: metadata, the graph's own normalisation, a uint8 input, else 1)")
+    channel_order: Optional[Literal["RGB", "BGR"]] = Field(None, description="colour order the teacher expects (null: detected from a caffe-style mean, else RGB)")
     parity_tolerance: float = Field(1e-3, gt=0, description="max abs diff allowed between converted teacher and onnxruntime")
     int8_activations: Literal["fake_quant", "float"] = Field("fake_quant", description="int8 ONNX teachers: activations fake-quantized at the file's scales (straight-through rounding) or float (clamped to the same ranges)")
     int8_min_agreement: float = Field(0.25, gt=0, le=1, description="int8 ONNX teachers: least top-1 agreement with onnxruntime running the int8 file on random probes and smooth images (replaces parity_tolerance; low because onnxruntime saturates u8s8 products on AVX2 CPUs without VNNI)")

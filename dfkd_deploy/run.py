@@ -14,9 +14,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from exporters.metadata import StudentContract, write_contract
 from exporters.onnx_export import export_student_onnx
 
-from dfkd_deploy.core.io import write_text
+from dfkd_deploy.core.io import sha256_file, write_text
+from dfkd_deploy.distill.metrics_log import MetricsLog
+from dfkd_deploy.report.html import REPORT_HTML, write_report_html
+from dfkd_deploy.report.provenance import label_measurements, measured_on_markdown
+from dfkd_deploy.report.report import get_path
+from dfkd_deploy.validate.gallery import GALLERY_FILE, confusion, write_gallery
 from dfkd_deploy.distill.trainer import DistillResult
 from dfkd_deploy.models.student_file import save_student
 from dfkd_deploy.report.manifest import write_manifest
@@ -136,7 +142,7 @@ def prepare_run_dir(out: str | Path, resume: bool, ctx: distributed.DistContext 
 
 def distill(teacher: Teacher, recipe: Recipe, run_dir: Path, device: torch.device, *,
             resume: bool = False, show_progress: bool = True, synthesize_more: bool = True,
-            pool: ImagePool | None = None):
+            pool: ImagePool | None = None, tensorboard_dir: str | Path | None = None):
     """Synthesis interleaved with KD; returns (student, synthesizer, distiller result).
 
     ``pool`` defaults to ``run_dir/pool``; with ``synthesize_more=False`` the student is trained
@@ -152,12 +158,20 @@ def distill(teacher: Teacher, recipe: Recipe, run_dir: Path, device: torch.devic
                           pool, recipe, run_dir, device, show_progress and ctx.is_main, ctx=ctx)
     if resume:
         distiller.resume()
-    return student, synth, distiller.run()
+    log = MetricsLog(run_dir, start_epoch=distiller.epoch, tensorboard_dir=tensorboard_dir) if ctx.is_main else None
+    if log is not None:
+        distiller.epoch_hooks.append(log)
+    try:
+        return student, synth, distiller.run()
+    finally:
+        if log is not None:
+            log.close()
 
 
 def compress(teacher_path: str | Path, recipe: Recipe, out: str | Path, *, device: str = "auto",
              eval_data: str | Path | None = None, trust_pickle: bool = False, resume: bool = False,
-             show_progress: bool = True, bundle_dir: str | Path | None = None) -> CompressResult:
+             show_progress: bool = True, bundle_dir: str | Path | None = None,
+             tensorboard_dir: str | Path | None = None) -> CompressResult:
     # Under torchrun this joins the process group; every rank distills, rank 0 alone finishes
     # (probes, export, validation, reports) while the others wait, and all return its report.
     with distributed.session(resolve_device(device)) as (ctx, dev):
@@ -165,7 +179,8 @@ def compress(teacher_path: str | Path, recipe: Recipe, out: str | Path, *, devic
         teacher.module.to(dev)
         run_dir = prepare_run_dir(out, resume, ctx)
         started = time.time()
-        student, synth, result = distill(teacher, recipe, run_dir, dev, resume=resume, show_progress=show_progress)
+        student, synth, result = distill(teacher, recipe, run_dir, dev, resume=resume, show_progress=show_progress,
+                                         tensorboard_dir=tensorboard_dir)
 
         def finish() -> dict:
             with task("held-out probes", 1, show_progress) as bar:
@@ -183,7 +198,8 @@ def compress(teacher_path: str | Path, recipe: Recipe, out: str | Path, *, devic
 
 # --- the end of every run: export, validate, hand off, write the reports ---------------------
 
-ARTIFACTS = ("student.onnx", "student.pt", "recipe.resolved.yaml", "report.json", "report.md")
+ARTIFACTS = ("student.onnx", "student.pt", "recipe.resolved.yaml", "report.json", "report.md", REPORT_HTML,
+             GALLERY_FILE)
 
 
 def probe_agreement(teacher: Teacher, student: nn.Module, probes: torch.Tensor, device) -> dict:
@@ -199,16 +215,18 @@ def finish_run(teacher: Teacher, student: nn.Module, recipe: Recipe, run_dir: Pa
     spec = teacher.spec
     student.eval()
     with task("export + validate", 3, show_progress) as bar:
+        # One eval set for every figure (torch, ONNX, int8, comparison): see eval_subset.
+        data, available = eval_subset(eval_data, spec)
         model_space_probes = teacher.normalizer()(probes)
         export = export_student_onnx(student, run_dir / "student.onnx", input_shape=spec.input_shape,
                                      layout=spec.layout, opset=recipe.export.opset, probes=model_space_probes,
                                      tolerance=recipe.export.parity_tolerance)
+        write_contract(export.path, student_contract(spec, data.class_names if data is not None else None))
         bar.advance()
         agreement = probe_agreement(teacher, student, probes, device)
         bar.advance()
-        evaluation = data = None
-        if eval_data is not None:
-            data = load_eval_data(eval_data, input_shape=spec.input_shape, num_classes=spec.num_classes)
+        evaluation = None
+        if data is not None:
             evaluation = evaluate(teacher.module, student, teacher.normalizer(), data, device=device,
                                   batch_size=recipe.validation.batch_size, onnx_path=export.path,
                                   onnx_layout=spec.layout)
@@ -221,7 +239,8 @@ def finish_run(teacher: Teacher, student: nn.Module, recipe: Recipe, run_dir: Pa
             figures=RunFigures.from_evaluation(evaluation, agreement["top1"]),
             options=DeployOptions(seed=recipe.seed, bundle_dir=bundle_dir,
                                   calibration_images=recipe.deploy.calibration_images,
-                                  profile_batches=recipe.deploy.batch_profile),
+                                  profile_batches=recipe.deploy.batch_profile,
+                                  compare_eval_images=len(data) if data is not None else 0),
             echo=console.print)
         bar.advance()
 
@@ -241,10 +260,43 @@ def finish_run(teacher: Teacher, student: nn.Module, recipe: Recipe, run_dir: Pa
                "wall_seconds": round(wall_seconds, 2) if wall_seconds is not None else None,
                **deployment.sections()},
     )
+    if data is not None:
+        report["eval_data"]["available"] = available
+    label_measurements(report)
+    report["confusion"] = confusion(teacher, student, data, device=device, batch_size=recipe.validation.batch_size,
+                                    measured_on=get_path(report, "student.accuracy_measured_on", None))
+    write_gallery(run_dir, teacher, probes, seed=recipe.seed, device=device)
     save_student(run_dir / "student.pt", student, arch=recipe.student.arch, num_classes=spec.num_classes,
                  input_shape=spec.input_shape, teacher_spec=spec.to_dict())
     write_text(run_dir / "recipe.resolved.yaml", recipe.resolved_yaml())
     write_report_json(run_dir, report)
-    write_text(run_dir / REPORT_MD, render_report_md(report) + deploy_report_md(deployment.sections()))
+    write_text(run_dir / REPORT_MD, render_report_md(report) + deploy_report_md(deployment.sections())
+               + measured_on_markdown(report))
+    write_report_html(run_dir, report)
     write_manifest(run_dir, seed=recipe.seed, artifacts=list(ARTIFACTS) + deployment.artifacts)
     return report
+
+
+# Float copies of the eval images (the back-end comparison holds them all at once) stay under this.
+EVAL_FLOAT_BYTES = 1 << 30
+MIN_EVAL_IMAGES = 1024
+
+
+def eval_subset(eval_data, spec) -> tuple:
+    """(the eval set every figure of the run is measured on, how many images the file holds):
+    all of them when their float copy fits :data:`EVAL_FLOAT_BYTES`, else a seeded random subset."""
+    if eval_data is None:
+        return None, None
+    data = load_eval_data(eval_data, input_shape=spec.input_shape, num_classes=spec.num_classes,
+                          channel_order=spec.channel_order)
+    c, h, w = spec.input_shape
+    cap = max(MIN_EVAL_IMAGES, EVAL_FLOAT_BYTES // (4 * c * h * w))
+    return data.subset(cap), len(data)
+
+
+def student_contract(spec, class_names) -> StudentContract:
+    from dfkd_deploy import __version__
+
+    source = Path(spec.source)
+    return StudentContract.from_spec(spec.to_dict(), class_names=class_names, version=__version__,
+                                     teacher_sha256=sha256_file(source) if source.is_file() else None)

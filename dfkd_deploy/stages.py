@@ -2,6 +2,7 @@
 `distill`, `export`, `validate` on the command line)."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from dfkd_deploy.core.device import resolve_device
 from dfkd_deploy.distill.trainer import seed_everything
 from dfkd_deploy.core.errors import UsageError
 from dfkd_deploy.models.student_file import load_student, save_student
-from dfkd_deploy.core.progress import task
+from dfkd_deploy.core.progress import task, warn
 from dfkd_deploy.recipe import Recipe
 from dfkd_deploy.runtime.onnxruntime import OrtRunner
 from dfkd_deploy.synthesis.pool import ImagePool
@@ -72,7 +73,7 @@ def export(student_path, out, *, opset: int = 17):
 
 
 def validate(student_path, teacher_path, recipe: Recipe, *, eval_data=None, probes: int = 256,
-             trust_pickle: bool = False, device="auto") -> dict:
+             trust_pickle: bool = False, device="auto", show_progress: bool = True) -> dict:
     """Teacher vs student (student.pt, or an exported .onnx) on fresh synthetic probes and real data."""
     from dfkd_deploy.validate.data import load_eval_data, to_pixels
     from dfkd_deploy.validate.metrics import predict, top1_accuracy, top1_agreement
@@ -82,6 +83,7 @@ def validate(student_path, teacher_path, recipe: Recipe, *, eval_data=None, prob
     teacher.module.to(dev)
     norm = teacher.normalizer().to(dev)
     student_path = Path(student_path)
+    check_contract(student_path, teacher.spec)
     if student_path.suffix == ".onnx":
         runner = OrtRunner(student_path, layout=teacher.spec.layout)
 
@@ -97,13 +99,16 @@ def validate(student_path, teacher_path, recipe: Recipe, *, eval_data=None, prob
 
     seed_everything(recipe.seed)
     synth = make_synthesizer(teacher, recipe, dev)
-    for _ in range(PROBE_WARMUP_ROUNDS):   # a fresh generator first learns what the teacher likes
-        synth.synthesize(None)
+    with task("validate: probe generator warm-up (batches)", PROBE_WARMUP_ROUNDS, show_progress) as bar:
+        for _ in range(PROBE_WARMUP_ROUNDS):   # a fresh generator first learns what the teacher likes
+            synth.synthesize(None)
+            bar.advance()
     probe_pixels = make_probes(synth, probes, recipe.synthesis.batch_size, recipe.seed)
     t = predict(teacher.module, probe_pixels, normalizer=norm, device=dev)
     out = {"probe_images": probes, "probe_agreement": top1_agreement(t, student_logits(probe_pixels))}
     if eval_data is not None:
-        data = load_eval_data(eval_data, input_shape=teacher.spec.input_shape, num_classes=teacher.spec.num_classes)
+        data = load_eval_data(eval_data, input_shape=teacher.spec.input_shape, num_classes=teacher.spec.num_classes,
+                              channel_order=teacher.spec.channel_order)
         pixels = to_pixels(data.images)
         t_real = predict(teacher.module, pixels, normalizer=norm, device=dev)
         s_real = student_logits(pixels)
@@ -112,6 +117,30 @@ def validate(student_path, teacher_path, recipe: Recipe, *, eval_data=None, prob
                     "student_accuracy": top1_accuracy(s_real, labels),
                     "eval_agreement": top1_agreement(t_real, s_real)})
     return out
+
+
+_OVERRIDABLE = ("mean", "std", "value_range", "channel_order", "layout")
+
+
+def check_contract(student_path: Path, spec) -> list[str]:
+    """Warn in one line when the teacher's resolved conventions differ from those the student
+    recorded (student.onnx metadata, or student.pt's teacher spec); returns the differences."""
+    from exporters.metadata import StudentContract, contract_differences, read_contract
+
+    if student_path.suffix == ".onnx":
+        recorded = read_contract(student_path)
+    else:
+        recorded = StudentContract.from_spec(load_student(student_path)[1].get("teacher_spec") or {"layout": None})
+    if recorded is None or recorded.layout is None:
+        return []
+    diffs = contract_differences(recorded, StudentContract.from_spec(spec.to_dict()))
+    if diffs:
+        fixes = " ".join(f"--set teacher.{k}={json.dumps(getattr(recorded, k)).replace(' ', '')}"
+                         for k in _OVERRIDABLE if any(d.startswith(k + ":") for d in diffs))
+        warn(f"{student_path.name} was made for {recorded.describe()}, but the teacher resolves differently "
+             f"({'; '.join(diffs)}): the figures below compare them on different inputs"
+             + (f"; pass {fixes}" if fixes else ""))
+    return diffs
 
 
 def export_teacher(teacher_path, recipe: Recipe, out, *, trust_pickle: bool = False, opset: int | None = None,

@@ -99,7 +99,7 @@ def seal_bundle(staged: StagedBundle, *, spec, validation: Mapping[str, Any], cl
         "output": {"name": OUTPUT_NAME, "kind": "logits", "shape": ["batch", spec.num_classes]},
         "normalisation": {
             "mean": list(spec.mean) if spec.mean else None, "std": list(spec.std) if spec.std else None,
-            "value_range": spec.value_range,
+            "value_range": spec.value_range, "channel_order": spec.channel_order,
             "formula": "input = (pixel / 255 * value_range - mean) / std   (pixel: uint8; no mean/std means 0/1)",
         },
         "classes": {"count": spec.num_classes, "names": class_names},
@@ -132,6 +132,9 @@ def verify_bundle(bundle_dir: str | Path) -> BundleCheck:
     problems (exit 1 when any) otherwise.
     """
     out = Path(bundle_dir)
+    if (out / "bundle" / MANIFEST).is_file() and not (out / CALIBRATION).is_file():
+        raise DataError(f"{out} is a run directory, not a bundle: verify its bundle with "
+                        f"`dfkd-deploy bundle verify {out / 'bundle'}`")
     try:
         manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
         layout, validation = manifest["input"]["layout"], manifest["validation"]
@@ -144,6 +147,7 @@ def verify_bundle(bundle_dir: str | Path) -> BundleCheck:
     result = BundleCheck(problems=verify_manifest(out))
     if result.problems or not (out / CALIBRATION).is_file():
         return result   # changed files: rerunning them would only restate the mismatch
+    _check_contract(out / FP32, manifest, result)
     with np.load(out / CALIBRATION) as npz:
         probes = uint8_to_model(npz["probes"], npz["mean"], npz["std"], float(npz["value_range"]))
         recorded = npz["probe_logits_fp32"]
@@ -161,6 +165,25 @@ def verify_bundle(bundle_dir: str | Path) -> BundleCheck:
             result.problems.append(f"{INT8}: top-1 agreement with fp32 {agree:.4f}, recorded {want:.4f} "
                                    f"(allowed slack {INT8_AGREEMENT_SLACK})")
     return result
+
+
+def _check_contract(onnx_path: Path, manifest: Mapping[str, Any], result: BundleCheck) -> None:
+    """The input contract recorded in the student ONNX must be the manifest's."""
+    from exporters.metadata import StudentContract, contract_differences, read_contract
+
+    recorded = read_contract(onnx_path)
+    if recorded is None:
+        result.checks["contract"] = f"not recorded in {onnx_path.name}"
+        return
+    norm, inp = manifest.get("normalisation") or {}, manifest.get("input") or {}
+    stated = StudentContract(layout=inp.get("layout"), channel_order=norm.get("channel_order", "RGB"),
+                             value_range=float(norm.get("value_range") or 1.0), mean=norm.get("mean"),
+                             std=norm.get("std"), num_classes=(manifest.get("classes") or {}).get("count"))
+    diffs = contract_differences(recorded, stated)
+    result.checks["contract"] = "matches the manifest" if not diffs else "differs"
+    if diffs:
+        result.problems.append(f"{onnx_path.name}'s recorded input contract differs from {MANIFEST}: "
+                               + "; ".join(d.replace("teacher", "manifest") for d in diffs))
 
 
 # --- README ------------------------------------------------------------------------------------
@@ -193,6 +216,9 @@ def render_readme(manifest: Mapping[str, Any], staged: StagedBundle, comparison_
         f"- tensor `{inp['name']}`, {inp['dtype']}, layout {inp['layout']}, shape {inp['shape']}",
         f"- TensorRT profile: min {rng.get('min')}, opt {rng.get('opt')}, max {rng.get('max')}",
         f"- normalisation: {norm['formula']}; mean {norm['mean']}, std {norm['std']}, value_range {norm['value_range']}",
+        f"- colour channel order: {norm.get('channel_order', 'RGB')}"
+        + (" (feed BGR images: flip the channels of RGB ones)" if norm.get("channel_order") == "BGR" else ""),
+        _contract_line(staged.path / FP32),
         f"- output `{manifest['output']['name']}`: {manifest['output']['shape']} logits, "
         f"{manifest['classes']['count']} classes" + (f" ({', '.join(manifest['classes']['names'])})"
                                                      if manifest['classes'].get('names') else ""),
@@ -229,6 +255,17 @@ def render_readme(manifest: Mapping[str, Any], staged: StagedBundle, comparison_
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
+def _contract_line(onnx_path: Path) -> str:
+    from exporters.metadata import read_contract
+
+    if onnx_path.is_file() and read_contract(onnx_path) is not None:
+        return (f"- `{FP32}` carries this contract in its ONNX metadata (`dfkd_deploy.*` keys: layout, channel "
+                "order, value range, mean/std, classes, teacher sha256, dfkd-deploy version); `bundle verify` "
+                "checks it against this manifest")
+    return f"- `{FP32}` records no input contract in its metadata: this README and {MANIFEST} are the contract"
+
+
 
 def _layout_shape(chw, layout: str) -> list[int]:
     c, h, w = (int(v) for v in chw)

@@ -103,6 +103,10 @@ class Distiller:
         self.synthesis_seconds = 0.0
         self.distillation_seconds = 0.0
         self.history: list[dict] = []
+        # Called with each finished epoch's row and its last synthesized batch (pixels, or None),
+        # before the checkpoint (e.g. dfkd_deploy.distill.metrics_log.MetricsLog).
+        self.epoch_hooks: list = []
+        self._last_batch: torch.Tensor | None = None
 
     # -- one epoch ---------------------------------------------------------------------------
     def _synthesize(self, epoch: int) -> dict:
@@ -118,6 +122,7 @@ class Distiller:
             images, st = self.synth.synthesize(self.student, adversarial=epoch + 1 >= d.warmup)
             self.pool.add(images)
             stats.append(st)
+        self._last_batch = images
         self.synthesis_seconds += time.perf_counter() - t0
         return {"synth_loss": float(np.mean([x.loss for x in stats])),
                 "synth_bn": float(np.mean([x.bn for x in stats])),
@@ -179,6 +184,19 @@ class Distiller:
         self.distillation_seconds += time.perf_counter() - t0
         return {"kd_loss": total / d.kd_steps, "train_agreement": agree / max(seen, 1),
                 "lr": self.optimizer.param_groups[0]["lr"]}
+
+    @torch.no_grad()
+    def _new_batch_agreement(self) -> dict:
+        """Top-1 agreement on the epoch's last synthesized batch, before any KD step saw it: the
+        per-epoch held-out figure (adversarial after warm-up, so lower than on the final probes)."""
+        if self._last_batch is None or self.synth is None:
+            return {}
+        x = self.normalizer(self._last_batch.to(self.device))
+        was_training = self.student.training
+        self.student.eval()
+        t, s = self.teacher(x).argmax(1), self.student(x).argmax(1)
+        self.student.train(was_training)
+        return {"new_batch_agreement": float((t == s).float().mean())}
 
     def _kept(self) -> str:
         if self._saved_epoch is not None and self.ckpt_path.is_file():
@@ -293,8 +311,8 @@ class Distiller:
         """Train up to the recipe's last epoch (or ``until_epoch``, to stop early and resume later)."""
         d = self.recipe.distillation
         stop = d.epochs if until_epoch is None else min(until_epoch, d.epochs)
-        with task("distill (epochs)", d.epochs, self.show_progress) as bar:
-            bar.advance(self.epoch)
+        with task("distill (epochs)", d.epochs, self.show_progress, every_step=True) as bar:
+            bar.resume_at(self.epoch)
             while self.epoch < stop:
                 row = {"epoch": self.epoch + 1}
                 if self.synth is not None:
@@ -311,12 +329,16 @@ class Distiller:
                     if self._head_fit_due():
                         row.update(self._fit_head())
                         self.ctx.broadcast_module(self.student)   # every rank continues from rank 0's fit
+                    row.update(self._new_batch_agreement())
                     row.update(self._kd_epoch())
                 self.epoch += 1
                 row["pool_images"] = len(self.pool)
                 self.history.append(row)
+                for hook in self.epoch_hooks:
+                    hook(row, self._last_batch)
                 self.save()
-                info = " ".join(f"{k}={v:.3g}" for k, v in row.items() if k in ("kd_loss", "train_agreement", "synth_confidence"))
+                info = " ".join(f"{k}={v:.3g}" for k, v in row.items()
+                                if k in ("synth_confidence", "kd_loss", "train_agreement", "new_batch_agreement", "lr"))
                 bar.advance(1, info)
         return DistillResult(d.epochs, self.synthesis_seconds, self.distillation_seconds, len(self.pool), self.history)
 

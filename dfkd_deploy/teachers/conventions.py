@@ -154,3 +154,50 @@ def pick_value_range(scale: np.ndarray, shift: np.ndarray) -> Optional[float]:
         if best_score is None or score < best_score - 1e-9:
             best, best_score = r, score
     return best
+
+
+# --- colour channel order -------------------------------------------------------------------------
+
+# The ImageNet mean on [0, 1] pixels in RGB order. Caffe-style files (and Keras' "caffe"
+# preprocessing) subtract it in BGR order, [103.939, 116.779, 123.68] on [0, 255] pixels.
+IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
+_MEAN_TOLERANCE = 0.01
+
+
+def order_from_mean(mean_01) -> Optional[tuple[str, str]]:
+    """("RGB" | "BGR", why) when a 3-channel mean on [0, 1] pixels is ImageNet's in one order, else None."""
+    if mean_01 is None or len(mean_01) != 3:
+        return None
+    m = np.asarray(mean_01, dtype=np.float64)
+    rgb = np.asarray(IMAGENET_MEAN_RGB)
+    shown = [round(float(v), 3) for v in m]
+    if np.max(np.abs(m - rgb[::-1])) <= _MEAN_TOLERANCE:
+        return "BGR", f"the mean {shown} is ImageNet's in BGR order (caffe-style)"
+    if np.max(np.abs(m - rgb)) <= _MEAN_TOLERANCE:
+        return "RGB", f"the mean {shown} is ImageNet's in RGB order"
+    return None
+
+
+def resolve_channel_order(option: Optional[str], graph_norm: Optional[GraphNormalisation], mean,
+                          channels: int, notes: list[str]) -> tuple[str, str]:
+    """(channel order, where it came from): the recipe, else the graph's own normalisation or the
+    resolved mean when either is ImageNet's in one order, else RGB by default."""
+    detected = None
+    if channels == 3:
+        if graph_norm is not None and graph_norm.value_range is not None:
+            detected = order_from_mean(graph_norm.equivalent()[0])
+            where = "in-graph normalisation"
+        if detected is None:
+            detected = order_from_mean(mean)
+            where = "normalisation"
+    if option:
+        if detected and detected[0] != option:
+            notes.append(f"channel order {option} from the recipe, but {detected[1]}: check teacher.channel_order")
+        return option, "recipe (teacher.channel_order)"
+    if detected:
+        if detected[0] == "BGR":
+            notes.append(f"channel order BGR: {detected[1]}")
+        return detected[0], f"detected: {detected[1]} ({where})"
+    if channels != 3:
+        return "RGB", f"default: {channels} channel(s), no colour order"
+    return "RGB", "default: RGB (nothing in the file says; set teacher.channel_order: BGR for a caffe-style model)"

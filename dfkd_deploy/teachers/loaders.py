@@ -22,6 +22,7 @@ from torch import nn
 from dfkd_deploy.core.errors import one_line, TeacherError, UsageError
 from dfkd_deploy.models import build_model, get_entry, model_names
 from dfkd_deploy.recipe import TeacherOptions
+from dfkd_deploy.teachers import conventions
 from dfkd_deploy.teachers.batchnorm import count_batchnorms
 from dfkd_deploy.teachers.detect import Detected, guess_layout, resolve_shape
 from dfkd_deploy.teachers.spec import Teacher, TeacherModule, TeacherSpec, freeze
@@ -151,6 +152,10 @@ def finish(det: Detected, path: Path, options: TeacherOptions) -> Teacher:
     if options.value_range:
         sources["value_range"] = "recipe (teacher.value_range)"
     sources.setdefault("value_range", "default: pixels in [0, 1] (set teacher.value_range: 255 if wrong)")
+    value_range = float(options.value_range or det.value_range or 1.0)
+    mean_01 = [m / value_range for m in mean] if mean is not None else None   # mean is on [0, value_range]
+    channel_order, sources["channel_order"] = conventions.resolve_channel_order(
+        options.channel_order, det.graph_normalisation, mean_01, shape[0], notes)
 
     model = det.model
     if det.file_batch is not None:
@@ -175,7 +180,8 @@ def finish(det: Detected, path: Path, options: TeacherOptions) -> Teacher:
                      "matching")
     spec = TeacherSpec(format=det.format, source=str(path), input_shape=tuple(int(d) for d in shape),
                        layout=layout, num_classes=num_classes, output=output, mean=mean, std=std,
-                       value_range=float(options.value_range or det.value_range or 1.0), bn_layers=bn, arch=det.arch,
+                       value_range=value_range, channel_order=channel_order,
+                       bn_layers=bn, arch=det.arch,
                        converter_max_abs_diff=det.converter_max_abs_diff, notes=notes, sources=sources)
     return Teacher(module=module, spec=spec)
 

@@ -33,12 +33,13 @@ class TeacherSpec:
     mean: Optional[tuple[float, ...]] = None
     std: Optional[tuple[float, ...]] = None
     value_range: float = 1.0             # pixel maximum the file expects before mean/std
+    channel_order: str = "RGB"           # RGB | BGR: the colour order the file expects (3 channels)
     bn_layers: int = 0
     arch: Optional[str] = None
     converter_max_abs_diff: Optional[float] = None   # onnx only: torch vs onnxruntime
     notes: list[str] = field(default_factory=list)    # what was assumed rather than read
     # Where each input/output convention came from, for `inspect` (keys: layout, input_shape,
-    # value_range, normalisation, output, bn_statistics): "recipe (...)", "file metadata",
+    # value_range, normalisation, channel_order, output, bn_statistics): "recipe (...)", "file metadata",
     # "detected: ...", "architecture default (...)" or "default: ..." (an assumption).
     sources: dict[str, str] = field(default_factory=dict)
 

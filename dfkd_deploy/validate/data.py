@@ -40,11 +40,12 @@ class EvalData:
 
 
 def load_eval_data(path: str | Path, *, input_shape: tuple[int, int, int],
-                   num_classes: int | None = None) -> EvalData:
+                   num_classes: int | None = None, channel_order: str = "RGB") -> EvalData:
     """Read ``path`` (npz or ImageFolder) and conform it to ``input_shape`` (C, H, W).
 
     ``num_classes``, when given, rejects labels the teacher cannot predict, which would
-    otherwise silently count as errors.
+    otherwise silently count as errors. Real images are RGB; ``channel_order="BGR"`` (a
+    caffe-style teacher) flips the colour channels of 3-channel images to the teacher's order.
     """
     path = Path(path)
     c, h, w = (int(v) for v in input_shape)
@@ -61,6 +62,8 @@ def load_eval_data(path: str | Path, *, input_shape: tuple[int, int, int],
     if num_classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(f"eval data {path.name} has labels outside 0..{num_classes - 1} "
                         f"(found {labels.min()}..{labels.max()})")
+    if channel_order == "BGR" and c == 3:
+        images = np.ascontiguousarray(images[:, ::-1])
     return EvalData(images=images, labels=labels, source=str(path), class_names=class_names)
 
 
