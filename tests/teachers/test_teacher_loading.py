@@ -468,3 +468,51 @@ def test_pt2_pickles_run_only_with_trust(tmp_path):
     with pytest.raises(TeacherError):    # trusted: torch unpickles (and the program then fails)
         load_teacher(evil, trust_pickle=True)
     assert marker.exists()
+
+
+# --------------------------------------------------------------------------- ONNX external data links
+
+
+def _external_data_teacher(tmp_path: Path, tiny) -> Path:
+    """``tiny`` saved with its weights in ``weights.bin`` beside the model."""
+    path = export_onnx(tiny, tmp_path / "src.onnx")
+    model = onnx.load(str(path))
+    out = tmp_path / "ext" / "model.onnx"
+    out.parent.mkdir()
+    onnx.save_model(model, str(out), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    return out
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink", "symlinked_folder"])
+def test_onnx_external_data_links_are_refused_by_our_check(tiny, tmp_path, monkeypatch, link):
+    """Issue 14.5: a symbolic or hard link as external weights is refused by dfkd-deploy itself,
+    before onnx reads anything (older onnx releases followed links)."""
+    path = _external_data_teacher(tmp_path, tiny)
+    assert load_teacher(path).spec.num_classes > 0          # the plain layout loads
+    secret = tmp_path / "secret.bin"
+    weights = path.parent / "weights.bin"
+    secret.write_bytes(weights.read_bytes())
+    weights.unlink()
+    if link == "symlink":
+        weights.symlink_to(secret)
+        location = "weights.bin"
+    elif link == "hardlink":
+        weights.hardlink_to(secret)
+        location = "weights.bin"
+    else:
+        (path.parent / "sub").symlink_to(tmp_path, target_is_directory=True)
+        model = onnx.load(str(path), load_external_data=False)
+        for t in model.graph.initializer:
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = "sub/secret.bin"
+        onnx.save_model(model, str(path))
+        location = "sub/secret.bin"
+
+    def onnx_must_not_read(*args, **kwargs):
+        raise AssertionError("onnx was asked to read linked external data")
+
+    monkeypatch.setattr(onnx, "load_external_data_for_model", onnx_must_not_read)
+    with pytest.raises(TeacherError, match="link") as err:
+        load_teacher(path)
+    assert location in str(err.value) and "\n" not in str(err.value)
