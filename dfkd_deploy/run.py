@@ -183,10 +183,15 @@ def release_run_dir(run_dir: str | Path) -> None:
 
 
 def _is_bundle(path: Path) -> bool:
+    """A bundle of ours: sealed (our manifest), or staged by a run killed before sealing it."""
+    from dfkd_deploy.deploy.bundle import CALIBRATION, FP32, MANIFEST
+
     try:
-        return "bundle_version" in json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        if "bundle_version" in json.loads((path / MANIFEST).read_text(encoding="utf-8")):
+            return True
     except (OSError, ValueError, TypeError):
-        return False
+        pass
+    return (path / FP32).is_file() and (path / CALIBRATION).is_file()
 
 
 def _writable_dir(path: Path) -> Path:
