@@ -149,12 +149,11 @@ class DistillationOptions(_Strict):
         "auto", description="KD forward passes (teacher and student; weights, optimizer and loss stay fp32): "
                             "bf16 autocast, fp32, or auto (bf16 where the device runs it natively)")
 
-
     @model_validator(mode="after")
     def _trains(self):
         if self.warmup >= self.epochs:
-            raise ValueError(f"warmup ({self.warmup}) must be below epochs ({self.epochs}): warm-up epochs only "
-                             "synthesize, so the student would never be trained")
+            raise ValueError(f"distillation.warmup ({self.warmup}) must be below distillation.epochs ({self.epochs}): "
+                             "warm-up epochs only synthesize, so the student would never be trained")
         return self
 
 
@@ -198,7 +197,10 @@ def _short(value: Any, limit: int = 80) -> str:
     """repr of a (possibly huge) value, cut at ``limit`` characters without building all of it."""
     if isinstance(value, (dict, list, tuple)) and len(value) > 8:
         return f"<{type(value).__name__} of {len(value)} items>"
-    text = reprlib.Repr(maxlevel=2, maxdict=4, maxlist=4, maxtuple=4, maxstring=limit, maxother=limit).repr(value)
+    shortener = reprlib.Repr()   # keyword arguments only from Python 3.12
+    shortener.maxlevel, shortener.maxdict, shortener.maxlist, shortener.maxtuple = 2, 4, 4, 4
+    shortener.maxstring = shortener.maxother = limit
+    text = shortener.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
