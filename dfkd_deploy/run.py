@@ -118,7 +118,10 @@ _HELD_LOCKS: dict[Path, lock.RunLock] = {}
 
 
 def _is_our_run(run_dir: Path) -> bool:
-    return (run_dir / lock.LOCK_NAME).exists() or (run_dir / "checkpoints" / "last.pt").is_file()
+    """Our lock file (every run since it existed), a checkpoint, or the pair of files every
+    finished run writes (runs of earlier versions)."""
+    return ((run_dir / lock.LOCK_NAME).exists() or (run_dir / "checkpoints" / "last.pt").is_file()
+            or ((run_dir / "recipe.resolved.yaml").is_file() and (run_dir / "report.json").is_file()))
 
 
 def _refuse_foreign_dir(run_dir: Path) -> None:
