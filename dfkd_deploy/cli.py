@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from functools import wraps
 from pathlib import Path
@@ -36,6 +37,8 @@ def handle_errors(fn):
             if _DEBUG["on"]:
                 raise
             _fail(str(exc), exc.exit_code)
+        except Terminated:
+            _fail("terminated (SIGTERM); the last checkpoint is kept (rerun with --resume)", 128 + signal.SIGTERM)
         except KeyboardInterrupt:
             _fail("interrupted; the last checkpoint is kept (rerun with --resume)", 130)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
@@ -45,9 +48,27 @@ def handle_errors(fn):
                 raise
             if isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS:   # disk full, read-only, ...
                 _fail(describe_os_error(exc), 2)
+            if _out_of_memory(exc):
+                _fail("out of memory: lower synthesis.batch_size / distillation.batch_size (--set KEY=VALUE); "
+                      "the last checkpoint is kept", 2)
             _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1)
 
     return wrapper
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler or torchrun stopping the job), raised where the process was."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
 def _parse_sets(values: tuple[str, ...]) -> dict:
@@ -399,6 +420,8 @@ def main() -> None:
 
     # onnx2torch's converted graphs trigger torch deprecation notes that are not the user's to fix.
     warnings.filterwarnings("ignore", module=r"onnx2torch(\..*)?$")
+    # SIGTERM ends a run like Ctrl-C: the checkpoint is kept and the process says so.
+    signal.signal(signal.SIGTERM, _on_sigterm)
     cli(prog_name="dfkd-deploy")
 
 

@@ -5,6 +5,7 @@ keys are errors (a typo must not be silently ignored), and every error names the
 """
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -12,6 +13,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dfkd_deploy.core.errors import RecipeError
+
+
+# Bounds beyond which a value is a mistake rather than a choice (runs forever, learns nothing).
+MAX_EPOCHS = 100_000
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.1, 100.0
+MAX_SIDE = 16_384
+# A recipe is a few dozen values; YAML aliases can make a few hundred bytes expand to billions.
+MAX_RECIPE_VALUES = 10_000
+MAX_ERROR_CHARS = 2_000
 
 
 class _Strict(BaseModel):
@@ -23,6 +33,7 @@ class TeacherOptions(_Strict):
 
     arch: Optional[str] = Field(None, description="zoo architecture for a plain state_dict")
     input_shape: Optional[tuple[int, int, int]] = Field(None, description="C, H, W")
+
     layout: Optional[Literal["NCHW", "NHWC"]] = Field(None, description="the file's input layout; null: detected from the input dims")
     num_classes: Optional[int] = Field(None, ge=2)
     output: Optional[Literal["logits", "probabilities"]] = Field(None, description="null: probabilities when the graph ends in Softmax")
@@ -33,6 +44,13 @@ class TeacherOptions(_Strict):
     parity_tolerance: float = Field(1e-3, gt=0, description="max abs diff allowed between converted teacher and onnxruntime")
     int8_activations: Literal["fake_quant", "float"] = Field("fake_quant", description="int8 ONNX teachers: activations fake-quantized at the file's scales (straight-through rounding) or float (clamped to the same ranges)")
     int8_min_agreement: float = Field(0.25, gt=0, le=1, description="int8 ONNX teachers: least top-1 agreement with onnxruntime running the int8 file on random probes and smooth images (replaces parity_tolerance; low because onnxruntime saturates u8s8 products on AVX2 CPUs without VNNI)")
+
+    @field_validator("input_shape")
+    @classmethod
+    def _positive_shape(cls, v):
+        if v is not None and not all(1 <= d <= MAX_SIDE for d in v):
+            raise ValueError(f"every dimension must be in 1..{MAX_SIDE}")
+        return v
 
     @field_validator("std")
     @classmethod
@@ -94,9 +112,9 @@ DEEPINVERSION_DEFAULTS = {"g_steps": 2000, "lr_g": 0.1, "bn_mmt": 0.0, "reset_l0
 class SynthesisOptions(_Strict):
     method: Literal["fastdfkd", "deepinversion"] = Field(
         "fastdfkd", description="fastdfkd: meta-learned generator, g_steps per batch; deepinversion: pixels optimised directly")
-    g_steps: int = Field(5, ge=1, description="optimisation steps per batch: inner generator steps (Fast-N) or DeepInversion pixel steps")
+    g_steps: int = Field(5, ge=1, le=100_000, description="optimisation steps per batch: inner generator steps (Fast-N) or DeepInversion pixel steps")
     batch_size: int = Field(256, ge=2)
-    rounds_per_epoch: int = Field(1, ge=1)
+    rounds_per_epoch: int = Field(1, ge=1, le=10_000)
     nz: int = Field(256, ge=1)
     ngf: int = Field(64, ge=4)
     lr_g: float = Field(3e-3, gt=0, description="generator lr (fastdfkd; the meta lr is lr_g * g_steps) or pixel lr (deepinversion)")
@@ -121,18 +139,25 @@ class SynthesisOptions(_Strict):
 
 
 class DistillationOptions(_Strict):
-    epochs: int = Field(220, ge=1, description="total epochs, warm-up included")
+    epochs: int = Field(220, ge=1, le=MAX_EPOCHS, description="total epochs, warm-up included")
     warmup: int = Field(20, ge=0, description="epochs that only synthesize")
-    kd_steps: int = Field(400, ge=1, description="student steps per epoch")
+    kd_steps: int = Field(400, ge=1, le=1_000_000, description="student steps per epoch")
     batch_size: int = Field(256, ge=1)
     lr: float = Field(0.2, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     eta_min: float = Field(2e-4, ge=0)
-    temperature: float = Field(20.0, gt=0)
+    temperature: float = Field(20.0, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, description="KD softmax temperature")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="KD forward passes (teacher and student; weights, optimizer and loss stay fp32): "
                             "bf16 autocast, fp32, or auto (bf16 where the device runs it natively)")
+
+    @model_validator(mode="after")
+    def _trains(self):
+        if self.warmup >= self.epochs:
+            raise ValueError(f"distillation.warmup ({self.warmup}) must be below distillation.epochs ({self.epochs}): "
+                             "warm-up epochs only synthesize, so the student would never be trained")
+        return self
 
 
 class ValidationOptions(_Strict):
@@ -171,15 +196,26 @@ class Recipe(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """repr of a (possibly huge) value, cut at ``limit`` characters without building all of it."""
+    if isinstance(value, (dict, list, tuple)) and len(value) > 8:
+        return f"<{type(value).__name__} of {len(value)} items>"
+    shortener = reprlib.Repr()   # keyword arguments only from Python 3.12
+    shortener.maxlevel, shortener.maxdict, shortener.maxlist, shortener.maxtuple = 2, 4, 4, 4
+    shortener.maxstring = shortener.maxother = limit
+    text = shortener.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _describe(err: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in err["loc"]) or "<root>"
     kind = err["type"]
     if kind == "extra_forbidden":
-        return f"unknown key {key!r}"
+        return f"unknown key {_short(key)}"
     ctx = err.get("ctx") or {}
     if kind == "literal_error" and "expected" in ctx:
-        return f"{key}: {err['input']!r} is not allowed; allowed values: {ctx['expected']}"
-    return f"{key}: {err['msg']} (got {err.get('input')!r})"
+        return f"{key}: {_short(err['input'])} is not allowed; allowed values: {ctx['expected']}"
+    return f"{key}: {err['msg']} (got {_short(err.get('input'))})"
 
 
 def _validate(data: dict[str, Any], origin: str) -> Recipe:
@@ -187,7 +223,26 @@ def _validate(data: dict[str, Any], origin: str) -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(_describe(e) for e in exc.errors())
+        if len(problems) > MAX_ERROR_CHARS:
+            problems = problems[: MAX_ERROR_CHARS - 3] + "..."
         raise RecipeError(f"{origin}: {problems}") from None
+
+
+def _check_size(data: Any, origin: str) -> None:
+    """Refuse a document that expands to more values than any recipe has (an alias bomb), by
+    walking it with a budget: aliases make the walk long, never the memory."""
+    stack, seen = [data], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_RECIPE_VALUES:
+            raise RecipeError(f"{origin}: the recipe expands to more than {MAX_RECIPE_VALUES} values (nested YAML "
+                              "aliases?); a recipe is a few dozen settings")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
 
 
 def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Recipe:
@@ -211,7 +266,9 @@ def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise RecipeError(f"{p}: not valid YAML{where}") from None
         if not isinstance(data, dict):
             raise RecipeError(f"{p}: a recipe is a mapping of sections, got {type(data).__name__}")
+        _check_size(data, origin)
     for dotted, value in (overrides or {}).items():
+        _check_size(value, f"--set {dotted}")
         node = data
         *parents, leaf = dotted.split(".")
         for part in parents:

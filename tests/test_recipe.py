@@ -102,3 +102,59 @@ def test_prior_precision_and_method_options_are_checked():
         load_recipe(None, {"synthesis.precision": "fp16"})
     with pytest.raises(RecipeError, match=r"synthesis.method: 'dafl' is not allowed"):
         load_recipe(None, {"synthesis.method": "dafl"})
+
+
+# -- issue 14.4: alias bombs and error text ------------------------------------------------------
+
+def _alias_bomb(levels: int = 9, width: int = 9) -> str:
+    lines = [f"l0: &l0 [{','.join(['x'] * width)}]"]
+    for i in range(1, levels):
+        lines.append(f"l{i}: &l{i} [{','.join([f'*l{i - 1}'] * width)}]")
+    lines.append(f"seed: [{','.join([f'*l{levels - 1}'] * width)}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_before_validation(tmp_path, monkeypatch):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_alias_bomb())
+    assert path.stat().st_size < 500   # bytes that would expand to 9**9 values
+
+    def never(*args, **kwargs):
+        raise AssertionError("validation must not see a bomb")
+
+    monkeypatch.setattr(Recipe, "model_validate", never)
+    with pytest.raises(RecipeError, match="expands to more than") as err:
+        load_recipe(path)
+    assert len(str(err.value)) < 300
+
+
+def test_a_huge_override_is_refused_too():
+    with pytest.raises(RecipeError, match="--set seed"):
+        load_recipe(None, {"seed": [[0] * 200] * 200})
+
+
+def test_error_text_is_capped_whatever_the_value(tmp_path):
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump({"seed": "x" * 1_000_000, "distillation": {"lr": ["y" * 100_000] * 50},
+                                    **{f"extra{i}": "z" * 10_000 for i in range(100)}}))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert len(str(err.value)) <= 2_100 and "seed" in str(err.value)
+
+
+# -- issue 14.9: values that would run but learn nothing, or never end --------------------------
+
+@pytest.mark.parametrize("key, value, says", [
+    ("distillation.warmup", 220, "distillation.warmup (220) must be below distillation.epochs (220)"),
+    ("distillation.warmup", 500, "distillation.warmup (500) must be below distillation.epochs (220)"),
+    ("distillation.temperature", 1e-30, "greater than or equal to 0.1"),
+    ("distillation.temperature", 1e6, "less than or equal to 100"),
+    ("distillation.epochs", 10**30, "less than or equal to 100000"),
+    ("distillation.kd_steps", 10**12, "less than or equal to 1000000"),
+    ("synthesis.g_steps", 10**9, "less than or equal to 100000"),
+    ("teacher.input_shape", [1, 0, 0], "every dimension must be in 1..16384"),
+])
+def test_useless_or_endless_values_are_refused_with_the_allowed_range(key, value, says):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(None, {key: value})
+    assert key in str(err.value) and says in str(err.value)

@@ -43,6 +43,13 @@ def describe_os_error(exc: OSError, path: str | Path | None = None) -> str:
     return f"cannot write {where}: {os_error_reason(exc)}" if where else f"cannot write: {os_error_reason(exc)}"
 
 
+def is_temporary(path: str | Path) -> bool:
+    """Whether ``path`` is named like the temporary files :func:`atomic_path` writes through
+    (``.NAME.*.tmp``): what a process killed in the middle of a write leaves behind."""
+    name = Path(path).name
+    return name.startswith(".") and name.endswith(".tmp") and name.count(".") >= 3
+
+
 def _make_temp(path: Path) -> Path:
     """An empty temporary file beside ``path`` with the usual permissions (a seam for tests)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

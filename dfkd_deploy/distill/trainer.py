@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from dfkd_deploy.core import distributed
-from dfkd_deploy.core.errors import TrainingError, UsageError
+from dfkd_deploy.core.errors import TrainingError, UsageError, one_line
 from dfkd_deploy.core.io import OutputError
 from dfkd_deploy.core.progress import task
 from dfkd_deploy.recipe import Recipe
@@ -33,7 +33,8 @@ from dfkd_deploy.core.precision import autocast_factory, resolve_precision
 from dfkd_deploy.distill.kd import kd_kl
 from dfkd_deploy.synthesis.base import Synthesizer
 from dfkd_deploy.synthesis.pool import ImagePool
-from dfkd_deploy.distill.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dfkd_deploy.distill.checkpoint import (check_resume_recipe, load_checkpoint, rng_state, save_checkpoint,
+                                            set_rng_state)
 from dfkd_deploy.core.faults import reached
 
 # Synthesizer state that the meta-gradient all-reduce keeps identical on every rank; the rest
@@ -255,7 +256,7 @@ class Distiller:
                 "synthesizer": self.synth.state_dict() if self.synth else None,
                 "ranks": ranks if ranks is not None else [self.rank_state()],
                 "synthesis_seconds": self.synthesis_seconds, "distillation_seconds": self.distillation_seconds,
-                "history": self.history}
+                "history": self.history, "recipe": self.recipe.model_dump(mode="json")}
 
     def save(self) -> None:
         """Write the checkpoint (rank 0; every rank must call this, it gathers their state)."""
@@ -282,13 +283,18 @@ class Distiller:
         if saved_world != self.ctx.world_size:
             raise UsageError(f"the checkpoint was written by a run of {saved_world} process(es); resume it with "
                              f"the same number (this run has {self.ctx.world_size})")
+        check_resume_recipe(state.get("recipe"), self.recipe.model_dump(mode="json"))
         mine = state["ranks"][self.ctx.rank]
         self.epoch = self._saved_epoch = state["epoch"]
-        self.student.load_state_dict(state["student"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.synth and state["synthesizer"]:
-            self.synth.load_state_dict({**state["synthesizer"], **(mine["synthesizer"] or {})})
+        try:
+            self.student.load_state_dict(state["student"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.synth and state["synthesizer"]:
+                self.synth.load_state_dict({**state["synthesizer"], **(mine["synthesizer"] or {})})
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            raise TrainingError(f"{self.ckpt_path}: the checkpoint does not fit this run's models "
+                                f"({one_line(exc, 160)}); start a new run in another --out") from None
         self.pool.truncate(mine["pool_shards"])
         missing = [f for f in mine["pool_files"] if not (self.pool.root / f).is_file()]
         if missing:

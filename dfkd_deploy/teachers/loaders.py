@@ -9,10 +9,15 @@ contradictions, and checks with one forward pass that the resolved input shape r
 from __future__ import annotations
 
 import collections
+import io
+import json
+import logging
 import operator
+import os
 import pickle
 import re
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -73,7 +78,7 @@ def load_teacher(path, options: TeacherOptions | None = None, *, trust_pickle: b
     elif kind == "torchscript":
         detected = _load_torchscript(p)
     elif kind == "exported":
-        detected = _load_exported(p)
+        detected = _load_exported(p, trust_pickle)
     else:
         detected = _load_torch_pickle(p, options, trust_pickle)
     return finish(detected, p, options)
@@ -328,10 +333,89 @@ def _first_conv_channels(named_tensors) -> Optional[int]:
 # --------------------------------------------------------------------------- torch.export
 
 
-def _load_exported(path: Path) -> Detected:
+# torch.export archives keep the program as JSON and the weights as raw bytes, but torch 2.13's
+# torch.export.load also unpickles: tensors marked use_pickle and the sample inputs with
+# torch.load(weights_only=False) as a fallback, "custom_obj" constants with the TorchScript
+# unpickler and "opaque_obj" constants with pickle.loads. Without --trust-pickle the object
+# constants are refused by name (from the archive's own config) and every torch.load inside is
+# forced to weights_only=True, so nothing but tensors and plain containers is ever unpickled.
+_OBJECT_CONSTANT_PREFIXES = ("custom_obj", "opaque_obj")
+_PICKLE_REFUSAL = "unpickling runs code from the file: pass --trust-pickle only if you trust it"
+
+
+def _refuse_pickled_objects(data: bytes, path: Path) -> None:
+    """Refuse an archive with pickled Python objects, before torch reads anything of it."""
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        for name in zf.namelist():
+            if name.endswith("_constants_config.json"):
+                try:
+                    entries = json.loads(zf.read(name)).get("config", {})
+                    objects = [k for k, v in entries.items()
+                               if str(v.get("path_name", "")).startswith(_OBJECT_CONSTANT_PREFIXES)]
+                except (ValueError, AttributeError):
+                    raise TeacherError(f"{path.name}: the torch.export archive's {name} is malformed") from None
+                if objects:
+                    raise TeacherError(f"{path.name} holds pickled Python objects (constant {objects[0]}); "
+                                       f"{_PICKLE_REFUSAL}")
+            elif _looks_pickled(zf, name):
+                try:
+                    torch.load(io.BytesIO(zf.read(name)), map_location="cpu", weights_only=True)
+                except Exception as exc:  # noqa: BLE001 - whatever weights_only refuses or cannot read
+                    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+                    what = f" references {found.group(1)}" if found else " is not plain tensors"
+                    raise TeacherError(f"{path.name} holds pickled Python objects ({name}{what}); "
+                                       f"{_PICKLE_REFUSAL}") from None
+
+
+def _looks_pickled(zf: zipfile.ZipFile, name: str) -> bool:
+    with zf.open(name) as fh:
+        head = fh.read(4)
+    return head[:1] == b"\x80" or head == b"PK\x03\x04"   # a raw pickle, or a torch.save zip
+
+
+@contextmanager
+def _torch_unpickles_weights_only(enabled: bool):
+    """Every torch.load in the block runs with weights_only=True (torch's own override switch)."""
+    if not enabled:
+        yield
+        return
+    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
     try:
-        program = torch.export.load(str(path))
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+@contextmanager
+def _quiet_logging():
+    """torch.export.load logs tracebacks of its fallbacks; the user gets our one line instead."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _read_exported(path: Path, trust_pickle: bool):
+    data = path.read_bytes()   # one read: what is checked is what is loaded
+    if not trust_pickle:
+        _refuse_pickled_objects(data, path)
+    with _quiet_logging(), _torch_unpickles_weights_only(not trust_pickle):
+        return torch.export.load(io.BytesIO(data))
+
+
+def _load_exported(path: Path, trust_pickle: bool = False) -> Detected:
+    try:
+        program = _read_exported(path, trust_pickle)
         model = program.module()
+    except TeacherError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise TeacherError(f"{path.name}: cannot load the torch.export program: {one_line(exc)}") from None
     # .module() blocks train()/eval() because the mode was baked in at export time; freeze()

@@ -129,6 +129,7 @@ def read_model(path: Path):
         if Path(location).is_absolute() or ".." in Path(location).parts:
             raise TeacherError(f"{path.name}: its weights point outside its directory ({location!r}); "
                                "refusing to read them")
+        _refuse_links(path, location)
         if not target.is_file():
             raise TeacherError(f"{path.name}: its weights are stored in a separate file, {location}, which is missing; "
                                f"put it next to {path.name} (expected at {target})")
@@ -147,6 +148,22 @@ def read_model(path: Path):
     except Exception as exc:  # noqa: BLE001 - ValidationError, ...
         raise TeacherError(f"{path.name}: not a valid ONNX model ({_short(exc)}); is it truncated or corrupt?") from None
     return model
+
+
+def _refuse_links(path: Path, location: str) -> None:
+    """External weights must be a plain file in the model's own directory: a symbolic link (on the
+    file or a folder on the way) or a hard link could make the model read any file the user can.
+    Checked here, not left to the installed onnx (releases before 1.16 followed links)."""
+    base = path.parent
+    node = base
+    for part in Path(location).parts:
+        node = node / part
+        if node.is_symlink():
+            raise TeacherError(f"{path.name}: its weights file {location} goes through a symbolic link "
+                               f"({node.relative_to(base)}); refusing to read it")
+    if node.is_file() and node.stat().st_nlink > 1:
+        raise TeacherError(f"{path.name}: its weights file {location} is a hard link (another name of a file "
+                           "elsewhere); refusing to read it: copy the file instead")
 
 
 def _external_data(model) -> dict[str, int]:

@@ -72,25 +72,124 @@ to_pixels = uint8_to_pixels   # uint8 NCHW -> float32 pixel space in [0, 1]
 
 # --- npz -----------------------------------------------------------------------------------------
 
-def _read_npz(path: Path, chw: tuple[int, int, int]):
+def _check_npz_container(path: Path) -> None:
+    """An .npz is a zip of .npy files: say what the file is when it is not one (np.load would try
+    to unpickle anything else and complain about "pickled data")."""
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        return
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    if head == b"\x93NUMPY":
+        raise DataError(f"eval data {path.name} is a single .npy array, not an .npz archive: save it with "
+                        "np.savez(path, images=..., labels=...)")
+    raise DataError(f"eval data {path.name} is not an .npz archive (not a zip file); "
+                    "expected np.savez(path, images=..., labels=...)")
+
+
+def _npz_array(archive, key: str, name: str) -> np.ndarray:
+    try:
+        return archive[key]
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise DataError(f"eval data {name}: {key!r} is an object array (pickled Python objects, never "
+                            "loaded); store images as uint8 and labels as integers") from None
+        raise DataError(f"eval data {name}: cannot read {key!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged member: zlib, EOF, bad header
+        raise DataError(f"eval data {name}: cannot read {key!r}: {type(exc).__name__}: {exc}") from None
+
+
+def _open_npz(path: Path):
+    _check_npz_container(path)
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - zip/format errors come in many types
         raise DataError(f"cannot read eval data {path.name}: {exc}") from None
-    with archive:
-        missing = [k for k in ("images", "labels") if k not in archive.files]
-        if missing:
-            raise DataError(f"eval data {path.name} lacks key(s) {', '.join(missing)} "
-                            f"(has: {', '.join(archive.files) or 'nothing'})")
-        images, labels = archive["images"], archive["labels"]
-        class_names = [str(s) for s in archive["class_names"]] if "class_names" in archive.files else None
-    if images.dtype != np.uint8:
-        raise DataError(f"eval data {path.name}: images must be uint8, got {images.dtype}")
+    missing = [k for k in ("images", "labels") if k not in archive.files]
+    if missing:
+        archive.close()
+        raise DataError(f"eval data {path.name} lacks key(s) {', '.join(missing)} "
+                        f"(has: {', '.join(archive.files) or 'nothing'})")
+    return archive
+
+
+def _check_images(images_dtype, images_shape, name: str) -> None:
+    if images_dtype != np.uint8:
+        raise DataError(f"eval data {name}: images must be uint8, got {images_dtype}")
+    shape = tuple(images_shape) + ((1,) if len(images_shape) == 3 else ())
+    if len(shape) != 4 or shape[-1] not in (1, 3, 4):
+        raise DataError(f"eval data {name}: images must be N,H,W,C (C in 1,3,4) or N,H,W; "
+                        f"got shape {tuple(images_shape)}")
+    if shape[1] == 0 or shape[2] == 0:
+        raise DataError(f"eval data {name}: images are {shape[1]}x{shape[2]} pixels; nothing to evaluate")
+
+
+def check_eval_data(path: str | Path) -> None:
+    """Check, without reading the pixels, that ``path`` is eval data :func:`load_eval_data` can read:
+    an .npz whose images/labels headers fit, or a folder of class sub-folders whose first image opens.
+    For the start of a run, so a wrong path fails before hours of distillation."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"eval data not found: {path}")
+    if path.is_dir():
+        _probe_folder(path)
+    elif path.suffix.lower() == ".npz":
+        _probe_npz(path)
+    else:
+        raise DataError(f"unsupported eval data {path.name}: expected an .npz file or an image folder")
+
+
+def _probe_npz(path: Path) -> None:
+    import zipfile
+
+    with _open_npz(path):
+        pass
+    try:
+        with zipfile.ZipFile(path) as zf:
+            headers = {}
+            for key in ("images", "labels"):
+                with zf.open(f"{key}.npy") as fh:
+                    fmt = np.lib.format
+                    read = fmt.read_array_header_1_0 if fmt.read_magic(fh) == (1, 0) else fmt.read_array_header_2_0
+                    headers[key] = read(fh)   # (shape, fortran order, dtype)
+    except Exception as exc:  # noqa: BLE001 - a damaged member header
+        raise DataError(f"cannot read eval data {path.name}: {type(exc).__name__}: {exc}") from None
+    for key, (_shape, _fortran, dtype) in headers.items():
+        if dtype.hasobject:
+            raise DataError(f"eval data {path.name}: {key!r} is an object array (pickled Python objects, never "
+                            "loaded); store images as uint8 and labels as integers")
+    _check_images(headers["images"][2], headers["images"][0], path.name)
+    labels_shape, _, labels_dtype = headers["labels"]
+    if len(labels_shape) != 1 or not np.issubdtype(labels_dtype, np.integer):
+        raise DataError(f"eval data {path.name}: labels must be a 1-D integer array, "
+                        f"got {labels_dtype} of shape {labels_shape}")
+    if headers["images"][0][0] != labels_shape[0]:
+        raise DataError(f"eval data {path.name}: {headers['images'][0][0]} images but {labels_shape[0]} labels")
+
+
+def _probe_folder(root: Path) -> None:
+    from PIL import Image
+
+    files = _folder_files(root)[0]
+    try:
+        with Image.open(files[0]) as img:
+            if 0 in img.size:
+                raise DataError(f"image {files[0].relative_to(root)} in {root} is {img.size[0]}x{img.size[1]} pixels")
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError...
+        raise DataError(f"cannot read image {files[0].relative_to(root)} in {root}: {exc}") from None
+
+
+def _read_npz(path: Path, chw: tuple[int, int, int]):
+    with _open_npz(path) as archive:
+        images, labels = _npz_array(archive, "images", path.name), _npz_array(archive, "labels", path.name)
+        class_names = ([str(s) for s in _npz_array(archive, "class_names", path.name)]
+                       if "class_names" in archive.files else None)
+    _check_images(images.dtype, images.shape, path.name)
     if images.ndim == 3:
         images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
-        raise DataError(f"eval data {path.name}: images must be N,H,W,C (C in 1,3,4) or N,H,W; "
-                        f"got shape {images.shape}")
     labels = _labels(labels, path.name)
     if len(images) != len(labels):
         raise DataError(f"eval data {path.name}: {len(images)} images but {len(labels)} labels")
@@ -121,9 +220,7 @@ def _conform_batch(images_nhwc: np.ndarray, chw: tuple[int, int, int]) -> np.nda
 
 # --- ImageFolder ---------------------------------------------------------------------------------
 
-def _read_folder(root: Path, chw: tuple[int, int, int]):
-    from PIL import Image
-
+def _folder_files(root: Path) -> tuple[list[Path], list[int], list[str]]:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"eval folder {root} has no class sub-folders")
@@ -136,6 +233,13 @@ def _read_folder(root: Path, chw: tuple[int, int, int]):
     if not files:
         raise DataError(f"eval folder {root} contains no images "
                         f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files, labels, classes
+
+
+def _read_folder(root: Path, chw: tuple[int, int, int]):
+    from PIL import Image
+
+    files, labels, classes = _folder_files(root)
     images = np.empty((len(files), *chw), np.uint8)
     for i, f in enumerate(files):
         try:

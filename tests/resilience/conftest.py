@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -29,15 +31,63 @@ def subprocess_env(**extra: str) -> dict:
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def run_together(commands: list[tuple[list, dict]], timeout: float, workdir: Path) -> list[subprocess.CompletedProcess]:
+    """Run processes side by side, each in its own session with its output in files (never a
+    pipe that a blocked reader could fill), all under one deadline. When the deadline passes,
+    every process group is killed (torchrun's workers included, so nothing lingers) and the test
+    fails with each process's output."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    logs = [(workdir / f"process{i}.out", workdir / f"process{i}.err") for i in range(len(commands))]
+    procs = []
+    for (args, env), (out, err) in zip(commands, logs):
+        with open(out, "wb") as fo, open(err, "wb") as fe:
+            procs.append(subprocess.Popen([str(a) for a in args], cwd=REPO, env=env, stdout=fo, stderr=fe,
+                                          start_new_session=True))
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        _kill_groups(procs)
+        outputs = "\n".join(f"--- process {i}: {' '.join(map(str, args[:5]))} ...\n{_read(out, 4000)}{_read(err, 4000)}"
+                             for i, ((args, _), (out, err)) in enumerate(zip(commands, logs)))
+        pytest.fail(f"timed out after {timeout:.0f} s; their output:\n{outputs}", pytrace=False)
+    finally:
+        _kill_groups(procs)
+    return [subprocess.CompletedProcess(p.args, p.returncode, _read(out), _read(err)) for p, (out, err) in zip(procs, logs)]
 
 
-def cli(*args, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dfkd_deploy", *map(str, args)], cwd=REPO, env=env or subprocess_env(),
-                          capture_output=True, text=True, timeout=timeout)
+def _kill_groups(procs) -> None:
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)   # the whole session: the children of torchrun too
+        except (ProcessLookupError, PermissionError):
+            pass
+        if p.poll() is None:
+            p.wait()
+
+
+def _read(path: Path, tail: int | None = None) -> str:
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return text if tail is None else text[-tail:]
+
+
+def cli(*args, env: dict | None = None, timeout: float = 300, workdir: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m dfkd_deploy ARGS`` under :func:`run_together`'s deadline."""
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="dfkd-cli-"))
+    return run_together([([sys.executable, "-m", "dfkd_deploy", *args], env or subprocess_env())], timeout, workdir)[0]
+
+
+def start_ranks(module: str, args: list, world_size: int, workdir: Path, timeout: float) -> list[subprocess.CompletedProcess]:
+    """``python -m MODULE ARGS`` as ``world_size`` ranks that meet through a FileStore in
+    ``workdir`` (see ddp_worker.join_group): no TCP port is picked in advance, so no other
+    process can take it between the pick and the bind."""
+    store = workdir / "rendezvous.store"
+    store.unlink(missing_ok=True)
+    env = {str(r): subprocess_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world_size),
+                                  DFKD_TEST_FILE_STORE=str(store)) for r in range(world_size)}
+    return run_together([([sys.executable, "-m", module, *args], env[str(r)]) for r in range(world_size)],
+                        timeout, workdir / "logs")
 
 
 @pytest.fixture(scope="session")

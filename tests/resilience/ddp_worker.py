@@ -1,13 +1,16 @@
 """One rank of the two-process tests in test_distributed.py.
 
-The test starts two of these with the environment torchrun would give them (RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR, MASTER_PORT): ``python -m tests.resilience.ddp_worker OUT POOL``.
+The test starts two of these with RANK, WORLD_SIZE and LOCAL_RANK as torchrun would set them,
+and DFKD_TEST_FILE_STORE naming a file through which they meet (a FileStore: no TCP port chosen
+in advance that another process could take first): ``python -m tests.resilience.ddp_worker OUT POOL``.
 Everything here is small and random (no teacher file), so both ranks finish in seconds.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +97,29 @@ def full_loop(run_dir: Path, ctx, *, stop=None, resume=False) -> Distiller:
     return d
 
 
+# Long enough for a loaded 2-core machine, short enough that a rank whose peer died fails
+# with an error instead of waiting for the library's default (two hours).
+COLLECTIVE_TIMEOUT = timedelta(minutes=4)
+
+
+def join_group() -> None:
+    """Initialise the process group through the FileStore the test named; distributed.session
+    then uses it as it is (as under any launcher that initialised torch.distributed itself)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = torch.distributed.FileStore(os.environ["DFKD_TEST_FILE_STORE"], world)
+    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                                         timeout=COLLECTIVE_TIMEOUT)
+
+
 def main(out: Path, pool_dir: Path) -> None:
+    join_group()
+    try:
+        run_checks(out, pool_dir)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_checks(out: Path, pool_dir: Path) -> None:
     with distributed.session(torch.device("cpu")) as (ctx, _):
         assert ctx.world_size == 2
         results: dict = {"rank": ctx.rank}
@@ -129,5 +154,19 @@ def main(out: Path, pool_dir: Path) -> None:
         (out / f"rank{ctx.rank}.json").write_text(json.dumps(results))
 
 
+def ping(out: Path) -> None:
+    """The least a group does: meet, sum the ranks, write what came back."""
+    join_group()
+    try:
+        t = torch.tensor([float(torch.distributed.get_rank())])
+        torch.distributed.all_reduce(t)
+        (out / f"ping{torch.distributed.get_rank()}.json").write_text(json.dumps(t.tolist()))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    if sys.argv[1] == "ping":
+        ping(Path(sys.argv[2]))
+    else:
+        main(Path(sys.argv[1]), Path(sys.argv[2]))

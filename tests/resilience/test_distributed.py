@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -19,8 +18,7 @@ import torch
 from dfkd_deploy.core.distributed import DistContext
 from dfkd_deploy.distill.checkpoint import load_checkpoint
 
-from ..conftest import REPO
-from .conftest import free_port, subprocess_env
+from .conftest import run_together, start_ranks, subprocess_env
 from .ddp_worker import fill_pool, kd_only, make_student
 
 
@@ -29,23 +27,70 @@ def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     pool_dir = out / "fixed-pool"
     fill_pool(pool_dir)
-    port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.resilience.ddp_worker", str(out), str(pool_dir)], cwd=REPO,
-                              env=subprocess_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
-                                                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=240)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)
+    # Seconds each when idle; the deadline leaves room for a loaded 2-core machine, and the
+    # failure shows both ranks' output.
+    done = start_ranks("tests.resilience.ddp_worker", [out, pool_dir], 2, out, timeout=420)
+    assert [p.returncode for p in done] == [0, 0], "\n".join(f"--- rank {r}:\n{p.stdout}{p.stderr}"
+                                                           for r, p in enumerate(done))
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     states = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
     return out, pool_dir, ranks, states
+
+
+def test_ranks_meet_without_a_port_picked_in_advance(tmp_path):
+    """Issue 14.12: the old fixture picked a free port, released it and told the ranks to bind it;
+    on a busy machine another socket took it first, rank 0 failed to bind and rank 1 waited for a
+    store that never came (until the fixture's 240 s timeout, with neither rank's output). The
+    ranks now meet through a FileStore: even with MASTER_PORT taken, they meet."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        os_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        import os
+
+        old = {k: os.environ.get(k) for k in os_env}
+        os.environ.update(os_env)
+        try:
+            done = start_ranks("tests.resilience.ddp_worker", ["ping", tmp_path], 2, tmp_path, timeout=300)
+        finally:
+            for k, v in old.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert [p.returncode for p in done] == [0, 0], [p.stdout + p.stderr for p in done]
+    assert [json.loads((tmp_path / f"ping{r}.json").read_text()) for r in (0, 1)] == [[1.0], [1.0]]
+
+
+def test_a_process_past_the_deadline_fails_the_test_with_its_output_and_is_killed(tmp_path):
+    """run_together never hangs: at the deadline the process and its children are killed and the
+    failure message carries what they printed."""
+    child = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time; "
+              f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+              f"open({str(child)!r}, 'w').write(str(p.pid)); print('started', flush=True); time.sleep(600)")
+    with pytest.raises(pytest.fail.Exception) as failed:
+        run_together([([sys.executable, "-c", script], subprocess_env())], timeout=20, workdir=tmp_path / "logs")
+    assert "timed out after 20 s" in str(failed.value) and "started" in str(failed.value)
+    assert _dies(int(child.read_text()))
+
+
+def _dies(pid: int, within: float = 60) -> bool:
+    """SIGKILL was sent; on a loaded machine the kernel may take a moment to finish the process."""
+    import os
+    import time
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as fh:   # a zombie waiting to be reaped is dead
+                if fh.read().split()[2] == "Z":
+                    return True
+        except (ProcessLookupError, FileNotFoundError):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def _equal(a: dict, b: dict) -> bool:
@@ -118,7 +163,7 @@ def test_torchrun_compress_matches_a_single_process_run(digits_teacher_onnx, dig
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "dfkd_deploy", "compress", str(digits_teacher_onnx), "--recipe", str(reference_recipe),
            "--eval-data", str(digits_eval_npz), "--out", str(out), "--quiet", "--device", "cpu"]
-    r = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    r = run_together([(cmd, subprocess_env())], timeout=500, workdir=tmp_path / "logs")[0]
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("artifacts in") == 1                  # rank 0 alone reports
 

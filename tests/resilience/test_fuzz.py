@@ -248,3 +248,49 @@ def test_inspect_on_bad_teacher_files_exits_2_in_one_line(onnx_bytes):
             path.unlink()
 
     check()
+
+
+# -- eval data (issue 14.11) -------------------------------------------------------------------
+
+
+def _npz_bytes(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _npy_bytes(array) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+eval_files = st.one_of(
+    st.binary(max_size=300),                                                             # random bytes
+    st.binary(max_size=200).map(lambda b: b"\x80\x04" + b),                              # pickle-looking
+    st.just(_npy_bytes(np.zeros((2, 8, 8), np.uint8))),                                  # .npy renamed
+    st.just(_npz_bytes(images=np.array([None, 1], dtype=object), labels=np.arange(2))),  # object arrays
+    st.just(_npz_bytes(images=np.zeros((2, 8, 8), np.uint8), labels=np.array(["a", "b"], dtype=object))),
+    st.just(_npz_bytes(images=np.zeros((3, 0, 0), np.uint8), labels=np.arange(3))),    # 0x0 images
+    st.just(_npz_bytes(images=np.zeros((2, 8, 8), np.uint8))),                          # no labels
+    st.binary(min_size=1, max_size=200).map(
+        lambda b: _npz_bytes(images=np.zeros((2, 8, 8), np.uint8), labels=np.arange(2))[: 30 + len(b)]),  # truncated
+)
+
+
+@PROFILE
+@given(data=eval_files)
+def test_eval_data_loads_or_raises_a_data_error_that_never_blames_pickles(data):
+    from dfkd_deploy.core.errors import DataError
+    from dfkd_deploy.validate.data import check_eval_data, load_eval_data
+
+    path = _scratch(".npz", data)
+    try:
+        for read in (check_eval_data, lambda p: load_eval_data(p, input_shape=(1, 8, 8))):
+            try:
+                read(path)
+            except DataError as exc:
+                assert "\n" not in str(exc)
+                assert "pickled data" not in str(exc) and "allow_pickle" not in str(exc), str(exc)
+    finally:
+        path.unlink()

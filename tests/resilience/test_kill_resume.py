@@ -21,7 +21,7 @@ from dfkd_deploy.distill.checkpoint import load_checkpoint
 from dfkd_deploy.core.faults import PAUSE_AT, PAUSE_FILE
 
 from ..conftest import REPO
-from .conftest import REFERENCE, subprocess_env
+from .conftest import REFERENCE, cli, subprocess_env
 
 
 def _killed_at(point: str, args: list, marker) -> None:
@@ -68,8 +68,7 @@ def test_sigkill_during_synthesis_and_kd_then_resume_gives_the_same_student(
     assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 5
 
     # 3. Restarted by the same command a scheduler would repeat: --auto-resume finds the checkpoint.
-    r = subprocess.run([sys.executable, "-m", "dfkd_deploy", "compress", *map(str, args), "--auto-resume"], cwd=REPO,
-                       env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    r = cli("compress", *args, "--auto-resume", timeout=400)
     assert r.returncode == 0, r.stdout + r.stderr
 
     ckpt, ref_ckpt = (load_checkpoint(d / "checkpoints" / "last.pt") for d in (out, reference_run))

@@ -368,3 +368,151 @@ def test_shared_resnet56_teacher():
     assert spec.num_classes == 10 and spec.input_shape == (3, 32, 32)
     assert spec.mean == (0.485, 0.456, 0.406)
     assert_frozen_with_input_grads(teacher)
+
+
+# --------------------------------------------------------------------------- .pt2 and pickles
+
+
+class _WritesMarker:
+    """Unpickling this runs code: it writes the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def _plain_pt2(path: Path) -> Path:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).eval()
+    torch.export.save(torch.export.export(model, (torch.zeros(2, 1, 8, 8),)), path)
+    return path
+
+
+def _rewrite_zip(src: Path, dst: Path, replace) -> Path:
+    """Copy the archive, ``replace(name, data)`` giving each member's new bytes (None: unchanged)."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            new = replace(info.filename, data)
+            zout.writestr(info, data if new is None else new)
+    return dst
+
+
+def _evil_sample_inputs(name, data, marker):
+    import io
+
+    if name.endswith("sample_inputs/model.pt"):   # torch.load(weights_only=False) is torch's fallback here
+        buf = io.BytesIO()
+        torch.save(_WritesMarker(marker), buf)
+        return buf.getvalue()
+    return None
+
+
+def _evil_pickled_weight(name, data, marker):
+    """A weight marked use_pickle whose bytes are a protocol-0 pickle (no b'\\x80' header)."""
+    import json
+    import pickle
+
+    if name.endswith("model_weights_config.json"):
+        cfg = json.loads(data)
+        cfg["config"]["0.bias"]["use_pickle"] = True
+        return json.dumps(cfg).encode()
+    if name.endswith("weights/weight_1"):
+        return pickle.dumps(_WritesMarker(marker), protocol=0)
+    return None
+
+
+def _evil_opaque_constant(name, data, marker):
+    """A constant stored as an 'opaque object': torch unpickles it with plain pickle.loads."""
+    import json
+    import pickle
+
+    if name.endswith("model_constants_config.json"):
+        return json.dumps({"config": {"c": {"path_name": "opaque_obj_0", "is_param": False,
+                                            "use_pickle": True, "tensor_meta": None}}}).encode()
+    return None
+
+
+@pytest.mark.parametrize("attack", [_evil_sample_inputs, _evil_pickled_weight, _evil_opaque_constant])
+@pytest.mark.parametrize("suffix", [".pt2", ".pt"])
+def test_pt2_with_pickled_code_is_refused_without_trust(tmp_path, attack, suffix):
+    """Issue 14.1: a .pt2 (or a .pt holding one) runs no code from the file without --trust-pickle;
+    `inspect` says so in one line with exit 2 and no torch logging."""
+    from click.testing import CliRunner
+
+    from dfkd_deploy.cli import cli
+
+    marker = tmp_path / "payload-ran"
+    plain = _plain_pt2(tmp_path / "plain.pt2")
+    evil = _rewrite_zip(plain, tmp_path / f"evil{suffix}", lambda n, d: attack(n, d, marker))
+    with pytest.raises(TeacherError):
+        load_teacher(evil)
+    assert not marker.exists()
+    result = CliRunner().invoke(cli, ["inspect", str(evil)])
+    assert not marker.exists()
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith("error: ")
+    assert "Traceback" not in result.output
+    assert load_teacher(plain).spec.format == "exported"   # a plain archive still loads
+
+
+def test_pt2_pickles_run_only_with_trust(tmp_path):
+    marker = tmp_path / "payload-ran"
+    evil = _rewrite_zip(_plain_pt2(tmp_path / "plain.pt2"), tmp_path / "evil.pt2",
+                        lambda n, d: _evil_sample_inputs(n, d, marker))
+    with pytest.raises(TeacherError, match="--trust-pickle"):
+        load_teacher(evil)
+    with pytest.raises(TeacherError):    # trusted: torch unpickles (and the program then fails)
+        load_teacher(evil, trust_pickle=True)
+    assert marker.exists()
+
+
+# --------------------------------------------------------------------------- ONNX external data links
+
+
+def _external_data_teacher(tmp_path: Path, tiny) -> Path:
+    """``tiny`` saved with its weights in ``weights.bin`` beside the model."""
+    path = export_onnx(tiny, tmp_path / "src.onnx")
+    model = onnx.load(str(path))
+    out = tmp_path / "ext" / "model.onnx"
+    out.parent.mkdir()
+    onnx.save_model(model, str(out), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    return out
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink", "symlinked_folder"])
+def test_onnx_external_data_links_are_refused_by_our_check(tiny, tmp_path, monkeypatch, link):
+    """Issue 14.5: a symbolic or hard link as external weights is refused by dfkd-deploy itself,
+    before onnx reads anything (older onnx releases followed links)."""
+    path = _external_data_teacher(tmp_path, tiny)
+    assert load_teacher(path).spec.num_classes > 0          # the plain layout loads
+    secret = tmp_path / "secret.bin"
+    weights = path.parent / "weights.bin"
+    secret.write_bytes(weights.read_bytes())
+    weights.unlink()
+    if link == "symlink":
+        weights.symlink_to(secret)
+        location = "weights.bin"
+    elif link == "hardlink":
+        weights.hardlink_to(secret)
+        location = "weights.bin"
+    else:
+        (path.parent / "sub").symlink_to(tmp_path, target_is_directory=True)
+        model = onnx.load(str(path), load_external_data=False)
+        for t in model.graph.initializer:
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = "sub/secret.bin"
+        onnx.save_model(model, str(path))
+        location = "sub/secret.bin"
+
+    def onnx_must_not_read(*args, **kwargs):
+        raise AssertionError("onnx was asked to read linked external data")
+
+    monkeypatch.setattr(onnx, "load_external_data_for_model", onnx_must_not_read)
+    with pytest.raises(TeacherError, match="link") as err:
+        load_teacher(path)
+    assert location in str(err.value) and "\n" not in str(err.value)
