@@ -82,6 +82,25 @@ def shared_material_missing() -> bool:
     return False
 
 
+def reference_missing(root: Path | None) -> bool:
+    """Say so on stderr (and return True) if ``--reference`` is not a Fast-Datafree checkout or
+    kornia, which the reference needs, is not installed."""
+    import importlib.util
+
+    if root is None:
+        return False
+    if not (root / "datafree" / "synthesis" / "fast_meta.py").is_file():
+        print(f"error: {root} is not a checkout of zju-vipa/Fast-Datafree (no datafree/synthesis/fast_meta.py)",
+              file=sys.stderr)
+        return True
+    if importlib.util.find_spec("kornia") is None:
+        print("error: the reference needs kornia: install it in a throwaway environment "
+              "(python -m venv --system-site-packages /tmp/venv-ref; /tmp/venv-ref/bin/pip install kornia)",
+              file=sys.stderr)
+        return True
+    return False
+
+
 def chosen_settings(name: str, items: list[str]) -> dict | None:
     """SETTINGS[name] with ``key=value`` overrides (typed like the default); None, with the
     reason on stderr, for an unknown key."""
@@ -589,7 +608,7 @@ def main(argv=None) -> int:
 
     name = "small" if args.small else "full"
     s = chosen_settings(name, args.setting)
-    if s is None or shared_material_missing():
+    if s is None or shared_material_missing() or reference_missing(args.reference):
         return 2
     started = time.perf_counter()
     report = {"settings_name": name, "settings": s, "machine": machine(),
