@@ -102,7 +102,7 @@ def test_reused_fast_generator_gives_the_rounds_of_a_fresh_copy(digits_teacher, 
     import copy
 
     def rounds(fresh: bool):
-        recipe = quick_recipe(**{"synthesis.g_steps": 2})
+        recipe = quick_recipe(**{"synthesis.g_steps": 2, "synthesis.batch_size": 8})
         seed_everything(0)
         synth = make_synthesizer(digits_teacher, recipe, "cpu")
         if fresh:
