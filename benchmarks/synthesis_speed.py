@@ -8,18 +8,26 @@ seconds, images per second, student top-1 on ../shared/data/cifar10-test-jpeg.np
 agreement with the teacher, and accuracy against cumulative synthesis seconds (the plot).
 
 Two more measurements:
-- ``speed``: Fast-5 rounds of 64 images with the ResNet-20 adversary (the setting the reference
-  code's 7.6 images/s was measured in), in fp32, fp32 channels-last and bf16 channels-last, with
-  the per-batch quality (teacher confidence on the sampled labels, BN loss) of each, and bare
-  teacher forward+backward steps timed in the same process; since other jobs share the cores,
-  the load-independent figure is the round time in bare fp32 teacher steps.
+- ``speed``: Fast-5 rounds of 64 images with the ResNet-20 adversary, at the precision the
+  synthesizer resolves to on this machine, each round's seconds and per-batch quality (teacher
+  confidence on the sampled labels, BN loss; the same seed per round). Beside each round, the
+  pieces of an inner step run bare (see ``BareSteps``), from which the minimum cost of a round
+  is estimated (the ceiling) and our round reported as a fraction of it; then single KD steps
+  against their own ceiling. With ``--reference DIR`` (a checkout of zju-vipa/Fast-Datafree
+  that you fetched; kornia installed) the reference's ``FastMetaSynthesizer`` runs unmodified in
+  the same process (benchmarks/_reference.py builds it with the same teacher weights and a
+  ResNet-20 student), alternating with ours round by round, and the ratio of the medians is
+  reported with the per-round spread. Without ``--reference`` no comparison is made.
 - DeepInversion's cost per pixel step, from which DeepInversion-2k's synthesis time for the
   same images is extrapolated where the budget allows fewer steps (``--small``): the JSON labels
   every such figure ``extrapolated`` and keeps the measured one beside it.
 
     python benchmarks/synthesis_speed.py --small   # about 18 minutes on 2 idle CPU cores
     python benchmarks/synthesis_speed.py           # the paper's schedule: a GPU job
+    python benchmarks/synthesis_speed.py --small --speed-only --reference ../Fast-Datafree
+        # side by side: about 10 minutes on 2 loaded cores; writes synthesis_speed_side_by_side.json
 
+The shared material is looked for beside the repository (``../shared``) or in ``$DFKD_SHARED``.
 Writes benchmarks/results/synthesis_speed.json and synthesis_speed.png (``--out-dir`` to change).
 ``--setting key=value`` overrides one entry of the chosen settings (e.g. ``di_steps=100``).
 """
@@ -42,22 +50,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # this checkout's dfkd_deploy, whatever else is installed
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("DFKD_SHARED", REPO.parent / "shared"))
 TEACHER = SHARED / "teachers" / "cifar10-resnet56.th"
 TEST_SET = SHARED / "data" / "cifar10-test-jpeg.npz"
-
-# The reference implementation's speed, measured on this project's 2-core machine (AVX-512 with
-# bf16) by the maintainers, as quoted in issue 7: zju-vipa/Fast-Datafree ``fast_meta``, Fast-5,
-# batch 64, the same ResNet-56 teacher and ResNet-20 adversary. Not re-measured here (the
-# reference needs CUDA and kornia); quoted beside our own figures.
-REFERENCE = {
-    "images_per_second": 7.6,
-    "seconds_per_round": 8.4,
-    "bare_teacher_step_seconds": {"fp32": 0.27, "fp32_channels_last": 0.21, "bf16_channels_last": 0.12},
-    "source": "issue 7: reference code (zju-vipa/Fast-Datafree fast_meta, Fast-5, batch 64, ResNet-56 "
-              "teacher, ResNet-20 adversary) measured on the project's 2-core AVX-512/bf16 machine",
-}
-REFERENCE["bare_steps_per_round"] = REFERENCE["seconds_per_round"] / REFERENCE["bare_teacher_step_seconds"]["fp32"]
 
 SETTINGS = {
     # 2 CPU cores, about 18 minutes idle: 24 rounds of 64 images per method, KD from the
@@ -66,12 +61,12 @@ SETTINGS = {
     # per step is measured and DeepInversion-2k's synthesis time extrapolated from it.
     "small": {"synth_batch": 64, "epochs": 24, "warmup": 4, "kd_steps": 50, "kd_batch": 64, "kd_lr": 0.1,
               "di_steps": 40, "di_lr": 0.1, "eval_every": 5, "eval_images": 2000,
-              "speed_rounds": 3, "quality_rounds": 8, "speed_batch": 64, "bare_reps": 5,
+              "speed_rounds": 8, "speed_warmup": 2, "speed_batch": 64, "kd_steps_timed": 10,
               "precision": "auto", "kd_precision": "auto", "seed": 0},
     # The paper's schedule (recipes/cifar-resnet20.yaml and cifar-resnet20-deepinversion.yaml).
     "full": {"synth_batch": 256, "epochs": 220, "warmup": 20, "kd_steps": 400, "kd_batch": 256, "kd_lr": 0.2,
              "di_steps": 2000, "di_lr": 0.1, "eval_every": 20, "eval_images": 10000,
-             "speed_rounds": 5, "quality_rounds": 20, "speed_batch": 64, "bare_reps": 9,
+             "speed_rounds": 20, "speed_warmup": 2, "speed_batch": 64, "kd_steps_timed": 20,
              "precision": "auto", "kd_precision": "auto", "seed": 0},
 }
 PAPER_DI_STEPS = 2000
@@ -84,6 +79,25 @@ def shared_material_missing() -> bool:
         if not path.exists():
             print(f"error: {path} is absent (the shared material lives beside the repository)", file=sys.stderr)
             return True
+    return False
+
+
+def reference_missing(root: Path | None) -> bool:
+    """Say so on stderr (and return True) if ``--reference`` is not a Fast-Datafree checkout or
+    kornia, which the reference needs, is not installed."""
+    import importlib.util
+
+    if root is None:
+        return False
+    if not (root / "datafree" / "synthesis" / "fast_meta.py").is_file():
+        print(f"error: {root} is not a checkout of zju-vipa/Fast-Datafree (no datafree/synthesis/fast_meta.py)",
+              file=sys.stderr)
+        return True
+    if importlib.util.find_spec("kornia") is None:
+        print("error: the reference needs kornia: install it in a throwaway environment "
+              "(python -m venv --system-site-packages /tmp/venv-ref; /tmp/venv-ref/bin/pip install kornia)",
+              file=sys.stderr)
+        return True
     return False
 
 
@@ -134,101 +148,343 @@ def _median(values):
 # --------------------------------------------------------------------------- speed
 
 
-def bare_teacher_step(module, batch: int, channels_last: bool, bf16: bool) -> float:
-    """One teacher forward+backward to its input (the unit the reference's cost was given in)."""
+def _sync() -> None:
     import torch
 
-    x = torch.rand(batch, 3, 32, 32)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    x.requires_grad_(True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn) -> float:
     t0 = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        out = module(x)
-    out.float().sum().backward()
+    fn()
+    _sync()
     return time.perf_counter() - t0
 
 
-def speed_part(teacher, s: dict) -> dict:
+def spread(values: list[float]) -> dict:
+    """Median, min, max and interquartile range of a list of figures."""
+    if not values:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "iqr": [float("nan")] * 2}
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+    return {"median": _median(values), "min": min(values), "max": max(values), "iqr": [q[0], q[2]]}
+
+
+class BareSteps:
+    """The pieces of a Fast-5 inner step run bare: each module alone on a random batch, no
+    augmentation, loss terms, BN statistics or optimiser. At the synthesizer's own precision and
+    memory format (bf16 under autocast where it resolved to bf16, else fp32):
+
+    - ``teacher``: teacher forward + backward to its input (weights frozen);
+    - ``student``: the same for the ResNet-20 adversary (weights frozen, as in synthesis);
+    - ``generator``: generator forward + backward to its weights and latent (the meta-gradient
+      needs them), in the synthesizer's configuration (its _MixedConv2d path under bf16);
+    - ``teacher_bf16_channels_last``: the bf16 channels-last teacher step, measured only where the
+      CPU runs bf16 natively (elsewhere bf16 is emulated and 10x slower: not a ceiling);
+    - for the KD step: ``teacher_forward`` (no grad) and ``student_train`` (forward + backward
+      with weight gradients), at the distillation precision.
+    """
+
+    def __init__(self, teacher, student, synth, kd_precision: str, batch: int):
+        import copy
+
+        import torch
+
+        from dfkd_deploy.synthesis.base import autocast_factory, bf16_native
+
+        self.teacher, self.batch = teacher, batch
+        self.student = copy.deepcopy(student).eval()
+        for p in self.student.parameters():
+            p.requires_grad_(False)
+        self.student_train = copy.deepcopy(student).train()
+        self.generator = copy.deepcopy(synth.generator).train()
+        self.cl = synth.channels_last
+        self.autocast = synth.autocast
+        self.kd_autocast = autocast_factory(kd_precision, torch.device("cpu"))
+        self.bf16_native = bf16_native(torch.device("cpu"))
+        fmt = torch.channels_last if self.cl else torch.contiguous_format
+        for m in (self.student, self.student_train):
+            m.to(memory_format=fmt)
+        self.nz = synth.opts.nz
+
+    def _input(self, grad: bool):
+        import torch
+
+        x = torch.rand(self.batch, 3, 32, 32)
+        if self.cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x.requires_grad_(grad)
+
+    def _input_step(self, module, autocast):
+        x = self._input(True)
+
+        def run():
+            with autocast():
+                out = module(x)
+            out.float().sum().backward()
+        return _timed(run)
+
+    def teacher_step(self) -> float:
+        return self._input_step(self.teacher, self.autocast)
+
+    def student_step(self) -> float:
+        return self._input_step(self.student, self.autocast)
+
+    def generator_step(self) -> float:
+        import torch
+
+        z = torch.randn(self.batch, self.nz, requires_grad=True)
+        self.generator.zero_grad(set_to_none=True)
+        return _timed(lambda: self.generator(z).sum().backward())
+
+    def teacher_bf16_step(self) -> float | None:
+        import torch
+
+        if not self.bf16_native:
+            return None
+        x = self._input(True)
+
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = self.teacher(x)
+            out.float().sum().backward()
+        return _timed(run)
+
+    def teacher_forward(self) -> float:
+        import torch
+
+        x = self._input(False)
+
+        def run():
+            with torch.no_grad(), self.kd_autocast():
+                self.teacher(x)
+        return _timed(run)
+
+    def student_train_step(self) -> float:
+        x = self._input(False)
+        self.student_train.zero_grad(set_to_none=True)
+
+        def run():
+            with self.kd_autocast():
+                out = self.student_train(x)
+            out.float().sum().backward()
+        return _timed(run)
+
+    def measure(self) -> dict:
+        out = {"teacher": self.teacher_step(), "student": self.student_step(), "generator": self.generator_step(),
+               "teacher_forward": self.teacher_forward(), "student_train": self.student_train_step()}
+        bf = self.teacher_bf16_step()
+        if bf is not None:
+            out["teacher_bf16_channels_last"] = bf
+        return out
+
+
+def ceiling(bare_rounds: list[dict], g_steps: int, kd_step_seconds: list[float], our_rounds: list[float]) -> dict:
+    """The estimated minimum cost of a Fast-5 round and of a KD step, from the bare pieces, and
+    our measured figures as fractions of it (estimate / measured: 1.0 would be no overhead)."""
+    med = {k: _median([r[k] for r in bare_rounds if k in r]) for k in bare_rounds[0]}
+    inner = med["generator"] + med["teacher"] + med["student"]
+    round_min = g_steps * inner
+    kd_min = med["teacher_forward"] + med["student_train"]
+    return {
+        "bare_seconds_median": med,
+        "round_estimate": f"{g_steps} x (generator forward+backward + teacher forward+backward to the input + "
+                          "student forward+backward to the input), each run bare at the synthesizer's precision "
+                          "and memory format; medians over the measured rounds (one set measured beside each round)",
+        "round_minimum_seconds": round_min,
+        "round_fraction_of_ceiling": round_min / _median(our_rounds),
+        "kd_estimate": "teacher forward (no grad) + student forward+backward with weight gradients, bare, at the "
+                       "distillation precision",
+        "kd_step_minimum_seconds": kd_min,
+        "kd_step_fraction_of_ceiling": kd_min / _median(kd_step_seconds) if kd_step_seconds else None,
+    }
+
+
+def kd_steps(teacher, student, s: dict, tmp: Path) -> tuple[list[float], str]:
+    """Seconds of single KD steps through the Distiller's own loop (pool read, crop+flip, teacher
+    forward, student forward/backward, SGD step), batch ``speed_batch``, one step per call."""
+    import copy
+
     import torch
 
-    from dfkd_deploy.run import make_synthesizer
-    from dfkd_deploy.models import build_model
+    from dfkd_deploy.distill.trainer import Distiller
     from dfkd_deploy.recipe import load_recipe
+    from dfkd_deploy.synthesis.pool import ImagePool
 
     bs = s["speed_batch"]
-    bare = {}
-    for name, cl, bf in (("fp32", False, False), ("fp32_channels_last", True, False), ("bf16_channels_last", True, True)):
-        bare_teacher_step(teacher.module, bs, cl, bf)   # warm-up (oneDNN primitive creation)
-        bare[name] = _median([bare_teacher_step(teacher.module, bs, cl, bf) for _ in range(s["bare_reps"])])
-    print(f"speed: bare teacher step {bare}", flush=True)
+    recipe = load_recipe(REPO / "recipes" / "cifar-resnet20.yaml", {
+        "distillation.batch_size": bs, "distillation.kd_steps": 1, "distillation.precision": s["kd_precision"]})
+    pool = ImagePool(tmp / "kd-pool")
+    for _ in range(4):
+        pool.add(torch.rand(bs, 3, 32, 32))
+    d = Distiller(teacher.module, teacher.normalizer(), copy.deepcopy(student), None, pool, recipe, tmp / "kd",
+                  "cpu", show_progress=False)
+    d._kd_epoch()   # warm-up
+    return [_timed(d._kd_epoch) for _ in range(s["kd_steps_timed"])], d.precision
 
-    configs = {}
-    for name, precision, cl in (("fp32", "fp32", False), ("fp32_channels_last", "fp32", True),
-                                ("bf16_channels_last", "bf16", True)):
-        recipe = load_recipe(REPO / "recipes" / "cifar-resnet20.yaml", {
-            "synthesis.batch_size": bs, "synthesis.precision": precision, "synthesis.channels_last": cl})
-        torch.manual_seed(0)
-        student = build_model("cifar_resnet20", num_classes=teacher.spec.num_classes)
-        synth = make_synthesizer(teacher, recipe, torch.device("cpu"))
-        synth.synthesize(student, adversarial=True)       # warm-up round
-        walls, cpus, ratios, conf, bn = [], [], [], [], []
-        # fp32 NCHW is timed only; the two channels-last settings run long enough for their
-        # batches' quality to be compared (same seeds: the same latents and labels each round)
-        rounds = s["speed_rounds"] if name == "fp32" else s["quality_rounds"]
-        for _ in range(rounds):
-            unit = bare_teacher_step(teacher.module, bs, False, False)
-            t0, c0 = time.perf_counter(), time.process_time()
+
+def _reference_side(reference_dir: Path, s: dict, tmp: Path):
+    """The reference's FastMetaSynthesizer on its own copy of the teacher and its own student,
+    both with trainable weights as its datafree_kd.py leaves them."""
+    import torch
+
+    from dfkd_deploy.models import build_model
+    from dfkd_deploy.recipe import TeacherOptions, load_recipe
+    from dfkd_deploy.teachers import load_teacher
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _reference
+
+    ref = _reference.load_reference(reference_dir)
+    t = load_teacher(TEACHER, TeacherOptions(arch="cifar_resnet56"))
+    module = t.module.eval()
+    for p in module.parameters():
+        p.requires_grad_(True)
+    recipe = load_recipe(REPO / "recipes" / "cifar-resnet20.yaml", {"synthesis.batch_size": s["speed_batch"]})
+    torch.manual_seed(s["seed"])
+    student = build_model("cifar_resnet20", num_classes=t.spec.num_classes)
+    synth = _reference.build_reference_synthesizer(ref, module, student, t.normalizer(), recipe.synthesis,
+                                                   t.spec.num_classes, t.spec.input_shape[-1], s["speed_batch"], tmp)
+    info = {"source": str(reference_dir), "commit": ref.commit, "class": "datafree.synthesis.fast_meta.FastMetaSynthesizer",
+            "precision": "fp32", "channels_last": False, "torchvision_transforms_stand_in": ref.torchvision_stand_in,
+            "teacher_and_student_weights_trainable": True, "adapter": "benchmarks/_reference.py"}
+    return synth, info
+
+
+def summarize(rows: list[dict], kd_seconds: list[float], kd_precision: str, info: dict) -> dict:
+    """The speed figures from the rounds measured so far (``rows``, warm-up rounds marked)."""
+    timed = [r for r in rows if not r["warm_up"]]
+    our_s = [r["ours_seconds"] for r in timed]
+    out = dict(info, warm_up_rounds=sum(r["warm_up"] for r in rows), measured_rounds=len(timed), rounds=rows,
+               ours_seconds=spread(our_s), load_average_now=[round(v, 2) for v in os.getloadavg()])
+    out["kd_step"] = {"batch": info["batch"], "precision": kd_precision, "seconds": kd_seconds,
+                      "spread": spread(kd_seconds),
+                      "what": "one Distiller KD step: pool read, crop+flip, teacher forward (no grad), student "
+                              "forward+backward, SGD step; ResNet-56 -> ResNet-20"}
+    if not timed:
+        return out
+    out["ours_images_per_second_at_median"] = info["batch"] / _median(our_s)
+    out["ours_teacher_confidence_mean"] = statistics.mean(r["ours_teacher_confidence"] for r in timed)
+    out["ours_bn_loss_mean"] = statistics.mean(r["ours_bn_loss"] for r in timed)
+    out["ceiling"] = ceiling([r["bare"] for r in timed], info["g_steps"], kd_seconds, our_s)
+    if "reference" in info:
+        ref_s = [r["reference_seconds"] for r in timed]
+        out["reference_seconds"] = spread(ref_s)
+        out["reference_images_per_second_at_median"] = info["batch"] / _median(ref_s)
+        out["ratio_of_medians"] = _median(ref_s) / _median(our_s)
+        out["ratio_per_round"] = spread([r["reference_seconds"] / r["ours_seconds"] for r in timed])
+        out["ratio_basis"] = ("median reference seconds / median our seconds over the measured rounds of one run, "
+                              "the two sides alternating round by round (reference first in odd rounds, ours first "
+                              "in even ones); ratio_per_round is the same ratio within each round")
+    return out
+
+
+def speed_part(teacher, s: dict, reference_dir: Path | None = None, on_round=None) -> dict:
+    """Fast-5 rounds of ``speed_batch`` images with the ResNet-20 adversary: ours, and the
+    reference's in the same process when ``reference_dir`` is given, alternating round by round
+    so that changing load hits both alike; a set of bare steps beside each round for the
+    ceiling. KD steps are timed first. ``on_round`` gets the summary after every round (so a run
+    cut short still leaves its rounds on disk)."""
+    import torch
+
+    from dfkd_deploy.models import build_model
+    from dfkd_deploy.recipe import load_recipe
+    from dfkd_deploy.run import make_synthesizer
+
+    bs = s["speed_batch"]
+    load_start = [round(v, 2) for v in os.getloadavg()]
+    recipe = load_recipe(REPO / "recipes" / "cifar-resnet20.yaml", {
+        "synthesis.batch_size": bs, "synthesis.precision": s["precision"]})
+    torch.manual_seed(s["seed"])
+    student = build_model("cifar_resnet20", num_classes=teacher.spec.num_classes)
+    synth = make_synthesizer(teacher, recipe, torch.device("cpu"))
+    bare = BareSteps(teacher.module, student, synth, s["kd_precision"], bs)
+    info = {"batch": bs, "g_steps": recipe.synthesis.g_steps, "precision": synth.precision,
+            "channels_last": synth.channels_last, "seed": s["seed"], "load_average_start": load_start}
+
+    with tempfile.TemporaryDirectory(prefix="speed-") as tmp:
+        kd_seconds, kd_precision = kd_steps(teacher, student, s, Path(tmp))
+        print(f"speed: KD step {_median(kd_seconds):.3f} s ({kd_precision})", flush=True)
+        ref_synth = None
+        if reference_dir:
+            ref_synth, info["reference"] = _reference_side(reference_dir, s, Path(tmp))
+
+        def ours(i: int):
+            torch.manual_seed(s["seed"] + i)   # the same latents and labels per round, whatever ran between
+            t0 = time.perf_counter()
             _, st = synth.synthesize(student, adversarial=True)
-            wall = time.perf_counter() - t0
-            walls.append(wall)
-            cpus.append(time.process_time() - c0)
-            ratios.append(wall / unit)
-            conf.append(st.confidence)
-            bn.append(st.bn)
-        row = {"precision": precision, "channels_last": cl, "g_steps": recipe.synthesis.g_steps, "batch": bs,
-               "seconds_per_round": _median(walls), "cpu_seconds_per_round": _median(cpus),
-               "images_per_second": bs / _median(walls), "bare_fp32_steps_per_round": _median(ratios),
-               "rounds": rounds, "teacher_confidence": statistics.mean(conf), "bn_loss": statistics.mean(bn),
-               "teacher_confidence_last_half": statistics.mean(conf[len(conf) // 2:]),
-               "bn_loss_last_half": statistics.mean(bn[len(bn) // 2:]),
-               "load_average": [round(v, 2) for v in os.getloadavg()]}
-        row["speedup_vs_reference"] = row["images_per_second"] / REFERENCE["images_per_second"]
-        row["speedup_vs_reference_load_normalised"] = REFERENCE["bare_steps_per_round"] / row["bare_fp32_steps_per_round"]
-        configs[name] = row
-        print(f"speed: {name}: {row['seconds_per_round']:.2f} s/round, {row['images_per_second']:.1f} img/s, "
-              f"{row['bare_fp32_steps_per_round']:.1f} bare steps/round, conf {row['teacher_confidence']:.3f}, "
-              f"bn {row['bn_loss']:.1f}", flush=True)
+            return time.perf_counter() - t0, st
 
-    # DeepInversion's cost per pixel step, same batch and adversary
+        def theirs(i: int):
+            torch.manual_seed(s["seed"] + 10_000 + i)
+            t0 = time.perf_counter()
+            _, own = ref_synth.synthesize()
+            return time.perf_counter() - t0, own
+
+        rows = []
+        total = s["speed_warmup"] + s["speed_rounds"]
+        for i in range(total):
+            row = {"round": i + 1, "warm_up": i < s["speed_warmup"]}
+            order = ("reference", "ours") if i % 2 == 0 else ("ours", "reference")
+            for side in order:
+                if side == "ours":
+                    row["ours_seconds"], st = ours(i)
+                    row["ours_teacher_confidence"], row["ours_bn_loss"] = st.confidence, st.bn
+                elif ref_synth is not None:
+                    row["reference_seconds"], row["reference_own_timer_seconds"] = theirs(i)
+            row["bare"] = bare.measure()
+            row["load_average"] = [round(v, 2) for v in os.getloadavg()]
+            rows.append(row)
+            print(f"speed: round {i + 1}/{total}{' (warm-up)' if row['warm_up'] else ''}: ours "
+                  f"{row['ours_seconds']:.2f} s" + (f", reference {row['reference_seconds']:.2f} s"
+                                                     if "reference_seconds" in row else "")
+                  + f", bare teacher {row['bare']['teacher']:.2f} s, load {row['load_average'][0]}", flush=True)
+            if on_round is not None:
+                on_round(summarize(rows, kd_seconds, kd_precision, info))
+    out = summarize(rows, kd_seconds, kd_precision, info)
+    out["load_average_end"] = out.pop("load_average_now")
+    return out
+
+
+def print_speed(sp: dict) -> None:
+    c = sp["ceiling"]
+    print(f"ours: {sp['ours_seconds']['median']:.2f} s per Fast-{sp['g_steps']} round of {sp['batch']} "
+          f"({sp['precision']}{', channels-last' if sp['channels_last'] else ''}; min {sp['ours_seconds']['min']:.2f}, "
+          f"max {sp['ours_seconds']['max']:.2f}); estimated minimum {c['round_minimum_seconds']:.2f} s = "
+          f"{100 * c['round_fraction_of_ceiling']:.0f}% of the ceiling; KD step {sp['kd_step']['spread']['median']:.3f} s "
+          f"({100 * c['kd_step_fraction_of_ceiling']:.0f}% of its ceiling); load {sp['load_average_start']} -> "
+          f"{sp['load_average_end']}", flush=True)
+    if "ratio_of_medians" in sp:
+        r = sp["ratio_per_round"]
+        print(f"reference: {sp['reference_seconds']['median']:.2f} s per round; ratio of medians "
+              f"{sp['ratio_of_medians']:.2f}x (per-round ratios {r['min']:.2f}-{r['max']:.2f}, "
+              f"IQR {r['iqr'][0]:.2f}-{r['iqr'][1]:.2f})", flush=True)
+
+
+def extras_part(teacher, s: dict, default_seconds: float) -> dict:
+    """DeepInversion's cost per pixel step and the pool's cost per batch (the protocol's extras)."""
+    import torch
+
+    from dfkd_deploy.models import build_model
+    from dfkd_deploy.recipe import load_recipe
+    from dfkd_deploy.run import make_synthesizer
+    from dfkd_deploy.synthesis.pool import ImagePool
+
+    bs = s["speed_batch"]
     recipe = load_recipe(REPO / "recipes" / "cifar-resnet20-deepinversion.yaml", {
         "synthesis.batch_size": bs, "synthesis.g_steps": 10})
     torch.manual_seed(0)
     student = build_model("cifar_resnet20", num_classes=teacher.spec.num_classes)
     synth = make_synthesizer(teacher, recipe, torch.device("cpu"))
     synth.synthesize(student, adversarial=True, batch_size=bs)
-    t0 = time.perf_counter()
-    synth.synthesize(student, adversarial=True, batch_size=bs)
-    di_step = (time.perf_counter() - t0) / 10
-    default = configs["bf16_channels_last"] if synth.precision == "bf16" else configs["fp32_channels_last"]
-
-    # what adding a batch to the on-disk pool costs (uint8 shard + index, written atomically)
-    from dfkd_deploy.synthesis.pool import ImagePool
-
+    di_step = _timed(lambda: synth.synthesize(student, adversarial=True, batch_size=bs)) / 10
     with tempfile.TemporaryDirectory(prefix="pool-io-") as tmp:
         pool = ImagePool(Path(tmp))
         batch = torch.rand(bs, 3, 32, 32)
-        adds = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            pool.add(batch)
-            adds.append(time.perf_counter() - t0)
-    return {"bare_teacher_step_seconds": bare, "fast5": configs, "default_precision": synth.precision,
-            "pool_add_seconds_per_batch": _median(adds),
-            "deepinversion_seconds_per_step": di_step,
+        adds = [_timed(lambda: pool.add(batch)) for _ in range(5)]
+    return {"pool_add_seconds_per_batch": _median(adds), "deepinversion_seconds_per_step": di_step,
             "deepinversion_2k_seconds_per_round_extrapolated": di_step * PAPER_DI_STEPS,
-            "speedup_fast5_vs_deepinversion_2k_per_round_extrapolated":
-                di_step * PAPER_DI_STEPS / default["seconds_per_round"]}
+            "speedup_fast5_vs_deepinversion_2k_per_round_extrapolated": di_step * PAPER_DI_STEPS / default_seconds}
 
 
 # --------------------------------------------------------------------------- protocol
@@ -333,7 +589,11 @@ def main(argv=None) -> int:
                     help="override one entry of the chosen settings")
     ap.add_argument("--skip-speed", action="store_true", help="leave out the Fast-5 speed measurement")
     ap.add_argument("--speed-only", action="store_true",
-                    help="only the speed measurement (a few minutes), written to synthesis_speed_rounds.json")
+                    help="only the speed measurement (a few minutes), written to synthesis_speed_rounds.json, "
+                         "or synthesis_speed_side_by_side.json with --reference")
+    ap.add_argument("--reference", type=Path, default=None, metavar="DIR",
+                    help="a checkout of zju-vipa/Fast-Datafree: its FastMetaSynthesizer runs in the same process, "
+                         "round by round alternating with ours (needs kornia; see benchmarks/_reference.py)")
     ap.add_argument("--methods", default="fast,deepinversion",
                     help="comma-separated subset of fast,deepinversion (both are needed for the JSON's comparison)")
     args = ap.parse_args(argv)
@@ -348,24 +608,29 @@ def main(argv=None) -> int:
 
     name = "small" if args.small else "full"
     s = chosen_settings(name, args.setting)
-    if s is None or shared_material_missing():
+    if s is None or shared_material_missing() or reference_missing(args.reference):
         return 2
     started = time.perf_counter()
-    report = {"settings_name": name, "settings": s, "machine": machine(), "reference": REFERENCE,
+    report = {"settings_name": name, "settings": s, "machine": machine(),
               "command": "python benchmarks/synthesis_speed.py" + (" --small" if args.small else "")
               + "".join(f" --setting {x}" for x in args.setting)}
     print(f"machine: {report['machine']}", flush=True)
 
     teacher = load_teacher(TEACHER, TeacherOptions(arch="cifar_resnet56"))
     if args.speed_only:   # no test data needed
-        report["speed"] = speed_part(teacher, s)
-        report["command"] += " --speed-only"
-        report["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+        report["command"] += " --speed-only" + (f" --reference {args.reference}" if args.reference else "")
         args.out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(args.out_dir / "synthesis_speed_rounds.json", report)
-        bf16 = report["speed"]["fast5"]["bf16_channels_last"]
-        print(f"bf16 channels-last Fast-5: {bf16['seconds_per_round']:.2f} s/round, "
-              f"{bf16['images_per_second']:.1f} images/s ({bf16['speedup_vs_reference']:.1f}x the reference)", flush=True)
+        out = args.out_dir / ("synthesis_speed_side_by_side.json" if args.reference else "synthesis_speed_rounds.json")
+
+        def partial(speed: dict) -> None:
+            write_json(out, dict(report, speed=speed, complete=False))
+
+        report["speed"] = speed_part(teacher, s, args.reference, on_round=partial)
+        report["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+        report["complete"] = True
+        write_json(out, report)
+        print_speed(report["speed"])
+        print(f"wrote {out}", flush=True)
         return 0
     data = load_eval_data(TEST_SET, input_shape=teacher.spec.input_shape)
     pixels, labels = to_pixels(data.images), torch.as_tensor(data.labels)
@@ -376,7 +641,9 @@ def main(argv=None) -> int:
     print(f"teacher top-1 {report['teacher_top1']:.4f} on {len(labels)} test images", flush=True)
 
     if not args.skip_speed:
-        report["speed"] = speed_part(teacher, s)
+        report["speed"] = speed_part(teacher, s, args.reference)
+        report["speed"].update(extras_part(teacher, s, report["speed"]["ours_seconds"]["median"]))
+        print_speed(report["speed"])
     with tempfile.TemporaryDirectory(prefix="synthesis-speed-") as tmp:
         for method in args.methods.split(","):
             report[method] = run_method(method, teacher, s, pixels, labels, t_logits, eval_idx, Path(tmp))

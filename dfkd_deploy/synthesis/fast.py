@@ -47,6 +47,23 @@ class FastSynthesizer(Synthesizer):
         self.generator.reset_l0()
         return self.generator
 
+    def _fast_copy(self) -> nn.Module:
+        """The round's fast generator: one module kept across rounds and loaded with the meta
+        generator's parameters and buffers each round (the same values a deep copy would have,
+        without building a module and allocating its tensors every round)."""
+        fast = getattr(self, "_fast", None)
+        if fast is None:
+            fast = self._fast = copy.deepcopy(self.generator)
+        else:
+            with torch.no_grad():
+                for dst, src in zip(fast.state_dict().values(), self.generator.state_dict().values()):
+                    dst.copy_(src)
+        fast.bf16_convs = self.generator.bf16_convs
+        fast.train(self.generator.training)
+        for p in fast.parameters():
+            p.grad = None
+        return fast
+
     def synthesize(self, student: nn.Module | None = None, *, adversarial: bool = False,
                    meta_update: bool = True, batch_size: int | None = None) -> tuple[torch.Tensor, RoundStats]:
         """One batch: returns pixel-space images ([0,1], NCHW) and the round's loss terms."""
@@ -56,7 +73,7 @@ class FastSynthesizer(Synthesizer):
 
         z = torch.randn(bs, o.nz, device=self.device, requires_grad=True)
         targets = torch.randint(0, self.num_classes, (bs,), device=self.device)
-        fast = copy.deepcopy(self.generator)
+        fast = self._fast_copy()
         inner = torch.optim.Adam([{"params": fast.parameters()}, {"params": [z], "lr": o.lr_z}],
                                  lr=o.lr_g, betas=(0.5, 0.999))
         if meta_update:

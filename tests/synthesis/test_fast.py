@@ -98,3 +98,29 @@ def test_channels_last_changes_nothing_but_the_memory_format():
     # the largest gradient on one CPU). Same direction, same scale: the memory format changed nothing else.
     assert F.cosine_similarity(g0.flatten(), g1.flatten(), dim=0) > 0.9999
     assert (g0 - g1).abs().max() <= 1e-2 * g0.abs().max()
+
+
+def test_reused_fast_generator_gives_the_rounds_of_a_fresh_copy(digits_teacher, monkeypatch):
+    # The fast generator is kept across rounds and reloaded from the meta generator; the rounds
+    # must be those of a deep copy per round (the reference's clone), reset_l0 included.
+    import copy
+
+    def rounds(fresh: bool):
+        recipe = quick_recipe(**{"synthesis.g_steps": 2, "synthesis.batch_size": 8})
+        seed_everything(0)
+        synth = make_synthesizer(digits_teacher, recipe, "cpu")
+        if fresh:
+            monkeypatch.setattr(synth, "_fast_copy", lambda: copy.deepcopy(synth.generator))
+        student = build_student(recipe, digits_teacher)
+        out = []
+        for i in range(3):
+            if i == 2:
+                synth.reset_l0()
+            x, st = synth.synthesize(student, adversarial=i > 0)
+            out.append((x, st.loss, st.bn))
+        return out, synth.generator.state_dict()
+
+    (reused, g_reused), (fresh, g_fresh) = rounds(False), rounds(True)
+    for (xa, la, ba), (xb, lb, bb) in zip(reused, fresh):
+        assert torch.equal(xa, xb) and la == lb and ba == bb
+    assert all(torch.equal(g_reused[k], g_fresh[k]) for k in g_fresh)
