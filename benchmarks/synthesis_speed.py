@@ -190,7 +190,7 @@ class BareSteps:
 
         import torch
 
-        from dfkd_deploy.synthesis.base import autocast_factory, bf16_native
+        from dfkd_deploy.core.precision import autocast_factory, bf16_native
 
         self.teacher, self.batch = teacher, batch
         self.student = copy.deepcopy(student).eval()
