@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from dfkd_deploy.run import distill, make_probes, make_synthesizer, prepare_run_dir
+from dfkd_deploy.run import distill, make_probes, make_synthesizer
+from dfkd_deploy.rundir import prepare_run_dir, release_run_dir
 from dfkd_deploy.core.device import resolve_device
 from dfkd_deploy.distill.trainer import seed_everything
 from dfkd_deploy.core.errors import UsageError
@@ -54,13 +55,16 @@ def distill_on_pool(teacher_path, recipe: Recipe, pool_dir, out, *, device="auto
     teacher = load_teacher(teacher_path, recipe.teacher, trust_pickle=trust_pickle)
     teacher.module.to(dev)
     run_dir = prepare_run_dir(out, resume=False)
-    recipe = recipe.model_copy(deep=True)
-    recipe.distillation.warmup = 0   # the pool is ready: every epoch trains
-    student, _, _ = distill(teacher, recipe, run_dir, dev, show_progress=show_progress,
-                            synthesize_more=False, pool=src)
-    return save_student(run_dir / "student.pt", student, arch=recipe.student.arch,
-                        num_classes=teacher.spec.num_classes, input_shape=teacher.spec.input_shape,
-                        teacher_spec=teacher.spec.to_dict())
+    try:   # locked like a compress run, until this stage ends
+        recipe = recipe.model_copy(deep=True)
+        recipe.distillation.warmup = 0   # the pool is ready: every epoch trains
+        student, _, _ = distill(teacher, recipe, run_dir, dev, show_progress=show_progress,
+                                synthesize_more=False, pool=src)
+        return save_student(run_dir / "student.pt", student, arch=recipe.student.arch,
+                            num_classes=teacher.spec.num_classes, input_shape=teacher.spec.input_shape,
+                            teacher_spec=teacher.spec.to_dict())
+    finally:
+        release_run_dir(run_dir)
 
 
 def export(student_path, out, *, opset: int = 17):
