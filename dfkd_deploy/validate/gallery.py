@@ -16,7 +16,8 @@ import torch
 
 from dfkd_deploy.core.io import atomic_path
 from dfkd_deploy.report.html import GALLERY_FILE
-from dfkd_deploy.synthesis.pool import ImagePool, to_uint8
+from dfkd_deploy.images import pixels_to_uint8
+from dfkd_deploy.synthesis.pool import ImagePool
 from dfkd_deploy.validate.data import EvalData, to_pixels
 from dfkd_deploy.validate.metrics import predict
 
@@ -45,7 +46,7 @@ def sample_pool(pool: ImagePool, teacher, *, seed: int, device="cpu", per_class:
     counts = np.bincount(labels, minlength=k)
     classes = [c for c in np.argsort(-counts, kind="stable")[:max_classes] if counts[c]]
     keep = np.concatenate([np.nonzero(labels == c)[0][:per_class] for c in sorted(classes)]).astype(np.int64)
-    return to_uint8(pixels[keep]), labels[keep]
+    return pixels_to_uint8(pixels[keep]), labels[keep]
 
 
 def write_gallery(run_dir: str | Path, teacher, probes: torch.Tensor, *, seed: int, device="cpu") -> Path:
@@ -61,7 +62,7 @@ def write_gallery(run_dir: str | Path, teacher, probes: torch.Tensor, *, seed: i
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, pool_images=pool_images, pool_labels=pool_labels,
-                                probe_images=to_uint8(probe_pixels), probe_labels=probe_labels,
+                                probe_images=pixels_to_uint8(probe_pixels), probe_labels=probe_labels,
                                 probes_total=np.int64(len(probes)), pool_total=np.int64(len(ImagePool(run_dir / "pool"))))
     return path
 
