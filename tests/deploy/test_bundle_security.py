@@ -13,8 +13,6 @@ from click.testing import CliRunner
 from dfkd_deploy.cli import cli
 from dfkd_deploy.core.io import sha256_file
 
-pytest.importorskip("cryptography")
-
 INTEGRITY_ONLY = "integrity against accidents only, not authenticity"
 
 
@@ -31,6 +29,7 @@ def bundle(deploy_run, tmp_path):
 
 @pytest.fixture(scope="session")
 def keys(tmp_path_factory):
+    pytest.importorskip("cryptography", reason="signing needs the sign extra (cryptography)")
     out = tmp_path_factory.mktemp("keys")
     r = _cli("bundle", "keygen", "--out", out)
     assert r.exit_code == 0, r.output
@@ -39,6 +38,7 @@ def keys(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def other_keys(tmp_path_factory):
+    pytest.importorskip("cryptography", reason="signing needs the sign extra (cryptography)")
     from dfkd_deploy.deploy.signing import generate_keys
 
     pair = generate_keys(tmp_path_factory.mktemp("other-keys"))
