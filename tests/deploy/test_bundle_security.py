@@ -308,3 +308,9 @@ def test_resealing_drops_a_stale_signature(signed):
     seal_bundle(staged, spec=spec, validation=m["validation"], seed=m["seed"])
     assert not (signed / "manifest.sig").exists()
     assert _cli("bundle", "verify", signed).exit_code == 0
+
+
+def test_compress_refuses_a_bad_sign_key_before_running(tmp_path, keys):
+    r = _cli("compress", tmp_path / "teacher.onnx", "--out", tmp_path / "run", "--sign-key", keys[1])
+    assert r.exit_code == 2 and "not a PEM private key" in r.output, r.output
+    assert not (tmp_path / "run").exists()
