@@ -210,8 +210,8 @@ def _read_manifest(out: Path) -> dict:
 
 def check_paths(out: Path, manifest: Mapping[str, Any]) -> list[str]:
     """Every name the manifest lists (and manifest.json, manifest.sig) stays inside the bundle."""
-    names = [*manifest["artifacts"], MANIFEST] + ([signing.SIGNATURE] if (out / signing.SIGNATURE).is_symlink()
-                                                  or (out / signing.SIGNATURE).exists() else [])
+    names = [*manifest["artifacts"], MANIFEST] + ([signing.SIGNATURE] if os.path.lexists(out / signing.SIGNATURE)
+                                                  else [])
     return [p for p in (path_problem(out, n) for n in names) if p]
 
 
