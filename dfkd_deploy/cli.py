@@ -140,8 +140,10 @@ def cli(debug: bool):
 @click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False), help="edge hand-off bundle directory (default: OUT/bundle)")
 @click.option("--tensorboard", "tensorboard_dir", type=click.Path(file_okay=False),
               help="also write TensorBoard scalars and image grids here (needs the tensorboard extra)")
+@click.option("--sign-key", type=click.Path(dir_okay=False),
+              help="Ed25519 private key (PEM): sign the bundle it writes (as `bundle sign`)")
 def compress(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, trust_pickle, eval_data, out, dry_run, resume,
-             auto_resume, bundle_dir, tensorboard_dir):
+             auto_resume, bundle_dir, tensorboard_dir, sign_key):
     """Distill TEACHER into a small student, export it to ONNX and validate it.
 
     Several GPUs or nodes: launch it with torchrun, e.g.
@@ -155,6 +157,10 @@ def compress(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, trus
     main_rank = os.environ.get("RANK", "0") == "0"   # under torchrun only rank 0 speaks
     if auto_resume:
         resume = resume or (Path(out) / "checkpoints" / "last.pt").is_file()
+    if sign_key:
+        from dfkd_deploy.deploy.signing import load_private_key
+
+        load_private_key(sign_key)   # a bad key fails now, not after the run
     if dry_run:
         t = load_teacher(teacher, recipe.teacher, trust_pickle=trust_pickle)
         if main_rank:
@@ -165,6 +171,11 @@ def compress(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, trus
                           tensorboard_dir=tensorboard_dir)
     if main_rank:
         _print_summary(result.report, result.run_dir)
+        if sign_key:
+            from dfkd_deploy.deploy.bundle import sign_bundle
+
+            sig, fingerprint = sign_bundle(Path(bundle_dir) if bundle_dir else result.run_dir / "bundle", sign_key)
+            click.echo(f"bundle signed with Ed25519 key {fingerprint}: {sig}")
 
 
 def _print_summary(report: dict, run_dir) -> None:
@@ -360,21 +371,52 @@ def bundle_group():
 
 @bundle_group.command("verify")
 @click.argument("directory", type=click.Path())
-def bundle_verify(directory):
-    """Check a bundle: file hashes, then ONNX Runtime fp32/int8 rerun vs the recorded figures.
+@click.option("--key", "public_key", type=click.Path(dir_okay=False),
+              help="Ed25519 public key (PEM): manifest.sig must be its signature (needs the sign extra)")
+def bundle_verify(directory, public_key):
+    """Check a bundle: exactly the listed files, the signature (--key), file hashes, then ONNX
+    Runtime fp32/int8 rerun vs the recorded figures.
 
-    Exit 0 when it all holds, 1 on any mismatch, 2 when DIRECTORY is not a bundle.
+    Without --key this proves integrity against accidents only, not authenticity.
+    Exit 0 when it all holds, 1 on any mismatch or a bad or missing signature, 2 when DIRECTORY
+    is not a bundle or the key cannot be read.
     """
     from dfkd_deploy.deploy.bundle import verify_bundle
 
-    result = verify_bundle(directory)
+    result = verify_bundle(directory, public_key=public_key)
     for key, value in result.checks.items():
         click.echo(f"{key:32s} {value}")
     for problem in result.problems:
         click.echo(f"FAIL {problem}")
     if not result.ok:
         sys.exit(1)
-    click.echo(f"bundle {directory} verified")
+    click.echo(f"bundle {directory} verified" + ("" if public_key else " (integrity only: unsigned check)"))
+
+
+@bundle_group.command("sign")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--key", "private_key", type=click.Path(dir_okay=False), required=True,
+              help="Ed25519 private key (PEM, from `bundle keygen`)")
+def bundle_sign(directory, private_key):
+    """Write DIRECTORY/manifest.sig, an Ed25519 signature of its manifest.json.
+
+    The bundle must first pass the path, file-set and hash checks (refused with exit 2 otherwise).
+    """
+    from dfkd_deploy.deploy.bundle import sign_bundle
+
+    sig, fingerprint = sign_bundle(directory, private_key)
+    click.echo(f"signed {directory} with Ed25519 key {fingerprint}: {sig}")
+
+
+@bundle_group.command("keygen")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="folder for private.pem (mode 0600) and public.pem; existing keys are not overwritten")
+def bundle_keygen(out_dir):
+    """Make an Ed25519 key pair for `bundle sign` / `bundle verify --key`."""
+    from dfkd_deploy.deploy.signing import generate_keys
+
+    pair = generate_keys(out_dir)
+    click.echo(f"key {pair.fingerprint}: private {pair.private} (keep it secret, off the devices), public {pair.public}")
 
 
 @cli.command()

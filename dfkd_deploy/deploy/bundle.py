@@ -5,14 +5,17 @@ probe images as uint8, the normalisation, and the fp32 logits on the probes), bu
 and calib_loader.py (TensorRT), README.md and manifest.json (input contract, hashes, versions,
 validation figures). Engines built here (TensorRT present) are added to it.
 
-:func:`verify_bundle` rechecks the hashes and reruns the ONNX Runtime validation on the bundled
-probes, so a bundle copied to another machine can be trusted before anyone builds from it.
+:func:`verify_bundle` checks that the bundle holds exactly the files its manifest lists (all
+inside it), the manifest's Ed25519 signature when given a public key (:mod:`.signing`), the
+hashes, and reruns the ONNX Runtime validation on the bundled probes. Without a signature this
+proves integrity against accidents only: hashes in the same folder can be rewritten with the files.
 Everything is written in two steps (:func:`stage_bundle` copies the files and tries TensorRT;
 :func:`seal_bundle` adds the validation figures, README and manifest once they are measured).
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -20,12 +23,13 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from exporters.onnx_export import INPUT_NAME, OUTPUT_NAME
-from exporters.tensorrt import PROFILE_BATCHES, TrtResult, build_engines
+from exporters.tensorrt import PROFILE_BATCHES, TIMING_CACHE, TrtResult, build_engines
 
 from dfkd_deploy.core.errors import DataError
 from dfkd_deploy.core.io import atomic_path, sha256_file, write_bytes, write_json, write_text
 from dfkd_deploy.images import uint8_to_model
-from dfkd_deploy.report.manifest import library_versions, verify_manifest
+from dfkd_deploy.deploy import signing
+from dfkd_deploy.report.manifest import library_versions, path_problem, verify_manifest
 from dfkd_deploy.runtime.onnxruntime import OrtRunner
 
 BUNDLE_VERSION = 1
@@ -34,6 +38,9 @@ CALIBRATION = "calibration.npz"
 FP32, INT8 = "student.onnx", "student.int8.onnx"
 FP32_ATOL = 1e-4            # verify: ORT fp32 logits vs the recorded ones (same file, same inputs)
 INT8_AGREEMENT_SLACK = 0.02  # verify: int8 kernels differ a little across CPUs (VNNI or not)
+# The files every bundle of BUNDLE_VERSION has, and those it may have (int8 and engines: see expected_files).
+BUNDLE_FILES = (FP32, CALIBRATION, "build_engine.sh", "calib_loader.py", "README.md")
+OPTIONAL_BUNDLE_FILES = (INT8, TIMING_CACHE)
 
 
 @dataclass
@@ -112,6 +119,8 @@ def seal_bundle(staged: StagedBundle, *, spec, validation: Mapping[str, Any], cl
     names = list(dict.fromkeys(staged.files + ["README.md"]))
     manifest["artifacts"] = {n: {"sha256": sha256_file(out / n), "bytes": (out / n).stat().st_size} for n in names}
     write_json(out / MANIFEST, manifest)
+    if (out / signing.SIGNATURE).is_file():
+        (out / signing.SIGNATURE).unlink()   # signed an earlier manifest: sign this one again (`bundle sign`)
     return manifest
 
 
@@ -125,26 +134,25 @@ class BundleCheck:
         return not self.problems
 
 
-def verify_bundle(bundle_dir: str | Path) -> BundleCheck:
-    """Hashes, then ONNX Runtime fp32/int8 on the bundled probes vs the recorded figures.
+def verify_bundle(bundle_dir: str | Path, public_key: str | Path | None = None) -> BundleCheck:
+    """Paths, file set and signature, then hashes, then ONNX Runtime fp32/int8 on the bundled
+    probes vs the recorded figures.
 
-    Raises :class:`DataError` (exit 2) when ``bundle_dir`` is not a bundle at all; returns the
-    problems (exit 1 when any) otherwise.
+    ``public_key``: a PEM Ed25519 public key; ``manifest.sig`` must then be its signature of
+    manifest.json. Without it the check proves integrity against accidents only.
+    Raises :class:`DataError` (exit 2) when ``bundle_dir`` is not a bundle at all, UsageError
+    for an unreadable key; returns the problems (exit 1 when any) otherwise.
     """
     out = Path(bundle_dir)
-    if (out / "bundle" / MANIFEST).is_file() and not (out / CALIBRATION).is_file():
-        raise DataError(f"{out} is a run directory, not a bundle: verify its bundle with "
-                        f"`dfkd-deploy bundle verify {out / 'bundle'}`")
-    try:
-        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-        layout, validation = manifest["input"]["layout"], manifest["validation"]
-        manifest["artifacts"]
-    except FileNotFoundError:
-        raise DataError(f"{out} is not a bundle: {MANIFEST} missing") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{out / MANIFEST} is unreadable: {type(exc).__name__}: {exc}") from None
-
-    result = BundleCheck(problems=verify_manifest(out))
+    key = signing.load_public_key(public_key) if public_key is not None else None
+    manifest = _read_manifest(out)
+    layout, validation = manifest["input"]["layout"], manifest["validation"]
+    result = BundleCheck(problems=check_paths(out, manifest))
+    if result.problems:
+        return result   # nothing named by the manifest is read until every name is safe
+    result.problems += check_file_set(out, manifest)
+    result.problems += check_signature(out, key, result.checks)
+    result.problems += verify_manifest(out)
     if result.problems or not (out / CALIBRATION).is_file():
         return result   # changed files: rerunning them would only restate the mismatch
     _check_contract(out / FP32, manifest, result)
@@ -165,6 +173,97 @@ def verify_bundle(bundle_dir: str | Path) -> BundleCheck:
             result.problems.append(f"{INT8}: top-1 agreement with fp32 {agree:.4f}, recorded {want:.4f} "
                                    f"(allowed slack {INT8_AGREEMENT_SLACK})")
     return result
+
+
+def sign_bundle(bundle_dir: str | Path, private_key: str | Path) -> tuple[Path, str]:
+    """Sign the bundle's manifest.json with a PEM Ed25519 private key; returns (manifest.sig, key fingerprint).
+
+    Refused (:class:`DataError`) unless the bundle first passes the path, file-set and hash checks:
+    a signature vouches for what is there."""
+    out = Path(bundle_dir)
+    key = signing.load_private_key(private_key)
+    manifest = _read_manifest(out)
+    problems = check_paths(out, manifest)
+    problems = problems or check_file_set(out, manifest) + verify_manifest(out)
+    if problems:
+        raise DataError(f"{out} not signed: {problems[0]}" + (f" (and {len(problems) - 1} more problems)"
+                                                             if len(problems) > 1 else ""))
+    return signing.sign_manifest(out, key), signing.fingerprint(key.public_key())
+
+
+def _read_manifest(out: Path) -> dict:
+    """The bundle's manifest.json; :class:`DataError` when ``out`` is not a bundle."""
+    if (out / "bundle" / MANIFEST).is_file() and not (out / CALIBRATION).is_file():
+        raise DataError(f"{out} is a run directory, not a bundle: verify its bundle with "
+                        f"`dfkd-deploy bundle verify {out / 'bundle'}`")
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        manifest["input"]["layout"], manifest["validation"]
+        if not isinstance(manifest["artifacts"], dict):
+            raise TypeError("artifacts is not a mapping")
+    except FileNotFoundError:
+        raise DataError(f"{out} is not a bundle: {MANIFEST} missing") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{out / MANIFEST} is unreadable: {type(exc).__name__}: {exc}") from None
+    return manifest
+
+
+def check_paths(out: Path, manifest: Mapping[str, Any]) -> list[str]:
+    """Every name the manifest lists (and manifest.json, manifest.sig) stays inside the bundle."""
+    names = [*manifest["artifacts"], MANIFEST] + ([signing.SIGNATURE] if os.path.lexists(out / signing.SIGNATURE)
+                                                  else [])
+    return [p for p in (path_problem(out, n) for n in names) if p]
+
+
+def expected_files(manifest: Mapping[str, Any]) -> tuple[set[str], set[str]]:
+    """(required, allowed) artifact names for a bundle of this manifest's version.
+
+    Required: the fixed files of every bundle, the int8 model when the manifest records int8
+    figures, the engines its tensorrt section names. Allowed besides: the optional fixed names."""
+    required = set(BUNDLE_FILES)
+    if ((manifest.get("validation") or {}).get("int8") or {}).get("top1_agreement_vs_fp32") is not None:
+        required.add(INT8)
+    engines = ((manifest.get("tensorrt") or {}).get("engines") or {}).values()
+    required |= {e["file"] for e in engines if isinstance(e, dict) and isinstance(e.get("file"), str)}
+    return required, required | set(OPTIONAL_BUNDLE_FILES)
+
+
+def check_file_set(out: Path, manifest: Mapping[str, Any]) -> list[str]:
+    """The manifest lists exactly the expected files, and the bundle holds exactly those (no more)."""
+    version = manifest.get("bundle_version")
+    if version != BUNDLE_VERSION:
+        return [f"{MANIFEST}: bundle_version {version!r}, this dfkd-deploy knows version {BUNDLE_VERSION}"]
+    listed = set(manifest["artifacts"])
+    required, allowed = expected_files(manifest)
+    problems = [f"{n}: a bundle of version {version} has it, {MANIFEST} does not list it"
+                for n in sorted(required - listed)]
+    problems += [f"{n}: listed in {MANIFEST} but not a file a bundle of version {version} has"
+                 for n in sorted(listed - allowed)]
+    present = set(_entries_on_disk(out)) - {MANIFEST, signing.SIGNATURE}
+    problems += [f"{n}: in the bundle but not listed in {MANIFEST} (added or changed after the bundle was made)"
+                 for n in sorted(present - listed)]
+    return problems
+
+
+def check_signature(out: Path, public_key, checks: dict) -> list[str]:
+    """With a key, ``manifest.sig`` must be its signature of manifest.json; without, say what that leaves."""
+    if public_key is None:
+        checks["signature"] = ("not checked (no --key): this proves integrity against accidents only, "
+                               "not authenticity; anyone can rewrite files and hashes together")
+        return []
+    problems = signing.signature_problems(out, public_key)
+    checks["signature"] = ("INVALID" if problems else "valid") + f" (Ed25519 key {signing.fingerprint(public_key)})"
+    return problems
+
+
+def _entries_on_disk(out: Path) -> list[str]:
+    """Bundle-relative names of every entry but real directories (links are not followed)."""
+    names = []
+    for top, dirs, files in os.walk(out, followlinks=False):
+        rel = Path(top).relative_to(out)
+        names += [(rel / d).as_posix() for d in dirs if (Path(top) / d).is_symlink()]
+        names += [(rel / f).as_posix() for f in files]
+    return names
 
 
 def _check_contract(onnx_path: Path, manifest: Mapping[str, Any], result: BundleCheck) -> None:
@@ -249,8 +348,10 @@ def render_readme(manifest: Mapping[str, Any], staged: StagedBundle, comparison_
             lines.append(f"- {label}: {_pct(val[key])}")
     if comparison_md:
         lines += ["", comparison_md]
-    lines += ["", "Check the bundle after copying it: `dfkd-deploy bundle verify <this directory>` "
-              "(hashes, then fp32/int8 rerun on the probes; exit 0 ok, 1 mismatch, 2 not a bundle).", ""]
+    lines += ["", "Check the bundle after copying it, before building on it: `dfkd-deploy bundle verify <this "
+              "directory> --key public.pem` (exactly the listed files, signature, hashes, then fp32/int8 rerun on "
+              "the probes; exit 0 ok, 1 mismatch, 2 not a bundle). Without `--key` (or `manifest.sig`) it proves "
+              "integrity against accidents only, not who made the bundle.", ""]
     return "\n".join(lines)
 
 

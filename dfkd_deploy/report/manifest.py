@@ -79,16 +79,45 @@ def verify_manifest(run_dir: str | Path) -> list[str]:
         artifacts = json.loads(path.read_text(encoding="utf-8"))["artifacts"]
     except (ValueError, KeyError, TypeError) as exc:
         return [f"{MANIFEST} unreadable: {exc}"]
+    if not isinstance(artifacts, dict):
+        return [f"{MANIFEST} unreadable: artifacts is not a mapping"]
     problems = []
     for name, entry in artifacts.items():
+        refused = path_problem(run_dir, name)
+        if refused:
+            problems.append(refused)   # never opened: the manifest does not choose what is read
+            continue
         file = run_dir / name
-        if not file.is_file():
+        if not isinstance(entry, dict):
+            problems.append(f"{name}: manifest entry is not a mapping")
+        elif not file.is_file():
             problems.append(f"{name}: missing")
         elif file.stat().st_size != entry.get("bytes"):
             problems.append(f"{name}: size {file.stat().st_size} bytes, manifest says {entry.get('bytes')}")
         elif sha256_file(file) != entry.get("sha256"):
             problems.append(f"{name}: sha256 mismatch (file changed since the run)")
     return problems
+
+
+def path_problem(root: str | Path, name: object) -> Optional[str]:
+    """Why ``name`` (from a manifest) is not a path inside ``root``, or None when it is.
+
+    Refused: anything but a non-empty relative POSIX path, ``..`` or ``.`` parts, backslashes,
+    and a path that resolves outside ``root`` (through a symbolic link anywhere along it)."""
+    if not isinstance(name, str) or not name:
+        return f"{name!r}: not a file name (refused)"
+    shown = name.encode("unicode_escape").decode("ascii")[:200]
+    rel = PurePosixPath(name)
+    if rel.is_absolute() or "\\" in name or "\0" in name or any(p in ("..", ".", "") for p in name.split("/")):
+        return f"{shown}: path outside the directory (absolute, '..' or not plain; refused, not read)"
+    base = Path(root).resolve()
+    try:
+        target = (base / rel).resolve()
+    except (OSError, RuntimeError):   # a symbolic-link loop
+        return f"{shown}: unresolvable symbolic link (refused, not read)"
+    if target != base and base not in target.parents:
+        return f"{shown}: resolves outside the directory through a symbolic link (refused, not read)"
+    return None
 
 
 def _relative(name: str) -> str:

@@ -42,6 +42,19 @@ def _npy_layout(path: Path) -> tuple[int, tuple[int, ...]]:
     return offset, tuple(shape)
 
 
+def _check_shard_name(index: Path, name) -> None:
+    """A shard named by an index is a plain file name in the index's folder (no path, no link out)."""
+    root = index.parent
+    plain = isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
+        and "\0" not in name
+    if plain and (root / name).is_symlink():
+        target = (root / name).resolve()
+        plain = target.parent == root.resolve()
+    if not plain:
+        shown = repr(name)[:120]
+        raise DataError(f"{index}: shard {shown} is not a plain file name inside the pool directory (refused)")
+
+
 class ImagePool:
     def __init__(self, root: str | Path, rank: int = 0, world_size: int = 1):
         self.root = Path(root)
@@ -62,9 +75,12 @@ class ImagePool:
     @staticmethod
     def _read_index(path: Path) -> list[dict]:
         try:
-            return list(json.loads(path.read_text())["shards"])
+            shards = list(json.loads(path.read_text())["shards"])
+            for shard in shards:
+                _check_shard_name(path, shard["file"])
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{path}: unreadable pool index ({type(exc).__name__})") from None
+        return shards
 
     def refresh(self, every_rank: bool = False) -> None:
         """Re-read the other ranks' indexes: afterwards the pool is the union of all shards.
