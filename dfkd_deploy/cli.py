@@ -116,8 +116,12 @@ def cli(debug: bool):
 @click.option("--auto-resume", is_flag=True, help="--resume when --out holds a checkpoint, else start afresh "
               "(for restarts by torchrun --max-restarts or a job scheduler)")
 @click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False), help="edge hand-off bundle directory (default: OUT/bundle)")
+@click.option("--target", help="student size relative to the teacher: params=F, macs=F or latency=F (ONNX Runtime "
+              "CPU, batch 1 and 32), e.g. params=0.3; replaces the recipe's student.arch (student.target)")
+@click.option("--budget", help="wall-clock budget for the whole run, e.g. 30m, 1h, 90s: the run is planned to end "
+              "within it (budget:); with --resume, what is left of it")
 def compress(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, trust_pickle, eval_data, out, dry_run, resume,
-             auto_resume, bundle_dir):
+             auto_resume, bundle_dir, target, budget):
     """Distill TEACHER into a small student, export it to ONNX and validate it.
 
     Several GPUs or nodes: launch it with torchrun, e.g.
@@ -126,6 +130,7 @@ def compress(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, trus
     from dfkd_deploy import run as api
     from dfkd_deploy.teachers import load_teacher
 
+    sets = tuple(sets) + _size_and_budget_sets(target, budget)
     recipe = _recipe(recipe_path, sets, teacher_arch, seed)
     out = out or str(Path("runs") / Path(teacher).stem)
     main_rank = os.environ.get("RANK", "0") == "0"   # under torchrun only rank 0 speaks
@@ -142,6 +147,16 @@ def compress(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, trus
         _print_summary(result.report, result.run_dir)
 
 
+def _size_and_budget_sets(target, budget) -> tuple[str, ...]:
+    """--target and --budget as recipe overrides (a target replaces a recipe's named arch)."""
+    out: tuple[str, ...] = ()
+    if target:
+        out += (f"student.target={target}", "student.arch=null")
+    if budget:
+        out += (f"budget={budget}",)
+    return out
+
+
 def _print_summary(report: dict, run_dir) -> None:
     def pct(v):
         return "n/a" if v is None else f"{100 * v:.2f}%"
@@ -150,6 +165,8 @@ def _print_summary(report: dict, run_dir) -> None:
     click.echo(f"teacher accuracy {pct(t.get('accuracy'))}   student accuracy {pct(s.get('accuracy'))}   "
                f"agreement: held-out probes {pct(a.get('probe_top1'))}, real data {pct(a.get('eval_data_top1'))}   "
                f"ONNX max |diff| {f.get('onnx_max_abs_diff')}")
+    for line in s.get("warnings") or []:
+        click.echo(f"warning: {line}")
     click.echo(f"artifacts in {run_dir}")
 
 
