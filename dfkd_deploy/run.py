@@ -50,14 +50,16 @@ class CompressResult:
 
 
 def build_student(recipe: Recipe, teacher: Teacher, *, device: torch.device | str = "cpu",
-                  announce: bool = False, synthesize: bool = True) -> nn.Module:
+                  announce: bool = False, synthesize: bool = True, measure_latency: bool = False) -> nn.Module:
     """The recipe's student (``student.init``/``arch``/``target``; see :mod:`dfkd_deploy.models.derived`).
 
     The module carries its ``student.arch`` label, its architecture description (derived students,
     for student.pt) and its size figures and warnings (report.json ``student.*``) as attributes.
     Choosing among candidates does not move the caller's random streams: a scratch student's
     initial weights are those of its architecture built right here. ``synthesize=False`` (a
-    dry run) skips what needs synthesized images (BN recalibration, Taylor importance)."""
+    dry run) skips what needs synthesized images (BN recalibration, Taylor importance). Latency is
+    measured (ORT CPU, for the size warnings) with ``measure_latency``, or where a choice needs it
+    (no arch given, a latency target)."""
     from dfkd_deploy.models.derived import build as derive
     from dfkd_deploy.models.student_file import ARCH_ATTR, DERIVED_ATTR
 
@@ -65,7 +67,8 @@ def build_student(recipe: Recipe, teacher: Teacher, *, device: torch.device | st
     k = teacher.spec.num_classes
     with torch.random.fork_rng(devices=[]):
         images = (lambda n: derivation_images(teacher, recipe, device, n)) if synthesize else None
-        built = derive(recipe, teacher, images=images)
+        needs = measure_latency or not recipe.student.arch or (recipe.student.target or "").startswith("latency")
+        built = derive(recipe, teacher, images=images, measure_latency=needs)
     model = built.module
     if built.init == "scratch":
         model = build_model(built.arch, num_classes=k, in_channels=c, input_size=(h, w))
@@ -115,7 +118,7 @@ def plan(teacher: Teacher, recipe: Recipe) -> dict:
     from dfkd_deploy.synthesis.losses import resolve_priors
 
     t0 = time.time()
-    student = build_student(recipe, teacher, synthesize=False)
+    student = build_student(recipe, teacher, synthesize=False, measure_latency=True)
     info = dict(student.dfkd_info)
     info["ratio"] = info.pop("size")["ratio"]   # student / teacher: params, MACs, latency
     budget = None
@@ -201,7 +204,7 @@ def distill(teacher: Teacher, recipe: Recipe, run_dir: Path, device: torch.devic
     ctx = distributed.current()
     seed_everything(recipe.seed)   # the same initial student and generator on every rank
     if student is None:   # (a budgeted run built it already, to calibrate with it)
-        student = build_student(recipe, teacher, device=device, announce=not resume)
+        student = build_student(recipe, teacher, device=device, announce=not resume, measure_latency=True)
     student = student.to(device)
     synth = make_synthesizer(teacher, distributed.rank_recipe(recipe, ctx), device)
     if pool is None:
@@ -262,7 +265,7 @@ def start_budget(teacher: Teacher, recipe: Recipe, run_dir: Path, device, *, ent
         raise UsageError("--budget under torchrun is not supported yet: the ranks would plan apart; "
                          "run without a budget, or on one process")
     seed_everything(recipe.seed)
-    student = build_student(recipe, teacher, device=device, announce=not resume)
+    student = build_student(recipe, teacher, device=device, announce=not resume, measure_latency=True)
     eval_images = 0
     if eval_data is not None:
         eval_images = len(load_eval_data(eval_data, input_shape=teacher.spec.input_shape,
