@@ -86,8 +86,7 @@ def build_student(recipe: Recipe, teacher: Teacher, *, device: torch.device | st
 
 def derivation_images(teacher: Teacher, recipe: Recipe, device, count: int) -> torch.Tensor:
     """``count`` synthesized model-space images from a fresh synthesizer (a derived student's BN
-    recalibration and Taylor importance); never part of the run's pool."""
-    batch = max(2, min(recipe.synthesis.batch_size, count))
+    recalibration and Taylor importance), in rounds of synthesis.batch_size; never part of the run's pool."""
     synth = make_synthesizer(teacher, recipe, torch.device(device))
     norm = teacher.normalizer().to(device)
     out, made = [], 0

@@ -176,16 +176,13 @@ def _prune(recipe, teacher, target: Target, t_fig: SizeFigures, images) -> Built
         raise UsageError("student.init: prune keeps the teacher's architecture; leave student.arch unset")
     source, base, base_module = _prune_source(teacher)
     calib = images(d.images) if images and (d.recalibrate_bn or d.prune_importance == "taylor") else None
-    measure_fn = None
-    teacher_value = _metric_value(t_fig, target.metric)
-    if target.metric == "latency":
+    measure_fn, teacher_value = None, _metric_value(t_fig, target.metric)
+    if target.metric == "latency":   # bisect on the measured student/teacher ratio (worst batch size)
         if not t_fig.latency_ms:
             raise UsageError(f"the teacher's latency could not be measured ({t_fig.latency_reason}); "
                              "use a params or macs target")
         teacher_value = 1.0
-
-        def measure_fn(m):
-            return worst_latency_ratio(ratios(measure(m, spec.input_shape), t_fig))
+        measure_fn = lambda m: worst_latency_ratio(ratios(measure(m, spec.input_shape), t_fig))  # noqa: E731
     result = prune.prune_to_target(source, target, example=_example(spec), num_classes=spec.num_classes,
                                    teacher_value=teacher_value, measure=measure_fn,
                                    importance=d.prune_importance, teacher=teacher.module,

@@ -131,24 +131,31 @@ def _reshapes(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if type(m).__name__ in RESHAPE_TYPES}
 
 
-def flatten_reshapes(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """The Reshapes that flatten each sample (a constant shape ``[-1, K]``, K the per-sample size
-    of their input), as exporters write ``torch.flatten``: after pruning, K must follow the channels."""
-    found: list[str] = []
-    hooks = []
-    for name, m in _reshapes(model).items():
-        def pre(_m, args, name=name):
-            x, shape = args[0], args[1] if len(args) > 1 else None
-            if (isinstance(shape, torch.Tensor) and shape.numel() == 2 and int(shape[0]) == -1
-                    and x.dim() >= 2 and int(shape[1]) == x[0].numel()):
-                found.append(name)
-        hooks.append(m.register_forward_pre_hook(pre))
+def _forward_with_pre_hooks(model: nn.Module, example: torch.Tensor, hooks: dict) -> None:
+    """One no-grad forward of ``example`` with ``{module: forward pre-hook}`` in place."""
+    handles = [m.register_forward_pre_hook(fn) for m, fn in hooks.items()]
     try:
         with torch.no_grad():
             model(example)
     finally:
-        for h in hooks:
+        for h in handles:
             h.remove()
+
+
+def flatten_reshapes(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """The Reshapes that flatten each sample (a constant shape ``[-1, K]``, K the per-sample size
+    of their input), as exporters write ``torch.flatten``: after pruning, K must follow the channels."""
+    found: list[str] = []
+
+    def watcher(name):
+        def pre(_m, args):
+            x, shape = args[0], args[1] if len(args) > 1 else None
+            if (isinstance(shape, torch.Tensor) and shape.numel() == 2 and int(shape[0]) == -1
+                    and x.dim() >= 2 and int(shape[1]) == x[0].numel()):
+                found.append(name)
+        return pre
+
+    _forward_with_pre_hooks(model, example, {m: watcher(n) for n, m in _reshapes(model).items()})
     return found
 
 
@@ -164,13 +171,7 @@ def refit_flattens(model: nn.Module, names: list[str], example: torch.Tensor) ->
             shape.fill_(-1)
             shape[1] = x[0].numel()
 
-    hooks = [reshapes[n].register_forward_pre_hook(pre) for n in names if n in reshapes]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_with_pre_hooks(model, example, {reshapes[n]: pre for n in names if n in reshapes})
 
 
 def check_forward(model: nn.Module, example: torch.Tensor, num_classes: int) -> None:
