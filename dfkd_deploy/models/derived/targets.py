@@ -72,9 +72,10 @@ def count_macs(model: nn.Module, input_shape) -> Optional[int]:
 
     hooks = [m.register_forward_hook(conv if isinstance(m, nn.Conv2d) else linear)
              for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    device = next(iter(model.parameters()), torch.empty(0)).device
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, *input_shape))
+            model.eval()(torch.zeros(1, *input_shape, device=device))
         return int(total[0])
     except Exception:  # noqa: BLE001 - a model that does not take this input: MACs not measured
         return None
@@ -100,7 +101,7 @@ def measure_latency(model: nn.Module | None, input_shape, *, onnx_path: str | Pa
 
 
 def measure(model: nn.Module, input_shape, *, latency: bool = True, onnx_path=None, layout="NCHW") -> SizeFigures:
-    model = model.cpu().eval()
+    model.eval()   # (not moved: a teacher keeps its device; the latency export copies it to the CPU)
     lat, reason = measure_latency(model, input_shape, onnx_path=onnx_path, layout=layout) if latency else ({}, None)
     return SizeFigures(count_params(model), count_macs(model, input_shape), lat, reason)
 
