@@ -90,10 +90,15 @@ def derivation_images(teacher: Teacher, recipe: Recipe, device, count: int) -> t
     synth = make_synthesizer(teacher, recipe, torch.device(device))
     norm = teacher.normalizer().to(device)
     out, made = [], 0
-    while made < count:
-        images, _ = synth.synthesize(None)
-        out.append(norm(images.to(device)).detach().cpu())
-        made += images.shape[0]
+    try:
+        while made < count:
+            images, _ = synth.synthesize(None)
+            out.append(norm(images.to(device)).detach().cpu())
+            made += images.shape[0]
+    finally:   # this synthesizer's hooks leave the teacher (the run's own synthesizer adds its own)
+        for hooks in (synth.loss.bn_stats, getattr(synth.loss, "features", None)):
+            if hooks is not None:
+                hooks.remove()
     return torch.cat(out)[:count]
 
 
