@@ -142,8 +142,12 @@ def cli(debug: bool):
               help="also write TensorBoard scalars and image grids here (needs the tensorboard extra)")
 @click.option("--sign-key", type=click.Path(dir_okay=False),
               help="Ed25519 private key (PEM): sign the bundle it writes (as `bundle sign`)")
+@click.option("--target", help="student size relative to the teacher: params=F, macs=F or latency=F (ONNX Runtime "
+              "CPU, batch 1 and 32), e.g. params=0.3; replaces the recipe's student.arch (student.target)")
+@click.option("--budget", help="wall-clock budget for the whole run, e.g. 30m, 1h, 90s: the run is planned to end "
+              "within it (budget:); with --resume, what is left of it")
 def compress(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, trust_pickle, eval_data, out, dry_run, resume,
-             auto_resume, bundle_dir, tensorboard_dir, sign_key):
+             auto_resume, bundle_dir, tensorboard_dir, sign_key, target, budget):
     """Distill TEACHER into a small student, export it to ONNX and validate it.
 
     Several GPUs or nodes: launch it with torchrun, e.g.
@@ -152,6 +156,7 @@ def compress(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, trus
     from dfkd_deploy import run as api
     from dfkd_deploy.teachers import load_teacher
 
+    sets = tuple(sets) + _size_and_budget_sets(target, budget)
     recipe = _recipe(recipe_path, sets, teacher_arch, seed)
     out = out or str(Path("runs") / Path(teacher).stem)
     main_rank = os.environ.get("RANK", "0") == "0"   # under torchrun only rank 0 speaks
@@ -178,6 +183,16 @@ def compress(teacher, recipe_path, sets, seed, device, quiet, teacher_arch, trus
             click.echo(f"bundle signed with Ed25519 key {fingerprint}: {sig}")
 
 
+def _size_and_budget_sets(target, budget) -> tuple[str, ...]:
+    """--target and --budget as recipe overrides (a target replaces a recipe's named arch)."""
+    out: tuple[str, ...] = ()
+    if target:
+        out += (f"student.target={target}", "student.arch=null")
+    if budget:
+        out += (f"budget={budget}",)
+    return out
+
+
 def _print_summary(report: dict, run_dir) -> None:
     def pct(v):
         return "n/a" if v is None else f"{100 * v:.2f}%"
@@ -186,6 +201,8 @@ def _print_summary(report: dict, run_dir) -> None:
     click.echo(f"teacher accuracy {pct(t.get('accuracy'))}   student accuracy {pct(s.get('accuracy'))}   "
                f"agreement: held-out probes {pct(a.get('probe_top1'))}, real data {pct(a.get('eval_data_top1'))}   "
                f"ONNX max |diff| {f.get('onnx_max_abs_diff')}")
+    for line in s.get("warnings") or []:
+        click.echo(f"warning: {line}")
     click.echo(f"artifacts in {run_dir}")
 
 

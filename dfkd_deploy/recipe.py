@@ -82,9 +82,41 @@ class HeadOptions(_Strict):
         return self
 
 
+class DerivedOptions(_Strict):
+    """How a student derived from the teacher (student.init prune or depth) is made."""
+
+    prune_importance: Literal["magnitude", "bn_scale", "taylor"] = Field(
+        "magnitude", description="data-free channel importance: L2 weight magnitude, BN scale, or Taylor "
+                                 "(gradients on synthesized images)")
+    depth_blocks: Literal["spread", "last", "first"] = Field(
+        "spread", description="which teacher blocks a depth student keeps per stage (block 0 always): "
+                              "spread evenly, the last ones, or the first ones")
+    recalibrate_bn: bool = Field(True, description="re-estimate BN statistics on synthesized images before KD")
+    images: int = Field(256, ge=2, description="synthesized images for BN recalibration / Taylor importance")
+
+
 class StudentOptions(_Strict):
-    arch: str = "cifar_resnet20"
+    arch: Optional[str] = Field(None, description="zoo architecture (see `list students`); null: chosen from "
+                                                  "student.target, or at least 2x smaller and faster than the teacher")
+    init: Literal["scratch", "prune", "depth"] = Field(
+        "scratch", description="scratch: a zoo architecture from random weights; prune: the teacher channel-pruned; "
+                               "depth: a shallower net of the teacher's residual family from its blocks")
+    target: Optional[str] = Field(None, description="size relative to the teacher: params=F, macs=F or latency=F "
+                                                    "(ONNX Runtime CPU, batch 1 and 32), 0 < F < 1")
+    derived: DerivedOptions = DerivedOptions()
     head: HeadOptions = HeadOptions()
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v):
+        if v is not None:
+            from dfkd_deploy.models.derived.targets import parse_target
+
+            try:
+                parse_target(v)
+            except Exception as exc:  # noqa: BLE001 - the UsageError's line becomes the recipe error
+                raise ValueError(str(exc)) from None
+        return v
 
 
 class AugmentOptions(_Strict):
@@ -190,7 +222,22 @@ class Recipe(_Strict):
     validation: ValidationOptions = ValidationOptions()
     export: ExportOptions = ExportOptions()
     deploy: DeployOptions = DeployOptions()
+    budget: Optional[str] = Field(None, description="wall-clock budget for the whole run, e.g. 30m, 1h, 90s: "
+                                                    "pool size, rounds, KD steps and the schedule are planned to fit")
     seed: int = 0
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget(cls, v):
+        if v is not None:
+            from dfkd_deploy.budget.planner import parse_duration
+
+            try:
+                parse_duration(v)
+            except Exception as exc:  # noqa: BLE001
+                raise ValueError(str(exc)) from None
+            return str(v)
+        return v
 
     def resolved_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -36,6 +36,7 @@ from dfkd_deploy.distill.trainer import Distiller, seed_everything
 from dfkd_deploy.models import build_model
 from dfkd_deploy.models.heads import apply_head_config
 from dfkd_deploy.core.progress import console, task
+from dfkd_deploy.core.errors import UsageError
 from dfkd_deploy.recipe import Recipe
 from dfkd_deploy.report.report import count_parameters
 from dfkd_deploy.synthesis import Priors, Synthesizer, build_synthesizer
@@ -53,12 +54,57 @@ class CompressResult:
     report: dict
 
 
-def build_student(recipe: Recipe, teacher: Teacher) -> nn.Module:
+def build_student(recipe: Recipe, teacher: Teacher, *, device: torch.device | str = "cpu",
+                  announce: bool = False, synthesize: bool = True, measure_latency: bool = False) -> nn.Module:
+    """The recipe's student (``student.init``/``arch``/``target``; see :mod:`dfkd_deploy.models.derived`).
+
+    The module carries its ``student.arch`` label, its architecture description (derived students,
+    for student.pt) and its size figures and warnings (report.json ``student.*``) as attributes.
+    Choosing among candidates does not move the caller's random streams: a scratch student's
+    initial weights are those of its architecture built right here. ``synthesize=False`` (a
+    dry run) skips what needs synthesized images (BN recalibration, Taylor importance). Latency is
+    measured (ORT CPU, for the size warnings) with ``measure_latency``, or where a choice needs it
+    (no arch given, a latency target)."""
+    from dfkd_deploy.models.derived import build as derive
+    from dfkd_deploy.models.student_file import ARCH_ATTR, DERIVED_ATTR
+
     c, h, w = teacher.spec.input_shape
     k = teacher.spec.num_classes
-    model = build_model(recipe.student.arch, num_classes=k, in_channels=c, input_size=(h, w))
+    with torch.random.fork_rng(devices=[]):
+        images = (lambda n: derivation_images(teacher, recipe, device, n)) if synthesize else None
+        needs = measure_latency or not recipe.student.arch or (recipe.student.target or "").startswith("latency")
+        built = derive(recipe, teacher, images=images, measure_latency=needs)
+    model = built.module
+    if built.init == "scratch":
+        model = build_model(built.arch, num_classes=k, in_channels=c, input_size=(h, w))
     head = recipe.student.head
-    return apply_head_config(model, k, {"type": head.type, "hidden": head.hidden})
+    model = apply_head_config(model, k, {"type": head.type, "hidden": head.hidden})
+    setattr(model, ARCH_ATTR, built.arch)
+    setattr(model, DERIVED_ATTR, built.description)
+    model.dfkd_info = {"arch": built.arch, **built.info}
+    if announce and distributed.current().is_main:
+        console.print(f"student: {built.arch} ({built.init}), {count_parameters(model):,} params")
+        for line in built.info.get("warnings", []):
+            console.print(f"[yellow]warning[/yellow]: {line}")
+    return model
+
+
+def derivation_images(teacher: Teacher, recipe: Recipe, device, count: int) -> torch.Tensor:
+    """``count`` synthesized model-space images from a fresh synthesizer (a derived student's BN
+    recalibration and Taylor importance), in rounds of synthesis.batch_size; never part of the run's pool."""
+    synth = make_synthesizer(teacher, recipe, torch.device(device))
+    norm = teacher.normalizer().to(device)
+    out, made = [], 0
+    try:
+        while made < count:
+            images, _ = synth.synthesize(None)
+            out.append(norm(images.to(device)).detach().cpu())
+            made += images.shape[0]
+    finally:   # this synthesizer's hooks leave the teacher (the run's own synthesizer adds its own)
+        for hooks in (synth.loss.bn_stats, getattr(synth.loss, "features", None)):
+            if hooks is not None:
+                hooks.remove()
+    return torch.cat(out)[:count]
 
 
 def make_synthesizer(teacher: Teacher, recipe: Recipe, device: torch.device) -> Synthesizer:
@@ -71,11 +117,20 @@ def make_synthesizer(teacher: Teacher, recipe: Recipe, device: torch.device) -> 
 
 def plan(teacher: Teacher, recipe: Recipe) -> dict:
     """What a run would do, without doing it (``--dry-run``)."""
+    t0 = time.time()
+    student = build_student(recipe, teacher, synthesize=False, measure_latency=True)
+    info = dict(student.dfkd_info)
+    info["ratio"] = info.pop("size")["ratio"]   # student / teacher: params, MACs, latency
+    budget = None
+    if recipe.budget:
+        from dfkd_deploy.budget.session import plan_for
+
+        chosen = plan_for(teacher, recipe, student, "cpu", spent_s=time.time() - t0)
+        recipe, budget = chosen.apply(recipe), chosen.to_dict()
     s, d = recipe.synthesis, recipe.distillation
-    student = build_student(recipe, teacher)
     return {
         "teacher": teacher.spec.to_dict(),
-        "student": {"arch": recipe.student.arch, "params": count_parameters(student)},
+        "student": {"params": count_parameters(student), **info},
         "synthesis": {"method": s.method, "g_steps": s.g_steps, "batch_size": s.batch_size,
                       "rounds": d.epochs * s.rounds_per_epoch,
                       "images": d.epochs * s.rounds_per_epoch * s.batch_size,
@@ -84,6 +139,7 @@ def plan(teacher: Teacher, recipe: Recipe) -> dict:
         "distillation": {"epochs": d.epochs, "warmup": d.warmup, "kd_steps_per_epoch": d.kd_steps,
                          "batch_size": d.batch_size, "temperature": d.temperature},
         "validation": {"probe_images": recipe.validation.probe_images},
+        "budget": budget,
         "seed": recipe.seed,
     }
 
@@ -107,7 +163,8 @@ def make_probes(synth: Synthesizer, count: int, batch_size: int, seed: int) -> t
 
 def distill(teacher: Teacher, recipe: Recipe, run_dir: Path, device: torch.device, *,
             resume: bool = False, show_progress: bool = True, synthesize_more: bool = True,
-            pool: ImagePool | None = None, tensorboard_dir: str | Path | None = None):
+            pool: ImagePool | None = None, tensorboard_dir: str | Path | None = None,
+            student: nn.Module | None = None):
     """Synthesis interleaved with KD; returns (student, synthesizer, distiller result).
 
     ``pool`` defaults to ``run_dir/pool``; with ``synthesize_more=False`` the student is trained
@@ -115,7 +172,9 @@ def distill(teacher: Teacher, recipe: Recipe, run_dir: Path, device: torch.devic
     synthesizes its share of every round (see :mod:`dfkd_deploy.core.distributed`)."""
     ctx = distributed.current()
     seed_everything(recipe.seed)   # the same initial student and generator on every rank
-    student = build_student(recipe, teacher).to(device)
+    if student is None:   # (a budgeted run built it already, to calibrate with it)
+        student = build_student(recipe, teacher, device=device, announce=not resume, measure_latency=True)
+    student = student.to(device)
     synth = make_synthesizer(teacher, distributed.rank_recipe(recipe, ctx), device)
     if pool is None:
         pool = ImagePool(run_dir / "pool", rank=ctx.rank, world_size=ctx.world_size)
@@ -140,6 +199,7 @@ def compress(teacher_path: str | Path, recipe: Recipe, out: str | Path, *, devic
     # Under torchrun this joins the process group; every rank distills, rank 0 alone finishes
     # (probes, export, validation, reports) while the others wait, and all return its report.
     check_paths(out, eval_data=eval_data, bundle_dir=bundle_dir)
+    entered = time.time()   # a budget is the wall time of the whole call
     with distributed.session(resolve_device(device)) as (ctx, dev):
         teacher = load_teacher(teacher_path, recipe.teacher, trust_pickle=trust_pickle)
         check_batch_memory(recipe, teacher.spec.input_shape, dev)
@@ -147,8 +207,13 @@ def compress(teacher_path: str | Path, recipe: Recipe, out: str | Path, *, devic
         run_dir = prepare_run_dir(out, resume, ctx)
         try:   # the run directory stays locked until the run ends, however it ends
             started = time.time()
+            budget, student = None, None
+            if recipe.budget:
+                budget, recipe, student = start_budget(teacher, recipe, run_dir, dev, entered=entered,
+                                                       resume=resume, eval_data=eval_data, ctx=ctx)
             student, synth, result = distill(teacher, recipe, run_dir, dev, resume=resume,
-                                             show_progress=show_progress, tensorboard_dir=tensorboard_dir)
+                                             show_progress=show_progress, tensorboard_dir=tensorboard_dir,
+                                             student=student)
 
             def finish() -> dict:
                 with task("held-out probes", 1, show_progress) as bar:
@@ -158,7 +223,12 @@ def compress(teacher_path: str | Path, recipe: Recipe, out: str | Path, *, devic
                 report = finish_run(teacher, student, recipe, run_dir, probes=probes, distill_result=result,
                                     eval_data=eval_data, device=dev, wall_seconds=time.time() - started,
                                     show_progress=show_progress,
-                                    bundle_dir=Path(bundle_dir) if bundle_dir else None)
+                                    bundle_dir=Path(bundle_dir) if bundle_dir else None,
+                                    sections=budget.section if budget else None)
+                if budget:
+                    used = budget.used_s()
+                    console.print(f"budget: {used:.0f} s used of {budget.requested_s:.0f} s "
+                                  f"({used / budget.requested_s:.0%})")
                 console.print(f"[green]done[/green]: {run_dir}")
                 return report
 
@@ -166,6 +236,34 @@ def compress(teacher_path: str | Path, recipe: Recipe, out: str | Path, *, devic
         finally:
             release_run_dir(run_dir)   # held by rank 0 only: a no-op elsewhere, no collective
     return CompressResult(run_dir, report)
+
+
+def start_budget(teacher: Teacher, recipe: Recipe, run_dir: Path, device, *, entered: float, resume: bool,
+                 eval_data=None, ctx: distributed.DistContext | None = None):
+    """A budgeted run: (session, the recipe with the planned counts, the student built for it).
+
+    The student is built first (as distill would: right after seeding), then a short calibration
+    measures one synthesis round and one KD step and the planner fits the run to the budget."""
+    from dfkd_deploy.budget.session import start
+
+    ctx = ctx or distributed.current()
+    if ctx.enabled:
+        raise UsageError("--budget under torchrun is not supported yet: the ranks would plan apart; "
+                         "run without a budget, or on one process")
+    seed_everything(recipe.seed)
+    student = build_student(recipe, teacher, device=device, announce=not resume, measure_latency=True)
+    eval_images = 0
+    if eval_data is not None:
+        eval_images = len(load_eval_data(eval_data, input_shape=teacher.spec.input_shape,
+                                         num_classes=teacher.spec.num_classes))
+    session = start(teacher, recipe, student, run_dir, device, started=entered, resume=resume,
+                    eval_images=eval_images)
+    planned = session.plan.apply(recipe)
+    p = session.plan
+    console.print(f"budget {session.requested_s:.0f} s: {p.epochs} epochs ({p.warmup} warm-up) x {p.rounds_per_epoch} "
+                  f"round(s), {p.pool_images:,} pool images, {p.kd_steps} KD steps per epoch; estimated "
+                  f"{p.estimated_s:.0f} s")
+    return session, planned, student
 
 
 # --- the end of every run: export, validate, hand off, write the reports ---------------------
@@ -183,7 +281,9 @@ def probe_agreement(teacher: Teacher, student: nn.Module, probes: torch.Tensor, 
 
 def finish_run(teacher: Teacher, student: nn.Module, recipe: Recipe, run_dir: Path, *, probes: torch.Tensor,
                distill_result: DistillResult | None, eval_data=None, device="cpu", wall_seconds: float | None = None,
-               show_progress: bool = True, bundle_dir: Path | None = None) -> dict:
+               show_progress: bool = True, bundle_dir: Path | None = None, sections=None) -> dict:
+    """``sections``: a callable returning further report.json sections, called just before the
+    report is assembled (a budget's time used)."""
     spec = teacher.spec
     student.eval()
     with task("export + validate", 3, show_progress) as bar:
@@ -220,7 +320,7 @@ def finish_run(teacher: Teacher, student: nn.Module, recipe: Recipe, run_dir: Pa
     report = build_report(
         spec,
         student={"arch": recipe.student.arch, "params": count_parameters(student),
-                 "teacher_params": count_parameters(teacher.module)},
+                 "teacher_params": count_parameters(teacher.module), **getattr(student, "dfkd_info", {})},
         evaluation=evaluation, probe_agreement=agreement, export=export,
         synthesis={"method": recipe.synthesis.method, "g_steps": recipe.synthesis.g_steps,
                    "images": r.images if r else None, "seconds": round(r.synthesis_seconds, 2) if r else None,
@@ -230,7 +330,7 @@ def finish_run(teacher: Teacher, student: nn.Module, recipe: Recipe, run_dir: Pa
                       "final": r.history[-1] if r and r.history else None},
         extra={"seed": recipe.seed, "device": str(device),
                "wall_seconds": round(wall_seconds, 2) if wall_seconds is not None else None,
-               **deployment.sections()},
+               **deployment.sections(), **(sections() if sections else {})},
     )
     if data is not None:
         report["eval_data"]["available"] = available

@@ -163,8 +163,9 @@ def render_report_md(report: Mapping[str, Any]) -> str:
         _table([
             ("Architecture", _text(g("student.arch"))),
             ("Parameters", _count(g("student.params"))),
-        ]),
+        ] + _student_rows(g)),
         "",
+        *[f"**Warning:** {w}.\n" for w in (g("student.warnings") or [])],
         "## Accuracy",
         "",
     ]
@@ -205,10 +206,34 @@ def render_report_md(report: Mapping[str, Any]) -> str:
             ("Distillation", f"{_text(g('distillation.epochs'))} epochs, {_secs(g('distillation.seconds'))}"),
         ], header=("Stage", "")),
     ]
+    if g("budget.requested_s") is not None:
+        lines += ["", "## Budget", "", _table([
+            ("Requested", _secs(g("budget.requested_s"))),
+            ("Used", _secs(g("budget.used_s"))),
+            ("Plan", f"{_text(g('budget.plan.epochs'))} epochs ({_text(g('budget.plan.warmup'))} warm-up), "
+                     f"{_count(g('budget.plan.pool_images'))} pool images, "
+                     f"{_text(g('budget.plan.kd_steps'))} KD steps per epoch"),
+        ])]
     notes = g("teacher.notes")
     if notes:
         lines += ["", "## Assumptions", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _student_rows(g) -> list[tuple[str, str]]:
+    """How the student was made and how it compares in size (rows present only when recorded)."""
+    rows = []
+    if g("student.init"):
+        rows.append(("Initialisation", _text(g("student.init"))))
+    if g("student.target"):
+        met = g("student.target_met")
+        rows.append(("Target", f"{g('student.target')} ({'met' if met else 'not met'})"))
+    ratio = g("student.size.ratio") or {}
+    for key, label in (("params", "Parameters / teacher's"), ("macs", "MACs / teacher's"),
+                       ("latency_b1", "Latency batch 1 / teacher's"), ("latency_b32", "Latency batch 32 / teacher's")):
+        if ratio.get(key) is not None:
+            rows.append((label, f"{ratio[key]:.3f}"))
+    return rows
 
 
 # --- formatting ----------------------------------------------------------------------------------

@@ -1,0 +1,243 @@
+"""Real top-1 against wall-clock minutes: budgeted ``compress`` runs (``--budget``) on 2 CPU cores,
+for students from scratch, from the teacher's blocks (depth) and from the pruned teacher (prune).
+
+The table (issue 13, about 4.5 CPU-hours in all; run it in the background, it resumes):
+1. the shared ResNet-56 as a state_dict (BN kept): scratch ResNet-20, depth ResNet-20, prune to
+   params=0.3 (<= 0.27M params), at 10 and 30 minutes;
+2. the best of those inits (top-1 at 30 minutes) at 60 minutes on the state_dict and on its dynamo
+   ONNX export (BN fused), and at 30 minutes on the dynamo export;
+3. the other real teachers in ../shared (MLPerf-Tiny ResNet-8 ONNX, BN folded, batch fixed at 16;
+   the Fashion-MNIST MLP) and the digits teacher, at 10 and 30 minutes, every init that applies.
+Top-1 is the exported student ONNX on every image of the teacher's real test set.
+
+    python benchmarks/time_to_accuracy.py                 # the table -> results/time_to_accuracy.json
+    python benchmarks/time_to_accuracy.py --smoke         # digits teacher, 2 minutes: a check of the script
+
+Resumable: the JSON is read first, finished records (teacher, teacher_form, init, budget_min) are
+skipped, each new record is appended and the file rewritten atomically; the PNG (top-1 against
+minutes, one line per init, one panel per teacher form) is redrawn from all records.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "benchmarks" / "results"
+INITS = ("scratch", "depth", "prune")
+CIFAR_MLPERF = {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2023, 0.1994, 0.2010]}
+
+
+@dataclass(frozen=True)
+class Teacher:
+    name: str
+    form: str                     # state_dict | onnx_bn | onnx_dynamo | onnx_folded
+    path: Path
+    eval_data: Path
+    teacher_options: dict = field(default_factory=dict)
+    recipe: dict = field(default_factory=dict)      # overrides of the recipe defaults
+    student_arch: str | None = None                 # scratch/depth student (None: the default choice)
+    prune_target: str = "params=0.3"
+
+
+def teachers(shared: Path, work: Path) -> dict[str, Teacher]:
+    from dfkd_deploy.demo import demo_recipe, ensure_teacher
+
+    cifar = shared / "data" / "cifar10-test-jpeg.npz"
+    r56 = shared / "teachers" / "cifar10-resnet56.th"
+    digits_teacher, digits_test = ensure_teacher()
+    demo = demo_recipe().model_dump(mode="json")
+    digits_recipe = {"synthesis": demo["synthesis"], "distillation": {k: demo["distillation"][k] for k in
+                                                                        ("batch_size", "lr", "temperature")}}
+    out = {
+        "resnet56/state_dict": Teacher("cifar10-resnet56", "state_dict", r56, cifar, {"arch": "cifar_resnet56"},
+                                       student_arch="cifar_resnet20"),
+        "resnet56/onnx_dynamo": Teacher("cifar10-resnet56", "onnx_dynamo", work / "cifar10-resnet56-dynamo.onnx",
+                                        cifar, student_arch="cifar_resnet20"),
+        "resnet8/onnx_folded": Teacher("cifar10-resnet8-mlperftiny", "onnx_folded",
+                                       shared / "teachers" / "cifar10-resnet8-mlperftiny.onnx", cifar, CIFAR_MLPERF),
+        "fashion_mlp/onnx": Teacher("fashion-mnist-mlp", "onnx_bn", shared / "teachers" / "fashion-mnist-mlp.onnx",
+                                    shared / "data" / "fashion-mnist-test.npz", {"mean": [0.5], "std": [0.5]},
+                                    {"synthesis": {"augment": {"crop_padding": 2, "flip": False}}}),
+        "digits/onnx_bn": Teacher("digits", "onnx_bn", digits_teacher, digits_test, recipe=digits_recipe),
+    }
+    return out
+
+
+def applicable(t: Teacher, init: str) -> str | None:
+    """None when ``init`` applies to the teacher, else why not."""
+    if init == "depth" and t.form != "state_dict":
+        return "depth needs a residual zoo teacher as a state_dict"
+    return None
+
+
+def table(results: list[dict]) -> list[tuple[str, str, int]]:
+    """(teacher key, init, budget minutes) of the full table; phase 2 follows phase 1's winner."""
+    rows = [("resnet56/state_dict", init, m) for m in (10, 30) for init in INITS]
+    best = _best_init(results, "cifar10-resnet56", "state_dict", 30)
+    if best:
+        rows += [("resnet56/state_dict", best, 60), ("resnet56/onnx_dynamo", _dynamo_init(best), 30),
+                 ("resnet56/onnx_dynamo", _dynamo_init(best), 60)]
+    rows += [(key, init, m) for key in ("resnet8/onnx_folded", "fashion_mlp/onnx", "digits/onnx_bn")
+             for m in (10, 30) for init in ("scratch", "prune")]
+    return rows
+
+
+def smoke_table() -> list[tuple[str, str, int]]:
+    return [("digits/onnx_bn", init, 2) for init in INITS]
+
+
+def _best_init(results, teacher, form, minutes) -> str | None:
+    done = [r for r in results if (r["teacher"], r["teacher_form"], r["budget_min"]) == (teacher, form, minutes)]
+    if len({r["init"] for r in done}) < len(INITS):
+        return None
+    return max(done, key=lambda r: r["top1"] if r["top1"] is not None else -1)["init"]
+
+
+def _dynamo_init(init: str) -> str:
+    return "prune" if init == "depth" else init    # depth needs the zoo module; the dynamo file has none
+
+
+def recipe_for(t: Teacher, init: str, minutes: int):
+    from dfkd_deploy.recipe import load_recipe
+
+    over = {"teacher": t.teacher_options, **t.recipe}
+    student = {"init": init}
+    if init == "prune":
+        student["target"] = t.prune_target
+    elif t.student_arch:
+        student["arch"] = t.student_arch
+    over["student"] = student
+    over["budget"] = f"{minutes}m"
+    flat = {}
+
+    def walk(prefix, node):
+        for k, v in node.items():
+            if isinstance(v, dict) and v:
+                walk(f"{prefix}{k}.", v)
+            else:
+                flat[f"{prefix}{k}"] = v
+    walk("", over)
+    return load_recipe(None, flat)
+
+
+def run_one(t: Teacher, init: str, minutes: int, work: Path) -> dict:
+    from dfkd_deploy.run import compress
+
+    out = work / f"{t.name}-{t.form}-{init}-{minutes}m"
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)       # an unfinished run of an earlier session: start it again
+    t0 = time.time()
+    result = compress(t.path, recipe_for(t, init, minutes), out, eval_data=t.eval_data, show_progress=False)
+    wall = time.time() - t0
+    r = result.report
+    lat = (r.get("latency") or {}).get("student") or {}
+    return {"teacher": t.name, "teacher_form": t.form, "init": init, "budget_min": minutes,
+            "wall_min": round(wall / 60, 3), "top1": r["student"].get("onnx_accuracy", r["student"].get("accuracy")),
+            "teacher_top1": r["teacher"].get("accuracy"), "params": r["student"]["params"],
+            "teacher_params": r["student"].get("teacher_params"), "student_arch": r["student"]["arch"],
+            "latency_b32_ms": lat.get("batch_32_ms"), "latency_b1_ms": lat.get("batch_1_ms"),
+            "budget_used_s": (r.get("budget") or {}).get("used_s"), "plan": (r.get("budget") or {}).get("plan"),
+            "warnings": r["student"].get("warnings"), "eval_images": (r.get("eval_data") or {}).get("images"),
+            "loadavg": [round(v, 2) for v in os.getloadavg()]}
+
+
+def load_results(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return json.loads(path.read_text(encoding="utf-8")).get("runs", [])
+
+
+def save_results(path: Path, runs: list[dict], setting: str) -> None:
+    from dfkd_deploy.core.io import write_json
+
+    write_json(path, {"setting": setting, "machine": f"{os.cpu_count()} CPU cores", "runs": runs})
+
+
+def plot(path: Path, runs: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["teacher"], r["teacher_form"]) for r in runs})
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.5 * max(1, len(panels)), 3.6), squeeze=False)
+    for ax, (teacher, form) in zip(axes[0], panels):
+        mine = [r for r in runs if (r["teacher"], r["teacher_form"]) == (teacher, form)]
+        for init in INITS:
+            pts = sorted((r["wall_min"], 100 * r["top1"]) for r in mine if r["init"] == init and r["top1"] is not None)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=init)
+        top = [r["teacher_top1"] for r in mine if r.get("teacher_top1") is not None]
+        if top:
+            ax.axhline(100 * top[0], color="grey", linestyle="--", linewidth=1, label="teacher")
+        ax.set_title(f"{teacher} ({form})", fontsize=9)
+        ax.set_xlabel("wall-clock minutes (2 CPU cores)")
+        ax.set_ylabel("student top-1 (%)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def ensure_dynamo(shared: Path, work: Path) -> None:
+    from dfkd_deploy import stages
+    from dfkd_deploy.recipe import load_recipe
+
+    out = work / "cifar10-resnet56-dynamo.onnx"
+    if not out.is_file():
+        stages.export_teacher(shared / "teachers" / "cifar10-resnet56.th",
+                              load_recipe(None, {"teacher.arch": "cifar_resnet56"}), out, exporter="dynamo")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shared", default=str(REPO.parent / "shared"))
+    ap.add_argument("--smoke", action="store_true", help="digits teacher at 2 minutes: a check of the script")
+    ap.add_argument("--out", help="results JSON (default results/time_to_accuracy.json, or _smoke.json)")
+    ap.add_argument("--work", default=str(REPO / "runs" / "time_to_accuracy"), help="run directories")
+    args = ap.parse_args(argv)
+    shared, work = Path(args.shared), Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else RESULTS / ("time_to_accuracy_smoke.json" if args.smoke else
+                                                     "time_to_accuracy.json")
+    setting = "smoke: digits teacher, 2-minute budgets" if args.smoke else "issue 13 table"
+    runs = load_results(out)
+    known = teachers(shared, work)
+    done = {(r["teacher"], r["teacher_form"], r["init"], r["budget_min"]) for r in runs}
+    while True:
+        todo = [(k, i, m) for k, i, m in (smoke_table() if args.smoke else table(runs))
+                if (known[k].name, known[k].form, i, m) not in done]
+        if not todo:
+            break
+        key, init, minutes = todo[0]
+        t = known[key]
+        done.add((t.name, t.form, init, minutes))
+        why = applicable(t, init)
+        if why:
+            print(f"skip {t.name} ({t.form}) {init}: {why}", flush=True)
+            continue
+        if t.form == "onnx_dynamo":
+            ensure_dynamo(shared, work)
+        print(f"run {t.name} ({t.form}) {init} {minutes} min ...", flush=True)
+        record = run_one(t, init, minutes, work)
+        runs.append(record)
+        save_results(out, runs, setting)          # atomic rewrite after every finished run
+        plot(out.with_suffix(".png"), runs)
+        print(json.dumps({k: record[k] for k in ("teacher", "teacher_form", "init", "budget_min", "wall_min", "top1",
+                                                  "params", "latency_b32_ms")}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

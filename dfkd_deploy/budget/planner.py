@@ -1,0 +1,130 @@
+"""The budget planner: a pure function from measured step costs to a run plan.
+
+Given what one synthesis round, one KD step, one epoch's bookkeeping and the end of the run
+(probes, export, INT8, validation, bundle, reports) cost, and what was spent before training
+(loading, building the student, calibrating), it chooses the rounds (pool size), epochs, warm-up
+and KD steps per epoch so that the estimated whole run ends inside the budget, a safety margin
+short of it. The learning rate's cosine then runs over the planned KD epochs, i.e. over the real
+budget, not over a long schedule cut short.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from dfkd_deploy.core.errors import UsageError
+
+SYNTHESIS_SHARE = 0.5     # of the training time; issue 13 item 4 is to measure the best split
+WARMUP_SHARE = 0.1        # of the epochs: synthesis only, the pool fills before KD starts
+MAX_EPOCHS = 200          # rounds beyond this go several to an epoch (fewer checkpoints)
+MARGIN = 0.04             # of the budget, kept back for what the estimates miss
+
+_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}
+
+
+def parse_duration(text) -> float:
+    """``"30m"``, ``"1h"``, ``"90s"``, ``"1h30m"`` or a number of seconds -> seconds (> 0)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        s = str(text).strip().lower().replace(" ", "")
+        parts = re.findall(r"(\d+(?:\.\d+)?)([a-z]*)", s)
+        if not parts or "".join(n + u for n, u in parts) != s or any(u not in _UNITS and u for _, u in parts):
+            raise UsageError(f"budget {text!r}: expected a duration such as 30m, 1h, 90s or 1h30m")
+        seconds = sum(float(n) * _UNITS[u or "s"] for n, u in parts)
+    if not seconds > 0:
+        raise UsageError(f"budget {text!r}: must be more than 0 seconds")
+    return seconds
+
+
+@dataclass(frozen=True)
+class Costs:
+    synth_round_s: float      # one synthesis round (synthesis.batch_size images)
+    kd_step_s: float          # one KD step (distillation.batch_size images)
+    epoch_overhead_s: float   # checkpoint and pool bookkeeping, per epoch
+    finish_s: float           # probes, export, INT8, validation, bundle, reports
+
+
+@dataclass(frozen=True)
+class Plan:
+    budget_s: float
+    spent_s: float            # before training (load, student, calibration)
+    epochs: int
+    warmup: int
+    rounds_per_epoch: int
+    kd_steps: int             # per KD epoch
+    pool_images: int
+    estimated_s: float        # the whole run, spent_s included
+    costs: Costs
+
+    @property
+    def rounds(self) -> int:
+        return self.epochs * self.rounds_per_epoch
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["rounds"] = self.rounds
+        out["kd_steps_total"] = self.kd_steps * (self.epochs - self.warmup)
+        out["costs"] = {k: round(v, 4) for k, v in asdict(self.costs).items()}
+        for k in ("budget_s", "spent_s", "estimated_s"):
+            out[k] = round(out[k], 2)
+        return out
+
+    def apply(self, recipe):
+        """The recipe with the planned synthesis/distillation counts."""
+        s = recipe.synthesis.model_copy(update={"rounds_per_epoch": self.rounds_per_epoch})
+        d = recipe.distillation.model_copy(update={"epochs": self.epochs, "warmup": self.warmup,
+                                                   "kd_steps": self.kd_steps})
+        if s.reset_l0_after is not None and self.warmup + s.reset_l0_after > self.epochs:
+            s = s.model_copy(update={"reset_l0_after": None})   # would never happen inside this plan
+        return recipe.model_copy(update={"synthesis": s, "distillation": d})
+
+
+def estimate(costs: Costs, *, spent_s: float, epochs: int, warmup: int, rounds_per_epoch: int, kd_steps: int) -> float:
+    return (spent_s + epochs * rounds_per_epoch * costs.synth_round_s + (epochs - warmup) * kd_steps * costs.kd_step_s
+            + epochs * costs.epoch_overhead_s + costs.finish_s)
+
+
+def minimum_seconds(costs: Costs, spent_s: float = 0.0) -> float:
+    """The shortest run there is: two epochs of one round, one of them with one KD step."""
+    return (spent_s + estimate(costs, spent_s=0, epochs=2, warmup=1, rounds_per_epoch=1, kd_steps=1)) / (1 - MARGIN)
+
+
+def plan_budget(budget_s: float, costs: Costs, *, spent_s: float, synth_batch: int,
+                synthesis_share: float = SYNTHESIS_SHARE, warmup_share: float = WARMUP_SHARE,
+                max_epochs: int = MAX_EPOCHS, margin: float = MARGIN) -> Plan:
+    """The plan that uses the budget: ``synthesis_share`` of the training time synthesizes, the rest
+    trains; the estimated whole run is at most ``budget_s * (1 - margin)``."""
+    target = budget_s * (1 - margin)
+    train_s = target - spent_s - costs.finish_s
+    need = minimum_seconds(costs, spent_s)
+    if train_s <= 0 or need > budget_s:
+        raise UsageError(f"a budget of {budget_s:.0f} s is too short for this teacher on this machine: the "
+                         f"shortest run takes about {need:.0f} s (one synthesis round {costs.synth_round_s:.1f} s, "
+                         f"one KD step {costs.kd_step_s:.2f} s, the end of the run {costs.finish_s:.0f} s, "
+                         f"{spent_s:.0f} s already spent)")
+    rounds = max(2, int(synthesis_share * train_s // costs.synth_round_s))
+    candidates = []
+    for epochs in range(2, max(2, min(rounds, max_epochs)) + 1):
+        c = _candidate(costs, train_s, rounds, epochs, warmup_share)
+        if c is not None:
+            candidates.append(c)
+    if not candidates:   # the shortest run (the budget check above guarantees it fits)
+        candidates = [(2, 1, 1, 1)]
+    best = max(estimate(costs, spent_s=0, epochs=e, warmup=w, rounds_per_epoch=r, kd_steps=k) for e, w, r, k in candidates)
+    # of the plans that use the budget about as well as the best, the one with the most epochs
+    # (synthesis and KD interleave more finely)
+    epochs, warmup, rpe, kd_steps = max(
+        (c for c in candidates if estimate(costs, spent_s=0, epochs=c[0], warmup=c[1], rounds_per_epoch=c[2],
+                                           kd_steps=c[3]) >= 0.98 * best), key=lambda c: c[0])
+    total = estimate(costs, spent_s=spent_s, epochs=epochs, warmup=warmup, rounds_per_epoch=rpe, kd_steps=kd_steps)
+    return Plan(budget_s, spent_s, epochs, warmup, rpe, kd_steps, epochs * rpe * synth_batch, total, costs)
+
+
+def _candidate(costs: Costs, train_s: float, rounds: int, epochs: int, warmup_share: float):
+    """(epochs, warmup, rounds per epoch, KD steps per epoch) with ``epochs`` epochs, or None."""
+    rpe = max(1, rounds // epochs)
+    warmup = min(max(1, round(warmup_share * epochs)), epochs - 1)
+    left = train_s - epochs * (rpe * costs.synth_round_s + costs.epoch_overhead_s)
+    kd_steps = int(left // ((epochs - warmup) * costs.kd_step_s)) if left > 0 else 0
+    return (epochs, warmup, rpe, kd_steps) if kd_steps >= 1 else None

@@ -1,0 +1,66 @@
+"""A budgeted run's bookkeeping: the plan (made once, kept in RUN/budget.json so ``--resume``
+continues the same schedule) and the time used across sessions, for report.json's ``budget``."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dfkd_deploy.budget.calibrate import calibrate
+from dfkd_deploy.budget.planner import Costs, Plan, parse_duration, plan_budget
+from dfkd_deploy.core.errors import UsageError
+from dfkd_deploy.core.io import write_json
+
+BUDGET_FILE = "budget.json"
+
+
+@dataclass
+class BudgetSession:
+    requested_s: float
+    plan: Plan
+    started: float                 # this session's start (time.time())
+    used_before_s: float = 0.0     # earlier sessions, up to their last checkpoint
+    notes: list[str] = field(default_factory=list)
+
+    def used_s(self) -> float:
+        return self.used_before_s + (time.time() - self.started)
+
+    def section(self) -> dict:
+        """report.json ``budget``."""
+        used = self.used_s()
+        return {"budget": {"requested_s": round(self.requested_s, 2), "used_s": round(used, 2),
+                           "used_fraction": round(used / self.requested_s, 4), "plan": self.plan.to_dict(),
+                           "sessions_before_s": round(self.used_before_s, 2), "notes": self.notes}}
+
+
+def plan_for(teacher, recipe, student, device, *, spent_s: float, eval_images: int = 0) -> Plan:
+    """Calibrate, then plan; the calibration's own time counts as spent."""
+    t0 = time.perf_counter()
+    costs = calibrate(teacher, recipe, student, device, eval_images=eval_images)
+    return plan_budget(parse_duration(recipe.budget), costs, spent_s=spent_s + time.perf_counter() - t0,
+                       synth_batch=recipe.synthesis.batch_size)
+
+
+def start(teacher, recipe, student, run_dir: Path, device, *, started: float, resume: bool,
+          eval_images: int = 0) -> BudgetSession:
+    """A fresh run: calibrate and plan (the calibration's own time counts as spent). A resumed
+    run: the saved plan, and the time the earlier sessions used up to their last checkpoint."""
+    requested = parse_duration(recipe.budget)
+    path = Path(run_dir) / BUDGET_FILE
+    if resume:
+        if not path.is_file():
+            raise UsageError(f"--resume with a budget: {path} is missing (the run was not started with one)")
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        ckpt = Path(run_dir) / "checkpoints" / "last.pt"
+        used = saved["used_before_s"] + max(0.0, ckpt.stat().st_mtime - saved["session_started"])
+        plan = Plan(**{**{k: saved["plan"][k] for k in Plan.__dataclass_fields__ if k != "costs"},
+                       "costs": Costs(**saved["plan"]["costs"])})
+        session = BudgetSession(requested, plan, started, used,
+                                [f"resumed with {max(0.0, requested - used):.0f} s of the budget left"])
+    else:
+        plan = plan_for(teacher, recipe, student, device, spent_s=time.time() - started, eval_images=eval_images)
+        session = BudgetSession(requested, plan, started)
+    write_json(path, {"requested_s": requested, "plan": plan.to_dict(), "session_started": started,
+                      "used_before_s": session.used_before_s})
+    return session

@@ -1,0 +1,153 @@
+"""Size targets relative to the teacher (``--target params=0.3``), and the size figures a student is
+judged by: parameters, MACs, and ONNX Runtime CPU latency at batch 1 and 32, measured the way
+``latency.*`` is measured in report.json (:mod:`dfkd_deploy.deploy.latency`)."""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from dfkd_deploy.core.errors import UsageError
+
+METRICS = ("params", "macs", "latency")
+DEFAULT_FRACTION = 0.5    # no arch and no target: at least 2x smaller and faster than the teacher
+LATENCY_BATCHES = (1, 32)
+
+
+@dataclass(frozen=True)
+class Target:
+    metric: str        # params | macs | latency
+    fraction: float    # of the teacher's
+
+    def __str__(self) -> str:
+        return f"{self.metric}={self.fraction:g}"
+
+
+def parse_target(text: str) -> Target:
+    """``"params=0.3"`` -> Target("params", 0.3); one clear line on anything else."""
+    metric, sep, value = str(text).partition("=")
+    metric = metric.strip().lower()
+    if not sep or metric not in METRICS:
+        raise UsageError(f"target {text!r}: expected METRIC=FRACTION with METRIC one of {', '.join(METRICS)}, "
+                         "e.g. params=0.3")
+    try:
+        fraction = float(value)
+    except ValueError:
+        raise UsageError(f"target {text!r}: {value!r} is not a number") from None
+    if not 0 < fraction < 1:
+        raise UsageError(f"target {text!r}: the fraction of the teacher's {metric} must be between 0 and 1")
+    return Target(metric, fraction)
+
+
+@dataclass
+class SizeFigures:
+    params: int
+    macs: Optional[int]
+    latency_ms: dict = field(default_factory=dict)   # {"batch_1_ms": .., "batch_32_ms": ..}; {} when not measured
+    latency_reason: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        return {"params": self.params, "macs": self.macs, "latency_ms": dict(self.latency_ms),
+                "latency_reason": self.latency_reason}
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, input_shape) -> Optional[int]:
+    """Multiply-accumulates of one image through the model's Conv2d and Linear layers (what
+    dominates these nets; element-wise ops are not counted). None when the forward fails."""
+    total = [0]
+
+    def conv(m, _inp, out):
+        total[0] += out[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    def linear(m, inp, _out):
+        total[0] += (inp[0][0].numel() // m.in_features) * m.in_features * m.out_features
+
+    hooks = [m.register_forward_hook(conv if isinstance(m, nn.Conv2d) else linear)
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape, device=device))
+        return int(total[0])
+    except Exception:  # noqa: BLE001 - a model that does not take this input: MACs not measured
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def measure_latency(model: nn.Module | None, input_shape, *, onnx_path: str | Path | None = None,
+                    layout: str = "NCHW") -> tuple[dict, Optional[str]]:
+    """ORT CPU median ms per batch size: the ONNX file at ``onnx_path`` as it is, else ``model``
+    exported (legacy exporter, dynamic batch) to a temporary file. ({} , reason) on failure."""
+    from dfkd_deploy.deploy.latency import export_teacher_for_timing, time_onnx
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="dfkd-size-") as tmp:
+            if onnx_path is None:
+                onnx_path = export_teacher_for_timing(model, input_shape, Path(tmp) / "model.onnx")
+                layout = "NCHW"
+            return time_onnx(onnx_path, input_shape, layout=layout, batches=LATENCY_BATCHES), None
+    except Exception as exc:  # noqa: BLE001 - a model ORT cannot time at these batches: not measured
+        return {}, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+
+
+def measure(model: nn.Module, input_shape, *, latency: bool = True, onnx_path=None, layout="NCHW") -> SizeFigures:
+    model.eval()   # (not moved: a teacher keeps its device; the latency export copies it to the CPU)
+    lat, reason = measure_latency(model, input_shape, onnx_path=onnx_path, layout=layout) if latency else ({}, None)
+    return SizeFigures(count_params(model), count_macs(model, input_shape), lat, reason)
+
+
+def teacher_figures(teacher, *, latency: bool = True) -> SizeFigures:
+    """The teacher's figures: its ONNX file timed as it is (as report.json's latency does), a torch
+    teacher exported first."""
+    spec = teacher.spec
+    onnx_path = spec.source if spec.format == "onnx" and Path(str(spec.source)).is_file() else None
+    return measure(teacher.module, spec.input_shape, latency=latency, onnx_path=onnx_path, layout=spec.layout)
+
+
+def ratios(student: SizeFigures, teacher: SizeFigures) -> dict:
+    """Student / teacher for each figure both have (None where either is missing)."""
+    def ratio(a, b):
+        return round(a / b, 4) if a is not None and b else None
+
+    out = {"params": ratio(student.params, teacher.params), "macs": ratio(student.macs, teacher.macs)}
+    for b in LATENCY_BATCHES:
+        key = f"batch_{b}_ms"
+        out[f"latency_b{b}"] = ratio(student.latency_ms.get(key), teacher.latency_ms.get(key))
+    return out
+
+
+def worst_latency_ratio(r: dict) -> Optional[float]:
+    values = [r.get(f"latency_b{b}") for b in LATENCY_BATCHES if r.get(f"latency_b{b}") is not None]
+    return max(values) if values else None
+
+
+def meets(r: dict, target: Target) -> bool:
+    """True when the student's ratio for the target's metric is within the fraction (latency: at
+    both batch sizes). A figure that could not be measured does not meet a target on it."""
+    value = worst_latency_ratio(r) if target.metric == "latency" else r.get(target.metric)
+    return value is not None and value <= target.fraction
+
+
+def size_warnings(r: dict) -> list[str]:
+    """One line for each way the student is larger or slower than the teacher it replaces."""
+    out = []
+    if r.get("params") is not None and r["params"] >= 1:
+        out.append(f"the student has {r['params']:.2f}x the teacher's parameters: it is not smaller")
+    if r.get("macs") is not None and r["macs"] >= 1:
+        out.append(f"the student needs {r['macs']:.2f}x the teacher's MACs")
+    for b in LATENCY_BATCHES:
+        v = r.get(f"latency_b{b}")
+        if v is not None and v > 1:
+            out.append(f"the student is {v:.2f}x slower than the teacher at batch {b} (ONNX Runtime CPU): "
+                       "it is not faster")
+    return out

@@ -1,0 +1,76 @@
+"""The budget planner with stubbed step costs: the plan's estimate fits the budget (a logic test,
+nothing is timed)."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from dfkd_deploy.budget.planner import MARGIN, Costs, estimate, minimum_seconds, parse_duration, plan_budget
+from dfkd_deploy.core.errors import UsageError
+
+COSTS = [Costs(synth_round_s=r, kd_step_s=k, epoch_overhead_s=o, finish_s=f)
+         for r, k, o, f in itertools.product((0.5, 8.0, 40.0), (0.05, 1.2), (0.0, 0.5), (5.0, 60.0))]
+
+
+@pytest.mark.parametrize("budget_s", [120, 600, 1800, 3600, 4 * 3600])
+@pytest.mark.parametrize("costs", COSTS, ids=lambda c: f"r{c.synth_round_s}-k{c.kd_step_s}-o{c.epoch_overhead_s}-f{c.finish_s}")
+def test_plan_fits_the_budget(budget_s, costs):
+    spent = 10.0
+    if minimum_seconds(costs, spent) > budget_s:
+        with pytest.raises(UsageError, match="too short"):
+            plan_budget(budget_s, costs, spent_s=spent, synth_batch=64)
+        return
+    plan = plan_budget(budget_s, costs, spent_s=spent, synth_batch=64)
+    assert plan.estimated_s == pytest.approx(estimate(costs, spent_s=spent, epochs=plan.epochs, warmup=plan.warmup,
+                                                      rounds_per_epoch=plan.rounds_per_epoch,
+                                                      kd_steps=plan.kd_steps))
+    assert plan.estimated_s <= budget_s * (1 - MARGIN) + 1e-6
+    assert 1 <= plan.warmup < plan.epochs and plan.kd_steps >= 1 and plan.rounds_per_epoch >= 1
+    assert plan.pool_images == plan.rounds * 64
+    # it uses the budget: within 10% of it unless the shortest steps are coarser than that
+    step = costs.synth_round_s + costs.epoch_overhead_s + costs.kd_step_s * plan.kd_steps
+    if step < 0.05 * budget_s:
+        assert plan.estimated_s >= 0.9 * budget_s - step
+
+
+def test_a_budget_below_the_shortest_run_is_one_clear_error():
+    costs = Costs(synth_round_s=30.0, kd_step_s=2.0, epoch_overhead_s=0.1, finish_s=40.0)
+    with pytest.raises(UsageError, match=r"too short for this teacher.*shortest run takes about \d+ s"):
+        plan_budget(60, costs, spent_s=5, synth_batch=256)
+
+
+def test_the_plan_goes_into_the_recipe():
+    from dfkd_deploy.recipe import load_recipe
+
+    plan = plan_budget(1800, Costs(4.0, 0.5, 0.1, 30.0), spent_s=20, synth_batch=256)
+    r = plan.apply(load_recipe(None))
+    assert (r.distillation.epochs, r.distillation.warmup, r.distillation.kd_steps,
+            r.synthesis.rounds_per_epoch) == (plan.epochs, plan.warmup, plan.kd_steps, plan.rounds_per_epoch)
+    assert r.synthesis.reset_l0_after is None or plan.warmup + r.synthesis.reset_l0_after <= plan.epochs
+    d = plan.to_dict()
+    assert d["rounds"] == plan.rounds and d["kd_steps_total"] == plan.kd_steps * (plan.epochs - plan.warmup)
+
+
+@pytest.mark.parametrize("text,seconds", [("30m", 1800), ("1h", 3600), ("90s", 90), ("1h30m", 5400), (45, 45),
+                                          ("2.5m", 150)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "30x", "m30", "-5m", "0s", "thirty minutes"])
+def test_parse_duration_refuses(text):
+    with pytest.raises(UsageError, match="budget"):
+        parse_duration(text)
+
+
+def test_recipe_budget_and_target_keys():
+    from dfkd_deploy.core.errors import RecipeError
+    from dfkd_deploy.recipe import load_recipe
+
+    r = load_recipe(None, {"budget": "30m", "student.target": "params=0.3", "student.init": "prune"})
+    assert (r.budget, r.student.target, r.student.init) == ("30m", "params=0.3", "prune")
+    with pytest.raises(RecipeError, match="budget"):
+        load_recipe(None, {"budget": "soon"})
+    with pytest.raises(RecipeError, match="student.target"):
+        load_recipe(None, {"student.target": "flops=0.3"})
