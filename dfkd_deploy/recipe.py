@@ -35,7 +35,7 @@ class TeacherOptions(_Strict):
     input_shape: Optional[tuple[int, int, int]] = Field(None, description="C, H, W")
 
     layout: Optional[Literal["NCHW", "NHWC"]] = Field(None, description="the file's input layout; null: detected from the input dims")
-    num_classes: Optional[int] = Field(None, ge=2)
+    num_classes: Optional[int] = Field(None, ge=2, description="classes the teacher outputs (null: from the output shape)")
     output: Optional[Literal["logits", "probabilities"]] = Field(None, description="null: probabilities when the graph ends in Softmax")
     mean: Optional[list[float]] = Field(None, description="per-channel mean the teacher expects (null: file metadata, else none)")
     std: Optional[list[float]] = Field(None, description="per-channel std the teacher expects (null: file metadata, else none)")
@@ -120,8 +120,8 @@ class StudentOptions(_Strict):
 
 
 class AugmentOptions(_Strict):
-    crop_padding: int = Field(4, ge=0)
-    flip: bool = True
+    crop_padding: int = Field(4, ge=0, description="differentiable random crop after zero padding by this many pixels (0: none)")
+    flip: bool = Field(True, description="random horizontal flip")
 
 
 class PriorOptions(_Strict):
@@ -145,12 +145,12 @@ class SynthesisOptions(_Strict):
     method: Literal["fastdfkd", "deepinversion"] = Field(
         "fastdfkd", description="fastdfkd: meta-learned generator, g_steps per batch; deepinversion: pixels optimised directly")
     g_steps: int = Field(5, ge=1, le=100_000, description="optimisation steps per batch: inner generator steps (Fast-N) or DeepInversion pixel steps")
-    batch_size: int = Field(256, ge=2)
-    rounds_per_epoch: int = Field(1, ge=1, le=10_000)
-    nz: int = Field(256, ge=1)
-    ngf: int = Field(64, ge=4)
+    batch_size: int = Field(256, ge=2, description="images per synthesized batch (a total over all processes under torchrun)")
+    rounds_per_epoch: int = Field(1, ge=1, le=10_000, description="synthesized batches per epoch")
+    nz: int = Field(256, ge=1, description="generator latent size")
+    ngf: int = Field(64, ge=4, description="generator width")
     lr_g: float = Field(3e-3, gt=0, description="generator lr (fastdfkd; the meta lr is lr_g * g_steps) or pixel lr (deepinversion)")
-    lr_z: float = Field(0.01, gt=0)
+    lr_z: float = Field(0.01, gt=0, description="inner learning rate of the latents z")
     bn: float = Field(10.0, ge=0, description="weight of the BatchNorm-statistics loss")
     oh: float = Field(0.5, ge=0, description="weight of the cross-entropy to sampled labels")
     adv: float = Field(1.33, ge=0, description="weight of the adversarial (student-teacher KL) term")
@@ -174,11 +174,11 @@ class DistillationOptions(_Strict):
     epochs: int = Field(220, ge=1, le=MAX_EPOCHS, description="total epochs, warm-up included")
     warmup: int = Field(20, ge=0, description="epochs that only synthesize")
     kd_steps: int = Field(400, ge=1, le=1_000_000, description="student steps per epoch")
-    batch_size: int = Field(256, ge=1)
-    lr: float = Field(0.2, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0)
-    eta_min: float = Field(2e-4, ge=0)
+    batch_size: int = Field(256, ge=1, description="KD batch (a total over all processes under torchrun)")
+    lr: float = Field(0.2, gt=0, description="SGD learning rate at the start of the cosine schedule")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(1e-4, ge=0, description="SGD weight decay")
+    eta_min: float = Field(2e-4, ge=0, description="learning rate at the end of the cosine schedule")
     temperature: float = Field(20.0, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, description="KD softmax temperature")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="KD forward passes (teacher and student; weights, optimizer and loss stay fp32): "
@@ -194,12 +194,12 @@ class DistillationOptions(_Strict):
 
 class ValidationOptions(_Strict):
     probe_images: int = Field(512, ge=1, description="held-out synthetic probes, never trained on")
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, description="batch for evaluating teacher and student")
 
 
 class ExportOptions(_Strict):
-    opset: int = Field(17, ge=13, le=20)
-    parity_tolerance: float = Field(1e-3, gt=0)
+    opset: int = Field(17, ge=13, le=20, description="ONNX opset of student.onnx")
+    parity_tolerance: float = Field(1e-3, gt=0, description="max abs diff allowed between student.onnx (onnxruntime) and the torch student")
 
 
 class DeployOptions(_Strict):
@@ -224,7 +224,7 @@ class Recipe(_Strict):
     deploy: DeployOptions = DeployOptions()
     budget: Optional[str] = Field(None, description="wall-clock budget for the whole run, e.g. 30m, 1h, 90s: "
                                                     "pool size, rounds, KD steps and the schedule are planned to fit")
-    seed: int = 0
+    seed: int = Field(0, description="everything random derives from it")
 
     @field_validator("budget", mode="before")
     @classmethod
