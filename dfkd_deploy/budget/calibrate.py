@@ -28,7 +28,7 @@ def _timed(fn) -> float:
 def calibrate(teacher, recipe, student, device, *, eval_images: int = 0) -> Costs:
     """Costs of ``recipe`` with this teacher and (a copy of) this student on ``device``."""
     from dfkd_deploy.run import make_synthesizer
-    from dfkd_deploy.synthesis.augment import crop_flip
+    from dfkd_deploy.core.augment import crop_flip
 
     s, d = recipe.synthesis, recipe.distillation
     student = copy.deepcopy(student).to(device)
@@ -64,12 +64,13 @@ def calibrate(teacher, recipe, student, device, *, eval_images: int = 0) -> Cost
 def _bookkeeping(student, input_shape) -> tuple[float, float]:
     """(one checkpoint write of the student + optimizer state, one ONNX export of the student)."""
     from dfkd_deploy.core.io import save_torch
-    from dfkd_deploy.deploy.latency import export_teacher_for_timing
+    from exporters.onnx_export import export_teacher_onnx
 
     state = {"student": student.state_dict(), "optimizer": {k: v.clone() for k, v in student.state_dict().items()}}
     with tempfile.TemporaryDirectory(prefix="dfkd-calibrate-") as tmp:
         ckpt_s = _timed(lambda: save_torch(Path(tmp) / "last.pt", state))
-        export_s = _timed(lambda: export_teacher_for_timing(student.eval(), input_shape, Path(tmp) / "s.onnx"))
+        export_s = _timed(lambda: export_teacher_onnx(student.eval(), Path(tmp) / "s.onnx",
+                                                      input_shape=tuple(input_shape), fold=True))
     return 2 * ckpt_s, export_s
 
 

@@ -12,7 +12,7 @@ def zoo_teacher(tmp_path_factory):
     from dfkd_deploy.models import build_model
     from dfkd_deploy.recipe import TeacherOptions
     from dfkd_deploy.teachers import load_teacher
-    from dfkd_deploy.teachers.coverage import randomise_bn
+    from tests.teachers.onnx_fixtures import randomise_bn
 
     torch.manual_seed(0)
     model = build_model("cifar_resnet14", num_classes=10, in_channels=3, input_size=(16, 16))

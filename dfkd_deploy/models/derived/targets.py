@@ -88,14 +88,19 @@ def measure_latency(model: nn.Module | None, input_shape, *, onnx_path: str | Pa
                     layout: str = "NCHW") -> tuple[dict, Optional[str]]:
     """ORT CPU median ms per batch size: the ONNX file at ``onnx_path`` as it is, else ``model``
     exported (legacy exporter, dynamic batch) to a temporary file. ({} , reason) on failure."""
-    from dfkd_deploy.deploy.latency import export_teacher_for_timing, time_onnx
+    from exporters.onnx_export import export_teacher_onnx
+
+    from dfkd_deploy.deploy.latency import time_runner
+    from dfkd_deploy.runtime.onnxruntime import OrtRunner
 
     try:
         with tempfile.TemporaryDirectory(prefix="dfkd-size-") as tmp:
             if onnx_path is None:
-                onnx_path = export_teacher_for_timing(model, input_shape, Path(tmp) / "model.onnx")
+                onnx_path = export_teacher_onnx(model, Path(tmp) / "model.onnx", input_shape=tuple(input_shape),
+                                                fold=True)
                 layout = "NCHW"
-            return time_onnx(onnx_path, input_shape, layout=layout, batches=LATENCY_BATCHES), None
+            runner = OrtRunner(onnx_path, layout=layout, input_shape=tuple(input_shape))
+            return time_runner(runner, batches=LATENCY_BATCHES), None
     except Exception as exc:  # noqa: BLE001 - a model ORT cannot time at these batches: not measured
         return {}, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
 
