@@ -9,7 +9,7 @@ called from C++/Java, where the caller permutes), which the bundle README states
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -20,6 +20,8 @@ from torch import nn
 from dfkd_deploy.core.errors import ExportError, one_line
 from dfkd_deploy.core.io import write_bytes
 
+from exporters.runtime_files import RuntimeFiles
+
 MISSING = "ExecuTorch is not installed here (pip install 'dfkd-deploy[executorch]')"
 FILES = {"fp32": "student.pte", "int8": "student.int8.pte"}
 MAX_BATCH = 32
@@ -27,21 +29,10 @@ CALIBRATION_BATCH = 32
 
 
 @dataclass
-class ExecuTorchResult:
-    files: dict[str, str] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
-    version: Optional[str] = None
+class ExecuTorchResult(RuntimeFiles):
     max_batch: int = MAX_BATCH
-    calibration_images: int = 0
-    seconds: Optional[float] = None
-
-    def all_files(self) -> list[str]:
-        return list(self.files.values())
-
-    def to_dict(self) -> dict:
-        return {"files": dict(self.files), "errors": dict(self.errors), "version": self.version,
-                "max_batch": self.max_batch, "calibration_images": self.calibration_images,
-                "seconds": self.seconds, "backend": "XNNPACK", "layout": "NCHW"}
+    backend: str = "XNNPACK"
+    layout: str = "NCHW"
 
 
 def executorch_version() -> Optional[str]:

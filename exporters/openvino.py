@@ -11,13 +11,15 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from dfkd_deploy.core.errors import ExportError, one_line
+
+from exporters.runtime_files import RuntimeFiles
 
 MISSING = "OpenVINO is not installed here (pip install 'dfkd-deploy[openvino]')"
 MISSING_NNCF = "NNCF is not installed here (pip install 'dfkd-deploy[openvino]'); no OpenVINO INT8"
@@ -26,24 +28,14 @@ CALIBRATION_BATCH = 32
 
 
 @dataclass
-class OpenVinoResult:
+class OpenVinoResult(RuntimeFiles):
     """The IR files written (precision -> xml name; each has a .bin beside it) and why any is missing."""
 
-    files: dict[str, str] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
-    version: Optional[str] = None
     nncf_version: Optional[str] = None
-    calibration_images: int = 0
-    seconds: Optional[float] = None
 
     def all_files(self) -> list[str]:
         """Every file written: the .xml and its .bin, per precision."""
         return [n for xml in self.files.values() for n in (xml, weights_of(xml))]
-
-    def to_dict(self) -> dict:
-        return {"files": dict(self.files), "errors": dict(self.errors), "version": self.version,
-                "nncf_version": self.nncf_version, "calibration_images": self.calibration_images,
-                "seconds": self.seconds}
 
 
 def openvino_module():
