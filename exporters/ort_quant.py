@@ -28,6 +28,7 @@ from dfkd_deploy.runtime.onnxruntime import OrtRunner
 CALIBRATION_IMAGES = 256        # default pool images used for calibration (recipe candidate)
 CALIBRATION_BATCH = 32          # calibration batch fed to ORT; memory only, not a result
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+ACTIVATIONS = ("s8", "u8")      # s8: TensorRT-compatible Q/DQ; u8: fully fused by ORT's x64 CPU kernels
 
 
 @dataclass
@@ -68,15 +69,24 @@ def sample_calibration(pool, count: int = CALIBRATION_IMAGES, seed: int = 0) -> 
 
 def quantize_student(fp32_path: str | Path, out_path: str | Path, calibration: np.ndarray, *,
                      layout: str = "NCHW", method: str = "minmax", per_channel: bool = True,
-                     probes: Optional[np.ndarray] = None, batch_size: int = CALIBRATION_BATCH) -> QuantResult:
+                     probes: Optional[np.ndarray] = None, batch_size: int = CALIBRATION_BATCH,
+                     activations: str = "s8") -> QuantResult:
     """Quantize ``fp32_path`` to a QDQ int8 model at ``out_path``.
 
     ``calibration`` and ``probes`` are model-space float32 NCHW arrays (see :func:`dfkd_deploy.images.uint8_to_model`);
     the probes must be held out from calibration. With probes, agreement and max abs diff
     against the fp32 model are measured on them.
+
+    ``activations``: "s8" (default) symmetric int8 activations, the Q/DQ file TensorRT can also
+    build from; "u8" asymmetric uint8 activations (U8S8), which ONNX Runtime's x64 CPU kernels
+    fuse into QLinearConv for every conv (benchmarks/results/ort_int8_study.json: with "s8" 9 of
+    cifar_resnet20's 19 convs stay in float between DequantizeLinear/QuantizeLinear pairs, which
+    is why that int8 model is slower than fp32 here), but TensorRT rejects (zero point != 0).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    if activations not in ACTIVATIONS:
+        raise ExportError(f"unknown activation type {activations!r}; expected one of {', '.join(ACTIVATIONS)}")
     if method not in CALIBRATION_METHODS:
         raise ExportError(f"unknown calibration method {method!r}; expected one of {', '.join(CALIBRATION_METHODS)}")
     calibration = np.asarray(calibration, np.float32)
@@ -91,12 +101,14 @@ def quantize_student(fp32_path: str | Path, out_path: str | Path, calibration: n
         try:
             quantize_static(
                 str(source), str(tmp), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                activation_type=QuantType.QInt8 if activations == "s8" else QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
                 calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                                   "percentile": CalibrationMethod.Percentile}[method],
                 # Symmetric ranges (zero point 0) and float biases: what TensorRT needs to import
                 # the same Q/DQ file (it has no int32 DequantizeLinear for biases).
-                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+                extra_options={"ActivationSymmetric": activations == "s8", "WeightSymmetric": True,
+                               "QuantizeBias": False},
             )
         except Exception as exc:  # noqa: BLE001 - ORT raises many types; the user needs one line
             raise ExportError(f"INT8 quantization failed: {type(exc).__name__}: {one_line(exc)}") from None

@@ -94,8 +94,11 @@ def stage_bundle(bundle_dir: str | Path, *, student_onnx: str | Path, student_in
 
 
 def seal_bundle(staged: StagedBundle, *, spec, validation: Mapping[str, Any], class_names: Optional[list[str]] = None,
-                comparison_md: str = "", seed: Optional[int] = None) -> dict:
-    """Write README.md and manifest.json (hashing every bundled file); returns the manifest."""
+                comparison_md: str = "", seed: Optional[int] = None,
+                runtimes: Optional[Mapping[str, Any]] = None) -> dict:
+    """Write README.md and manifest.json (hashing every bundled file); returns the manifest.
+
+    ``runtimes`` is the edge runtimes' section (:meth:`dfkd_deploy.deploy.edge.EdgeBuild.to_dict`)."""
     out = staged.path
     profile = staged.tensorrt.profile or {}
     manifest = {
@@ -113,6 +116,7 @@ def seal_bundle(staged: StagedBundle, *, spec, validation: Mapping[str, Any], cl
         "teacher": {"source": Path(spec.source).name, "format": spec.format},
         "versions": library_versions(),
         "tensorrt": staged.tensorrt.to_dict(),
+        "runtimes": dict(runtimes or {}),
         "validation": dict(validation),
     }
     write_text(out / "README.md", render_readme(manifest, staged, comparison_md))
@@ -172,6 +176,7 @@ def verify_bundle(bundle_dir: str | Path, public_key: str | Path | None = None) 
         if agree < want - INT8_AGREEMENT_SLACK:
             result.problems.append(f"{INT8}: top-1 agreement with fp32 {agree:.4f}, recorded {want:.4f} "
                                    f"(allowed slack {INT8_AGREEMENT_SLACK})")
+    _rerun_edge_runtimes(out, manifest, probes, recorded, result)
     return result
 
 
@@ -225,7 +230,17 @@ def expected_files(manifest: Mapping[str, Any]) -> tuple[set[str], set[str]]:
         required.add(INT8)
     engines = ((manifest.get("tensorrt") or {}).get("engines") or {}).values()
     required |= {e["file"] for e in engines if isinstance(e, dict) and isinstance(e.get("file"), str)}
+    required |= _runtime_file_names(manifest)
     return required, required | set(OPTIONAL_BUNDLE_FILES)
+
+
+def _runtime_file_names(manifest: Mapping[str, Any]) -> set[str]:
+    """The OpenVINO / ExecuTorch files the manifest's runtimes section says were built."""
+    names: set[str] = set()
+    for f in (manifest.get("runtimes") or {}).get("files") or []:
+        if isinstance(f, dict):
+            names |= {n for n in (f.get("file"), *(f.get("extra_files") or [])) if isinstance(n, str)}
+    return names
 
 
 def check_file_set(out: Path, manifest: Mapping[str, Any]) -> list[str]:
@@ -285,6 +300,17 @@ def _check_contract(onnx_path: Path, manifest: Mapping[str, Any], result: Bundle
                                + "; ".join(d.replace("teacher", "manifest") for d in diffs))
 
 
+def _rerun_edge_runtimes(out: Path, manifest: Mapping[str, Any], probes: np.ndarray, recorded: np.ndarray,
+                         result: BundleCheck) -> None:
+    """OpenVINO / ExecuTorch files rerun where their runtime is installed; one line per skip."""
+    from dfkd_deploy.deploy.edge import rerun_runtimes
+
+    problems, checks, skipped = rerun_runtimes(out, manifest, probes, recorded)
+    result.problems += problems
+    result.checks.update({f"{name} top-1 agreement": c["top1_agreement_vs_fp32"] for name, c in checks.items()})
+    result.checks.update({f"{name} skipped": why for name, why in skipped.items()})
+
+
 # --- README ------------------------------------------------------------------------------------
 
 def render_readme(manifest: Mapping[str, Any], staged: StagedBundle, comparison_md: str = "") -> str:
@@ -301,11 +327,12 @@ def render_readme(manifest: Mapping[str, Any], staged: StagedBundle, comparison_
         "",
         "| File | What |",
         "|---|---|",
-        f"| `{FP32}` | fp32 student, dynamic batch |",
+        f"| `{FP32}` | ONNX Runtime, TensorRT (build_engine.sh), any ONNX runtime: fp32 student, dynamic batch |",
     ]
     if staged.has_int8:
-        lines.append(f"| `{INT8}` | int8 Q/DQ student (symmetric, calibrated on synthetic images only) |")
+        lines.append(f"| `{INT8}` | ONNX Runtime, TensorRT: int8 Q/DQ student (symmetric, calibrated on synthetic images only) |")
     lines += [
+        *_runtime_rows(manifest.get("runtimes") or {}),
         f"| `{CALIBRATION}` | synthetic calibration images and held-out probes (uint8 NCHW), their normalisation, fp32 probe logits |",
         "| `build_engine.sh` | TensorRT engine builds (trtexec); `calib_loader.py` feeds polygraphy calibration |",
         f"| `{MANIFEST}` | input contract, sha256 of every file, versions, validation figures |",
@@ -349,10 +376,28 @@ def render_readme(manifest: Mapping[str, Any], staged: StagedBundle, comparison_
     if comparison_md:
         lines += ["", comparison_md]
     lines += ["", "Check the bundle after copying it, before building on it: `dfkd-deploy bundle verify <this "
-              "directory> --key public.pem` (exactly the listed files, signature, hashes, then fp32/int8 rerun on "
-              "the probes; exit 0 ok, 1 mismatch, 2 not a bundle). Without `--key` (or `manifest.sig`) it proves "
-              "integrity against accidents only, not who made the bundle.", ""]
+              "directory> --key public.pem` (exactly the listed files, signature, hashes, then fp32/int8 and every "
+              "installed edge runtime rerun on the probes; exit 0 ok, 1 mismatch, 2 not a bundle). Without `--key` "
+              "(or `manifest.sig`) it proves integrity against accidents only, not who made the bundle.", ""]
     return "\n".join(lines)
+
+
+def _runtime_rows(runtimes: Mapping[str, Any]) -> list[str]:
+    """README rows: which file is for which runtime (OpenVINO IR, ExecuTorch programs)."""
+    from dfkd_deploy.deploy.edge import RUNTIME_OF
+
+    what = {("openvino", "fp32"): "fp32 IR", ("openvino", "fp16"): "IR with fp16-compressed weights",
+            ("openvino", "int8"): "int8 IR (NNCF, calibrated on synthetic images only)",
+            ("executorch", "fp32"): "fp32 program, NCHW input, batch up to the export's max",
+            ("executorch", "int8"): "int8 program (XNNPACK quantizer, calibrated on synthetic images only)"}
+    versions = runtimes.get("versions") or {}
+    rows = []
+    for f in runtimes.get("files") or []:
+        names = " + ".join(f"`{n}`" for n in (f["file"], *f.get("extra_files", [])))
+        rows.append(f"| {names} | {RUNTIME_OF.get(f['runtime'], f['runtime'])} "
+                    f"{versions.get(f['runtime']) or ''}: {what.get((f['runtime'], f['precision']), f['precision'])} |")
+    rows += [f"| - | {RUNTIME_OF.get(r, r)}: not built ({why}) |" for r, why in (runtimes.get("skipped") or {}).items()]
+    return rows
 
 
 # --- helpers -----------------------------------------------------------------------------------

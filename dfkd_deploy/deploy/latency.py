@@ -10,7 +10,7 @@ when that fails the teacher's latency is null with the reason.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -40,6 +40,7 @@ class Latency:
     teacher_source: Optional[str] = None     # "file" (the teacher's ONNX), "exported", None (not timed)
     teacher_reason: Optional[str] = None     # why the teacher was not timed
     provider: str = PROVIDER
+    backends: list = field(default_factory=list)   # edge runtimes: {"backend", "precision", "file", "bytes", timings}
 
     def speedups(self) -> dict:
         """Speed-up of the student over the teacher, per batch size."""
@@ -53,7 +54,7 @@ class Latency:
         return {"provider": self.provider, "warmup": self.warmup, "repeats": self.repeats,
                 "batches": list(self.batches), "teacher": self.teacher, "student": self.student,
                 "student_int8": self.student_int8, "teacher_source": self.teacher_source,
-                "teacher_reason": self.teacher_reason, **self.speedups()}
+                "teacher_reason": self.teacher_reason, "backends": list(self.backends), **self.speedups()}
 
 
 @dataclass
@@ -127,20 +128,37 @@ def _exportable(teacher) -> tuple[torch.nn.Module, tuple[int, ...]]:
 
 
 def latency_and_size(teacher, student: OrtRunner, *, student_params: int, teacher_params: int,
-                     student_int8: Optional[OrtRunner] = None, batches: Sequence[int] = LATENCY_BATCHES,
+                     student_int8: Optional[OrtRunner] = None, others: Sequence[Runner] = (), batches: Sequence[int] = LATENCY_BATCHES,
                      warmup: int = WARMUP, repeats: int = REPEATS) -> LatencyAndSize:
     """Teacher, student and int8 student timed alike (the teacher with the student's ORT threads).
 
     ``teacher`` is a :class:`~dfkd_deploy.teachers.spec.Teacher`; ``student``/``student_int8``
-    run the student files (in the teacher's layout).
+    run the student files (in the teacher's layout); ``others`` are the edge runtimes' runners
+    (OpenVINO, ExecuTorch), timed alike into ``latency.backends``.
     """
     kw = dict(batches=batches, warmup=warmup, repeats=repeats)
     t = time_teacher(teacher, threads=student.threads, **kw)
     latency = Latency(batches=list(batches), warmup=warmup, repeats=repeats, student=time_runner(student, **kw),
                       student_int8=time_runner(student_int8, **kw) if student_int8 else None,
-                      teacher=t.timings, teacher_source=t.source, teacher_reason=t.reason)
+                      teacher=t.timings, teacher_source=t.source, teacher_reason=t.reason,
+                      backends=[time_backend(r, **kw) for r in others])
     size = Size(teacher_params=teacher_params, student_params=student_params, teacher_bytes=t.nbytes,
                 student_bytes=student.path.stat().st_size,
                 student_int8_bytes=student_int8.path.stat().st_size if student_int8 else None)
     return LatencyAndSize(latency, size)
 
+
+
+def time_backend(runner: Runner, **kw) -> dict:
+    """One edge runtime's row: which file, its bytes (with the weights beside it), and its timings."""
+    path = getattr(runner, "path", None)
+    nbytes = None
+    if path is not None and Path(path).is_file():
+        weights = Path(path).with_suffix(".bin") if Path(path).suffix == ".xml" else None
+        nbytes = Path(path).stat().st_size + (weights.stat().st_size if weights and weights.is_file() else 0)
+    try:
+        timings, error = time_runner(runner, **kw), None
+    except Exception as exc:  # noqa: BLE001 - one runtime failing to time must not hide the others
+        timings, error = {}, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    return {"backend": runner.name, "precision": runner.precision, "file": Path(path).name if path else None,
+            "bytes": nbytes, **timings, "error": error}

@@ -10,6 +10,7 @@ from exporters.ort_quant import QuantResult
 from exporters.tensorrt import TrtResult
 
 from dfkd_deploy.deploy.compare import Comparison
+from dfkd_deploy.deploy.edge import EdgeBuild
 from dfkd_deploy.deploy.latency import Latency, Size
 
 INT8_VALIDATION_KEYS = ("top1_agreement_vs_fp32", "max_abs_diff_vs_fp32", "probe_images", "accuracy")
@@ -84,10 +85,12 @@ class DeployResult:
     size: Size
     tensorrt: TrtResult
     bundle: BundleInfo
+    edge: Optional[EdgeBuild] = None
     artifacts: list[str] = field(default_factory=list)   # run-relative files for the run's manifest.json
 
     def sections(self) -> dict:
-        """report.json's top-level sections: int8, comparison, latency, size, tensorrt, bundle."""
+        """report.json's top-level sections: int8, comparison, latency, size, tensorrt, runtimes, bundle."""
         return {"int8": self.int8.to_dict(), "comparison": self.comparison.to_dict(),
                 "latency": self.latency.to_dict(), "size": self.size.to_dict(),
-                "tensorrt": self.tensorrt.to_dict(), "bundle": self.bundle.to_dict()}
+                "tensorrt": self.tensorrt.to_dict(), "runtimes": self.edge.to_dict() if self.edge else None,
+                "bundle": self.bundle.to_dict()}

@@ -13,8 +13,9 @@ from exporters.ort_quant import CALIBRATION_IMAGES, quantize_student, sample_cal
 
 from dfkd_deploy.core.errors import DfkdError
 from dfkd_deploy.deploy import latency as lat
-from dfkd_deploy.deploy.bundle import FP32, INT8, MANIFEST, StagedBundle, seal_bundle, stage_bundle
+from dfkd_deploy.deploy.bundle import CALIBRATION, FP32, INT8, MANIFEST, StagedBundle, seal_bundle, stage_bundle
 from dfkd_deploy.deploy.compare import Comparison, Dataset, compare_backends
+from dfkd_deploy.deploy.edge import RUNTIMES, EdgeBuild, build_edge
 from dfkd_deploy.deploy.results import BundleInfo, DeployResult, Int8Result, RunFigures
 from dfkd_deploy.report.deploy_md import comparison_markdown
 from dfkd_deploy.runtime.base import Runner
@@ -38,6 +39,7 @@ class DeployOptions:
     compare_eval_images: int = COMPARE_EVAL_IMAGES
     latency_repeats: int = lat.REPEATS
     latency_warmup: int = lat.WARMUP
+    edge_runtimes: Sequence[str] = RUNTIMES           # built where installed, skipped with a line otherwise
 
 
 @dataclass
@@ -68,18 +70,22 @@ def run_deployment(teacher, student: nn.Module, run_dir: str | Path, *, probes, 
     staged = _stage(bundle_dir, fp32_runner, int8_runner, inputs, spec, options.profile_batches)
     if not staged.tensorrt.available:
         echo(staged.tensorrt.message)
+    edge = _edge(staged, student, inputs, spec, options.edge_runtimes, echo)
 
-    others = [fp32_runner] + ([int8_runner] if int8_runner else []) + _engine_runners(staged, spec.layout)
+    others = ([fp32_runner] + ([int8_runner] if int8_runner else []) + _engine_runners(staged, spec.layout)
+              + edge.runners)
     comparison = _compare(student, others, _datasets(inputs, eval_data, spec, options.compare_eval_images))
     int8.accuracy = comparison.accuracy("onnxruntime", "int8")
     measured = lat.latency_and_size(teacher, fp32_runner, student_int8=int8_runner,
                                     student_params=_params(student), teacher_params=_params(teacher.module),
-                                    repeats=options.latency_repeats, warmup=options.latency_warmup)
+                                    others=edge.runners, repeats=options.latency_repeats,
+                                    warmup=options.latency_warmup)
     manifest = seal_bundle(staged, spec=spec, validation=_validation(inputs, int8, figures, comparison),
+                           runtimes=edge.to_dict(),
                            class_names=getattr(eval_data, "class_names", None),
                            comparison_md=comparison_markdown(comparison.to_dict()["rows"]), seed=options.seed)
     return DeployResult(int8=int8, comparison=comparison, latency=measured.latency, size=measured.size,
-                        tensorrt=staged.tensorrt, bundle=BundleInfo(bundle_dir, list(manifest["artifacts"])),
+                        tensorrt=staged.tensorrt, edge=edge, bundle=BundleInfo(bundle_dir, list(manifest["artifacts"])),
                         artifacts=_run_artifacts(run_dir, bundle_dir, int8.produced))
 
 
@@ -106,6 +112,22 @@ def _stage(bundle_dir: Path, fp32: OrtRunner, int8: Optional[OrtRunner], inputs:
     return stage_bundle(bundle_dir, student_onnx=fp32.path, student_int8_onnx=int8.path if int8 else None,
                         calibration_uint8=inputs.calib_u8, probes_uint8=inputs.probes_u8,
                         probe_logits_fp32=fp32.predict(inputs.probes_ms), spec=spec, profile_batches=profile_batches)
+
+
+def _edge(staged: StagedBundle, student: nn.Module, inputs: _Inputs, spec, runtimes: Sequence[str],
+          echo: Callable[[str], object]) -> EdgeBuild:
+    """OpenVINO / ExecuTorch files into the bundle (calibrated on the same synthetic images as
+    ORT int8), checked on the probes against the fp32 logits the bundle records."""
+    with np.load(staged.path / CALIBRATION) as npz:
+        recorded = npz["probe_logits_fp32"]
+    edge = build_edge(staged.path, student=student, student_onnx=staged.path / FP32, calibration=inputs.calib_ms,
+                      probes=inputs.probes_ms, probe_logits_fp32=recorded, spec=spec, runtimes=runtimes)
+    for runtime, reason in edge.skipped.items():
+        echo(f"{runtime}: skipped ({reason})")
+    for what, reason in edge.errors.items():
+        echo(f"{what}: not built ({reason})")
+    staged.files += edge.bundle_files()
+    return edge
 
 
 def _engine_runners(staged: StagedBundle, layout: str) -> list[Runner]:

@@ -44,7 +44,7 @@ def latency_markdown(latency: Mapping[str, Any], size: Mapping[str, Any]) -> str
     """One row per model, one column per batch size."""
     batches = latency.get("batches") or list(DEFAULT_BATCHES)
     head = "| Model | Parameters | File size | " + " | ".join(f"batch {b} (ms)" for b in batches) + " |"
-    lines = [f"ONNX Runtime CPU, median of {latency.get('repeats')} runs after {latency.get('warmup')} warm-up runs.",
+    lines = [f"CPU (ONNX Runtime; edge runtimes where installed), median of {latency.get('repeats')} runs after {latency.get('warmup')} warm-up runs.",
              "", head, "|" + "---|" * (3 + len(batches))]
 
     def row(label, timings, params, nbytes):
@@ -56,11 +56,32 @@ def latency_markdown(latency: Mapping[str, Any], size: Mapping[str, Any]) -> str
     if latency.get("student_int8"):
         lines.append(row("Student (int8)", latency["student_int8"], size.get("student_params"),
                          size.get("student_int8_bytes")))
+    for b in latency.get("backends") or []:
+        lines.append(row(f"Student, {b['backend']} {b['precision']} (`{b.get('file')}`)", b,
+                         size.get("student_params"), b.get("bytes")))
+    lines += no_int8_speed_lines(latency)
     if latency.get("teacher_reason"):
         lines += ["", f"Teacher not timed: {latency['teacher_reason']}"]
     elif latency.get("teacher_source") == "exported":
         lines += ["", "The teacher was exported to a temporary ONNX file for timing."]
     return "\n".join(lines)
+
+
+def no_int8_speed_lines(latency: Mapping[str, Any]) -> list[str]:
+    """One line per back end whose int8 model is not faster than its fp32 model, per batch size."""
+    batches = latency.get("batches") or list(DEFAULT_BATCHES)
+    pairs = {"onnxruntime": (latency.get("student"), latency.get("student_int8"))}
+    for b in latency.get("backends") or []:
+        fp32, int8 = pairs.get(b["backend"], (None, None))
+        pairs[b["backend"]] = (b if b["precision"] == "fp32" else fp32, b if b["precision"] == "int8" else int8)
+    lines = []
+    for backend, (fp32, int8) in pairs.items():
+        slow = [f"batch {n}: int8 {int8[f'batch_{n}_ms']:.3f} ms vs fp32 {fp32[f'batch_{n}_ms']:.3f} ms"
+                for n in batches if fp32 and int8 and fp32.get(f"batch_{n}_ms") and int8.get(f"batch_{n}_ms")
+                and int8[f"batch_{n}_ms"] >= fp32[f"batch_{n}_ms"]]
+        if slow:
+            lines.append(f"- {backend}: INT8 brings no speed on this machine ({'; '.join(slow)}).")
+    return ["", *lines] if lines else []
 
 
 def _int8_lines(int8: Mapping[str, Any]) -> list[str]:

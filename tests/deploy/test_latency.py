@@ -17,8 +17,9 @@ def test_run_report_latency_and_size(deploy_run):
         assert lat[who]["batch_1_ms"] > 0 and lat[who]["batch_32_ms"] > 0
     assert lat["teacher_source"] == "file" and lat["speedup_batch_1"] is not None
     assert set(lat) == {"provider", "warmup", "repeats", "batches", "teacher", "student", "student_int8",
-                        "teacher_source", "teacher_reason", "speedup_batch_1", "speedup_batch_32"}
+                        "teacher_source", "teacher_reason", "backends", "speedup_batch_1", "speedup_batch_32"}
     assert size["student_params"] < size["teacher_params"] and size["student_bytes"] > 0
+    assert isinstance(lat["backends"], list)   # edge runtimes (tests/deploy/test_edge.py checks their rows)
     assert size["param_ratio"] == round(size["teacher_params"] / size["student_params"], 3)
 
 
