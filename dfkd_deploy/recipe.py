@@ -205,6 +205,9 @@ class ExportOptions(_Strict):
 class DeployOptions(_Strict):
     batch_profile: tuple[int, int, int] = Field((1, 8, 32), description="TensorRT optimisation profile: min, opt, max batch")
     calibration_images: int = Field(256, ge=1, description="synthetic pool images for INT8 calibration")
+    edge_runtimes: list[Literal["openvino", "executorch"]] = Field(
+        ["openvino", "executorch"], description="edge runtimes whose files go into the bundle (built, compared and "
+        "timed where the package is installed, skipped with one line where not); [] for ONNX and TensorRT only")
 
     @field_validator("batch_profile")
     @classmethod

@@ -312,6 +312,7 @@ def finish_run(teacher: Teacher, student: nn.Module, recipe: Recipe, run_dir: Pa
             options=DeployOptions(seed=recipe.seed, bundle_dir=bundle_dir,
                                   calibration_images=recipe.deploy.calibration_images,
                                   profile_batches=recipe.deploy.batch_profile,
+                                  edge_runtimes=tuple(recipe.deploy.edge_runtimes),
                                   compare_eval_images=len(data) if data is not None else 0),
             echo=console.print)
         bar.advance()

@@ -66,6 +66,7 @@ def quick_recipe(**sections):
     base["synthesis"].update(batch_size=32, g_steps=2)
     base["distillation"].update(epochs=4, warmup=1, kd_steps=5, batch_size=32)
     base["validation"].update(probe_images=32)
+    base["deploy"]["edge_runtimes"] = []   # OpenVINO/ExecuTorch builds take tens of seconds: tests/deploy turns them on
     for dotted, value in sections.items():
         node = base
         *parents, leaf = dotted.split(".")

@@ -11,7 +11,8 @@ def deploy_run(tmp_path_factory, digits_teacher_onnx, digits_eval_npz):
     from dfkd_deploy import run as api
 
     out = tmp_path_factory.mktemp("deploy") / "run"
-    recipe = quick_recipe(**{"deploy.batch_profile": [2, 4, 16], "deploy.calibration_images": 48})
+    recipe = quick_recipe(**{"deploy.batch_profile": [2, 4, 16], "deploy.calibration_images": 48,
+                             "deploy.edge_runtimes": ["openvino", "executorch"]})
     return api.compress(digits_teacher_onnx, recipe, out, device="cpu", eval_data=digits_eval_npz,
                         show_progress=False)
 
