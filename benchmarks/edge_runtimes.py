@@ -64,10 +64,10 @@ def file_bytes(bundle: Path, name) -> int | None:
 
 
 def measure(run_dir: Path, images_u8: np.ndarray, labels: np.ndarray, spec, *, rounds: int, repeats: int) -> dict:
-    from exporters.ort_quant import to_model_space
+    from dfkd_deploy.images import uint8_to_model
 
     runners, manifest = runners_of(run_dir, spec.layout)
-    x = to_model_space(images_u8, spec.mean, spec.std, spec.value_range)
+    x = uint8_to_model(images_u8, spec.mean, spec.std, spec.value_range)
     logits = {i: r.predict(x) for i, (_, _, _, r) in enumerate(runners)}
     ref = logits[0].argmax(1)
     times = {(i, b): [] for i in range(len(runners)) for b in (1, 32)}

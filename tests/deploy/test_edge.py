@@ -75,10 +75,10 @@ def test_verify_catches_a_runtime_file_that_no_longer_agrees(deploy_run, tmp_pat
     # A wrong logit reference: every fp32 runtime file must then fail its elementwise check.
     import numpy as np
 
-    from dfkd_deploy.deploy.bundle import _model_space
+    from dfkd_deploy.images import uint8_to_model
 
     with np.load(b / "calibration.npz") as npz:
-        probes = _model_space(npz["probes"], npz["mean"], npz["std"], float(npz["value_range"]))
+        probes = uint8_to_model(npz["probes"], npz["mean"], npz["std"], float(npz["value_range"]))
         recorded = npz["probe_logits_fp32"]
     problems, checks, _ = edge.rerun_runtimes(b, m, probes, recorded + 1.0)
     fp32_files = {f["file"] for f in present if f["precision"] == "fp32"}
