@@ -40,6 +40,7 @@ def main() -> None:
     recipe = load_recipe(a.recipe, {"synthesis.batch_size": a.synth_batch, "synthesis.g_steps": a.g_steps})
     teacher = load_teacher(a.teacher, recipe.teacher)
     out = {"teacher": a.teacher, "recipe": a.recipe, "after_load_mib": round(peak_mib())}
+    print(json.dumps(out), flush=True)
     student = build_student(recipe, teacher)
     norm = teacher.normalizer()
     d, aug = recipe.distillation, recipe.synthesis.augment
@@ -54,12 +55,13 @@ def main() -> None:
     opt.step()
     out.update(kd_batch=a.kd_batch, kd_step_seconds=round(time.perf_counter() - t0, 1),
                peak_after_kd_step_mib=round(peak_mib()))
+    print(json.dumps(out), flush=True)
     synth = make_synthesizer(teacher, recipe, torch.device("cpu"))
     t0 = time.perf_counter()
     synth.synthesize(student, adversarial=True)
     out.update(synth_batch=a.synth_batch, g_steps=a.g_steps, synth_round_seconds=round(time.perf_counter() - t0, 1),
                peak_after_synthesis_round_mib=round(peak_mib()))
-    print(json.dumps(out))
+    print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":
