@@ -80,7 +80,7 @@ def validate(student_path, teacher_path, recipe: Recipe, *, eval_data=None, prob
              trust_pickle: bool = False, device="auto", show_progress: bool = True) -> dict:
     """Teacher vs student (student.pt, or an exported .onnx) on fresh synthetic probes and real data."""
     from dfkd_deploy.validate.data import load_eval_data, to_pixels
-    from dfkd_deploy.validate.metrics import predict, top1_accuracy, top1_agreement
+    from dfkd_deploy.validate.metrics import TOP_K, predict, top1_accuracy, top1_agreement, topk_accuracy
 
     dev = resolve_device(device)
     teacher = load_teacher(teacher_path, recipe.teacher, trust_pickle=trust_pickle)
@@ -118,7 +118,9 @@ def validate(student_path, teacher_path, recipe: Recipe, *, eval_data=None, prob
         s_real = student_logits(pixels)
         labels = torch.from_numpy(data.labels)
         out.update({"eval_images": len(data), "teacher_accuracy": top1_accuracy(t_real, labels),
+                    "teacher_top5": topk_accuracy(t_real, labels, TOP_K),
                     "student_accuracy": top1_accuracy(s_real, labels),
+                    "student_top5": topk_accuracy(s_real, labels, TOP_K),
                     "eval_agreement": top1_agreement(t_real, s_real)})
     return out
 

@@ -44,12 +44,22 @@ register_model("resnet18", mean=IMAGENET_MEAN, std=IMAGENET_STD)(_resnet("resnet
 register_model("resnet34", mean=IMAGENET_MEAN, std=IMAGENET_STD)(_resnet("resnet34"))
 
 
-@register_model("mobilenet_v2", mean=IMAGENET_MEAN, std=IMAGENET_STD)
-def mobilenet_v2(num_classes: int, in_channels: int = 3, input_size=(224, 224)):
-    """torchvision MobileNetV2 (stride-1 stem for inputs up to 64 px)"""
+def _mobilenet_v2(num_classes: int, in_channels: int, input_size, width_mult: float) -> nn.Module:
     tv = import_torchvision()
-    model = tv.models.mobilenet_v2(weights=None, num_classes=num_classes)
+    model = tv.models.mobilenet_v2(weights=None, num_classes=num_classes, width_mult=width_mult)
     stem = model.features[0][0]
     stride = 1 if max(input_size) <= 64 else 2
     model.features[0][0] = nn.Conv2d(in_channels, stem.out_channels, 3, stride, 1, bias=False)
     return model
+
+
+@register_model("mobilenet_v2", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+def mobilenet_v2(num_classes: int, in_channels: int = 3, input_size=(224, 224)):
+    """torchvision MobileNetV2 (stride-1 stem for inputs up to 64 px)"""
+    return _mobilenet_v2(num_classes, in_channels, input_size, 1.0)
+
+
+@register_model("mobilenet_v2_050", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+def mobilenet_v2_050(num_classes: int, in_channels: int = 3, input_size=(224, 224)):
+    """torchvision MobileNetV2 at width 0.5 (channels halved; stride-1 stem up to 64 px)"""
+    return _mobilenet_v2(num_classes, in_channels, input_size, 0.5)

@@ -64,11 +64,14 @@ def build_report(teacher: TeacherSpec, *, student: Optional[Mapping[str, Any]] =
 
     teacher_section = teacher.to_dict()
     teacher_section["accuracy"] = ev.get("teacher_accuracy")
+    teacher_section["top5"] = ev.get("teacher_top5")
 
-    student_section = {"arch": None, "params": None, "accuracy": ev.get("student_accuracy")}
+    student_section = {"arch": None, "params": None, "accuracy": ev.get("student_accuracy"),
+                       "top5": ev.get("student_top5")}
     student_section.update(student or {})
     if "onnx_accuracy" in ev:
         student_section["onnx_accuracy"] = ev["onnx_accuracy"]
+        student_section["onnx_top5"] = ev.get("onnx_top5")
 
     eval_top1, probe_top1 = ev.get("agreement"), probes.get("top1")
     if eval_top1 is not None:
@@ -172,10 +175,12 @@ def render_report_md(report: Mapping[str, Any]) -> str:
     source = g("eval_data.source")
     if source:
         lines += [f"On `{source}` ({_count(g('eval_data.images'))} images).", ""]
-    accuracy_rows = [("Teacher", _pct(g("teacher.accuracy"))), ("Student", _pct(g("student.accuracy")))]
+    accuracy_rows = [("Teacher", _pct(g("teacher.accuracy")), _pct(g("teacher.top5"))),
+                     ("Student", _pct(g("student.accuracy")), _pct(g("student.top5")))]
     if g("student.onnx_accuracy") is not None:
-        accuracy_rows.append(("Student (exported ONNX)", _pct(g("student.onnx_accuracy"))))
-    lines += [_table(accuracy_rows, header=("Model", "Top-1")), ""]
+        accuracy_rows.append(("Student (exported ONNX)", _pct(g("student.onnx_accuracy")),
+                              _pct(g("student.onnx_top5"))))
+    lines += [_table(accuracy_rows, header=("Model", "Top-1", "Top-5")), ""]
 
     lines += [
         "## Teacher-student agreement",
@@ -242,8 +247,8 @@ NOT_MEASURED = "not measured"
 
 
 def _table(rows, header=("Item", "Value")) -> str:
-    out = [f"| {header[0]} | {header[1]} |", "|---|---|"]
-    out += [f"| {k} | {v} |" for k, v in rows]
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
     return "\n".join(out)
 
 

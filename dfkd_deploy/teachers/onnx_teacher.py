@@ -270,9 +270,28 @@ def _normalisation(model, prepared, input_name, layout, file_shape, elem_type, d
         return
     if norm is not None:
         det.notes.append(f"{norm.describe()}, but its pixel range is unclear: set teacher.value_range")
+    elif elem_type != _UINT8:
+        _quantizer_normalisation(model, input_name, channels, det)
     det.sources.setdefault("normalisation", "default: no normalisation in the graph or its metadata, none applied "
                                             "(set teacher.mean/std if the model was trained with one)")
     det.sources.setdefault("value_range", "default: pixels in [0, 1] (set teacher.value_range: 255 if wrong)")
+
+
+def _quantizer_normalisation(model, input_name, channels, det: Detected) -> None:
+    """An int8 file's input QuantizeLinear was calibrated on what the model takes: a range reaching
+    well below 0 means normalised input; a known normalisation's range is applied as detected."""
+    span = quantized.input_range(model, input_name)
+    if span is None or span[0] > -0.1 * (span[1] - span[0]):
+        return
+    lo, hi = span
+    found = quantized.match_normalisation(lo, hi, channels)
+    if found is None:
+        det.notes.append(f"the input QuantizeLinear covers [{lo:.3g}, {hi:.3g}]: the model takes normalised "
+                         "input, by a mean/std this tool does not recognise: set teacher.mean/std")
+        return
+    name, det.mean, det.std = found
+    det.sources["normalisation"] = (f"detected: the input QuantizeLinear covers [{lo:.3g}, {hi:.3g}], the range of "
+                                    f"[0,1] pixels under the {name} mean/std")
 
 
 def _read_input_metadata(model, det: Detected) -> bool:

@@ -305,3 +305,47 @@ def _infer_shapes(model) -> None:
     except Exception:  # noqa: BLE001 - leave it to the converters to say what they miss
         return
     model.graph.value_info.extend(inferred.graph.value_info)
+
+
+# --- what the input quantizer says about the input ------------------------------------------------
+
+# Normalisations a quantized input range is matched against: (name, mean, std) on [0,1] pixels.
+KNOWN_NORMALISATIONS = (("ImageNet", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+                        ("[-1, 1] (mean 0.5, std 0.5)", (0.5,), (0.5,)))
+RANGE_MATCH = 0.02      # each end within 2% of the range's span
+
+
+def input_range(model, input_name: str) -> Optional[tuple[float, float]]:
+    """The float interval the QuantizeLinear applied to the graph's input can represent, or None
+    (no such node, or a per-channel input scale)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] != input_name or len(node.input) < 2:
+            continue
+        if node.input[1] not in inits:
+            return None
+        scale = numpy_helper.to_array(inits[node.input[1]])
+        zp = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] in inits else None
+        if scale.size != 1 or (zp is not None and zp.size != 1):
+            return None
+        qmin, qmax = _RANGES.get(inits[node.input[2]].data_type, (0, 255)) if zp is not None else (0, 255)
+        z = float(zp.reshape(-1)[0]) if zp is not None else 0.0
+        s = float(scale.reshape(-1)[0])
+        return (qmin - z) * s, (qmax - z) * s
+    return None
+
+
+def match_normalisation(lo: float, hi: float, channels: int):
+    """(name, mean, std) of the known normalisation that maps [0,1] pixels onto [lo, hi], or None."""
+    span = hi - lo
+    for name, mean, std in KNOWN_NORMALISATIONS:
+        m = np.array(mean * channels if len(mean) == 1 else mean, dtype=np.float64)
+        s = np.array(std * channels if len(std) == 1 else std, dtype=np.float64)
+        if len(m) != channels or span <= 0:
+            continue
+        want_lo, want_hi = float(np.min(-m / s)), float(np.max((1 - m) / s))
+        if abs(lo - want_lo) <= RANGE_MATCH * span and abs(hi - want_hi) <= RANGE_MATCH * span:
+            return name, tuple(m.tolist()), tuple(s.tolist())
+    return None

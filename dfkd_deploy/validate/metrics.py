@@ -12,6 +12,8 @@ from dfkd_deploy.core.errors import DataError
 from dfkd_deploy.runtime.onnxruntime import OrtRunner
 from dfkd_deploy.validate.data import EvalData, to_pixels
 
+TOP_K = 5   # the second accuracy figure reported beside top-1
+
 
 @torch.no_grad()
 def predict(model: nn.Module, inputs: torch.Tensor, *, normalizer: Optional[nn.Module] = None,
@@ -49,6 +51,18 @@ def top1_accuracy(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np.n
     return (logits.argmax(1) == labels.to(logits.device)).float().mean().item()
 
 
+def topk_accuracy(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, k: int = 5) -> Optional[float]:
+    """Fraction of labels among each row's ``k`` highest logits; None when there are no more than
+    ``k`` classes (every label would count as a hit)."""
+    logits, labels = torch.as_tensor(logits), torch.as_tensor(labels)
+    if logits.ndim != 2 or logits.shape[1] <= k:
+        return None
+    if len(labels) == 0:
+        return float("nan")
+    top = logits.topk(k, dim=1).indices
+    return (top == labels.to(logits.device).view(-1, 1)).any(1).float().mean().item()
+
+
 def top1_agreement(logits_a: torch.Tensor | np.ndarray, logits_b: torch.Tensor | np.ndarray) -> float:
     """Fraction of inputs on which both models pick the same class."""
     a, b = torch.as_tensor(logits_a), torch.as_tensor(logits_b)
@@ -62,7 +76,8 @@ def top1_agreement(logits_a: torch.Tensor | np.ndarray, logits_b: torch.Tensor |
 def evaluate(teacher_module: nn.Module, student: Optional[nn.Module], normalizer: nn.Module,
              data: EvalData, *, batch_size: int = 256, device: str | torch.device = "cpu",
              onnx_path: str | Path | None = None, onnx_layout: str = "NCHW") -> dict:
-    """Teacher and student accuracy and their top-1 agreement on real labelled data.
+    """Teacher and student accuracy (top-1, and top-5 beside it in ``*_top5``; None for five
+    classes or fewer) and their top-1 agreement on real labelled data.
 
     Images are converted to pixels one batch at a time (a full float copy of a large set would
     not fit in memory). With ``onnx_path`` the exported file is scored too, on ONNX Runtime,
@@ -90,13 +105,18 @@ def evaluate(teacher_module: nn.Module, student: Optional[nn.Module], normalizer
         "source": data.source,
         "images": len(data),
         "teacher_accuracy": top1_accuracy(t, labels),
+        "teacher_top5": topk_accuracy(t, labels, TOP_K),
         "student_accuracy": None,
+        "student_top5": None,
         "agreement": None,
     }
     if student is not None:
         s = torch.cat(student_logits)
         result["student_accuracy"] = top1_accuracy(s, labels)
+        result["student_top5"] = topk_accuracy(s, labels, TOP_K)
         result["agreement"] = top1_agreement(t, s)
     if onnx_path is not None:
-        result["onnx_accuracy"] = top1_accuracy(torch.cat(onnx_logits), labels)
+        o = torch.cat(onnx_logits)
+        result["onnx_accuracy"] = top1_accuracy(o, labels)
+        result["onnx_top5"] = topk_accuracy(o, labels, TOP_K)
     return result
