@@ -81,8 +81,8 @@ def pool_properties(bn_teacher, pool) -> dict:
 
 def dynamo_teacher(workdir: Path):
     from dfkd_deploy import stages
-    from dfkd_deploy.recipe import load_recipe
-    from dfkd_deploy.teachers import load_teacher
+    from dfkd_deploy import load_recipe
+    from dfkd_deploy import load_teacher
 
     recipe = load_recipe(protocol.REPO / "recipes" / "cifar-resnet20.yaml", {"teacher.arch": "cifar_resnet56"})
     path = stages.export_teacher(protocol.TEACHER, recipe, workdir / "resnet56_dynamo.onnx", exporter="dynamo")
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     from dfkd_deploy.core.io import write_text
     from dfkd_deploy.recipe import TeacherOptions
     from dfkd_deploy.synthesis.priors import resolve_priors
-    from dfkd_deploy.teachers import load_teacher
+    from dfkd_deploy import load_teacher
     from dfkd_deploy.validate.data import load_eval_data, to_pixels
     from dfkd_deploy.validate.metrics import predict, top1_accuracy
 

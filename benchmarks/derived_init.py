@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from dfkd_deploy.recipe import TeacherOptions, load_recipe
     from dfkd_deploy.models.derived import build as derive
     from dfkd_deploy.run import derivation_images
-    from dfkd_deploy.teachers import load_teacher
+    from dfkd_deploy import load_teacher
     from dfkd_deploy.validate.data import load_eval_data, to_pixels
     from dfkd_deploy.validate.metrics import predict, top1_accuracy
 

@@ -37,7 +37,7 @@ CIFAR_OVERRIDES = {"teacher.arch": "cifar_resnet56", "distillation.epochs": 4, "
 def runners_of(run_dir: Path, layout: str):
     """(name, runner) for torch, ORT fp32/int8 and every edge file in the run's bundle."""
     from dfkd_deploy.deploy import edge
-    from dfkd_deploy.models.student_file import load_student
+    from dfkd_deploy import load_student
     from dfkd_deploy.runtime import OrtRunner, TorchRunner
 
     bundle = run_dir / "bundle"
@@ -93,8 +93,8 @@ def measure(run_dir: Path, images_u8: np.ndarray, labels: np.ndarray, spec, *, r
 def digits(tmp: Path, **kw) -> dict:
     from dfkd_deploy import run as api
     from dfkd_deploy.demo import demo_recipe, ensure_teacher
-    from dfkd_deploy.teachers.loaders import load_teacher
-    from dfkd_deploy.validate.data import load_eval_data
+    from dfkd_deploy import load_teacher
+    from dfkd_deploy import load_eval_data
 
     teacher_path, test_npz = ensure_teacher()
     t0 = time.time()
@@ -109,9 +109,9 @@ def digits(tmp: Path, **kw) -> dict:
 
 def cifar(tmp: Path, **kw) -> dict:
     from dfkd_deploy import run as api
-    from dfkd_deploy.recipe import load_recipe
-    from dfkd_deploy.teachers.loaders import load_teacher
-    from dfkd_deploy.validate.data import load_eval_data
+    from dfkd_deploy import load_recipe
+    from dfkd_deploy import load_teacher
+    from dfkd_deploy import load_eval_data
 
     teacher, data_path = SHARED / "teachers" / "cifar10-resnet56.th", SHARED / "data" / "cifar10-test-jpeg.npz"
     recipe = load_recipe(REPO / "recipes" / "tiny.yaml", CIFAR_OVERRIDES)

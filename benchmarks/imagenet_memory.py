@@ -25,9 +25,9 @@ def peak_mib() -> float:
 def main() -> None:
     from dfkd_deploy.core.augment import crop_flip
     from dfkd_deploy.distill.kd import kd_kl
-    from dfkd_deploy.recipe import load_recipe
-    from dfkd_deploy.run import build_student, make_synthesizer
-    from dfkd_deploy.teachers import load_teacher
+    from dfkd_deploy import load_recipe
+    from dfkd_deploy import build_student, make_synthesizer
+    from dfkd_deploy import load_teacher
 
     ap = argparse.ArgumentParser()
     ap.add_argument("teacher")

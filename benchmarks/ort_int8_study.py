@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np, onnx, onnxruntime as ort, torch
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static, CalibrationMethod
 sys.path.insert(0, os.getcwd())
-from dfkd_deploy.models.registry import build_model
+from dfkd_deploy import build_model
 from exporters.onnx_export import export_student_onnx
 from exporters.ort_quant import calibration_reader, _preprocess
 

@@ -38,8 +38,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from dfkd_deploy import run as api, stages
-    from dfkd_deploy.demo import run_demo
-    from dfkd_deploy.recipe import load_recipe
+    from dfkd_deploy import run_demo
+    from dfkd_deploy import load_recipe
 
     results = {"machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
                            "torch": torch.__version__, "device": "cpu"}}

@@ -61,7 +61,7 @@ def child_run(images: int, out: Path) -> dict:
 
     from dfkd_deploy.distill.trainer import Distiller, seed_everything
     from dfkd_deploy.models.small_cnn import SmallCNN
-    from dfkd_deploy.recipe import Recipe
+    from dfkd_deploy import Recipe
     from dfkd_deploy.synthesis import Priors, build_synthesizer
     from dfkd_deploy.synthesis.pool import ImagePool
     from dfkd_deploy.teachers import Teacher, TeacherSpec, count_batchnorms

@@ -123,13 +123,13 @@ def kd_part() -> dict:
     import numpy as np
     import torch
 
-    from dfkd_deploy.run import build_student, make_synthesizer
+    from dfkd_deploy import build_student, make_synthesizer
     from dfkd_deploy.distill.trainer import Distiller, seed_everything
-    from dfkd_deploy.recipe import load_recipe
+    from dfkd_deploy import load_recipe
     from dfkd_deploy.spline.head import init_student_head
     from dfkd_deploy.spline.tabular.plots import plot_curves
     from dfkd_deploy.synthesis.pool import ImagePool
-    from dfkd_deploy.teachers import load_teacher
+    from dfkd_deploy import load_teacher
     from dfkd_deploy.validate.data import load_eval_data, to_pixels
     from dfkd_deploy.validate.metrics import predict, top1_accuracy, top1_agreement
 

@@ -308,7 +308,7 @@ def kd_steps(teacher, student, s: dict, tmp: Path) -> tuple[list[float], str]:
     import torch
 
     from dfkd_deploy.distill.trainer import Distiller
-    from dfkd_deploy.recipe import load_recipe
+    from dfkd_deploy import load_recipe
     from dfkd_deploy.synthesis.pool import ImagePool
 
     bs = s["speed_batch"]
@@ -328,9 +328,9 @@ def _reference_side(reference_dir: Path, s: dict, tmp: Path):
     both with trainable weights as its datafree_kd.py leaves them."""
     import torch
 
-    from dfkd_deploy.models import build_model
+    from dfkd_deploy import build_model
     from dfkd_deploy.recipe import TeacherOptions, load_recipe
-    from dfkd_deploy.teachers import load_teacher
+    from dfkd_deploy import load_teacher
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import _reference
@@ -387,9 +387,9 @@ def speed_part(teacher, s: dict, reference_dir: Path | None = None, on_round=Non
     cut short still leaves its rounds on disk)."""
     import torch
 
-    from dfkd_deploy.models import build_model
-    from dfkd_deploy.recipe import load_recipe
-    from dfkd_deploy.run import make_synthesizer
+    from dfkd_deploy import build_model
+    from dfkd_deploy import load_recipe
+    from dfkd_deploy import make_synthesizer
 
     bs = s["speed_batch"]
     load_start = [round(v, 2) for v in os.getloadavg()]
@@ -465,9 +465,9 @@ def extras_part(teacher, s: dict, default_seconds: float) -> dict:
     """DeepInversion's cost per pixel step and the pool's cost per batch (the protocol's extras)."""
     import torch
 
-    from dfkd_deploy.models import build_model
-    from dfkd_deploy.recipe import load_recipe
-    from dfkd_deploy.run import make_synthesizer
+    from dfkd_deploy import build_model
+    from dfkd_deploy import load_recipe
+    from dfkd_deploy import make_synthesizer
     from dfkd_deploy.synthesis.pool import ImagePool
 
     bs = s["speed_batch"]
@@ -499,9 +499,9 @@ def run_method(method: str, teacher, s: dict, pixels, labels, t_logits, eval_idx
     called with the finished Distiller (its pool still on disk)."""
     import torch
 
-    from dfkd_deploy.run import build_student, make_synthesizer
+    from dfkd_deploy import build_student, make_synthesizer
     from dfkd_deploy.distill.trainer import Distiller, seed_everything
-    from dfkd_deploy.recipe import load_recipe
+    from dfkd_deploy import load_recipe
     from dfkd_deploy.synthesis.pool import ImagePool
     from dfkd_deploy.validate.metrics import predict, top1_accuracy, top1_agreement
 
@@ -602,7 +602,7 @@ def main(argv=None) -> int:
 
     from dfkd_deploy.core.io import write_json
     from dfkd_deploy.recipe import TeacherOptions
-    from dfkd_deploy.teachers import load_teacher
+    from dfkd_deploy import load_teacher
     from dfkd_deploy.validate.data import load_eval_data, to_pixels
     from dfkd_deploy.validate.metrics import predict, top1_accuracy
 

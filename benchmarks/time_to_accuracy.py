@@ -108,7 +108,7 @@ def _dynamo_init(init: str) -> str:
 
 
 def recipe_for(t: Teacher, init: str, minutes: int):
-    from dfkd_deploy.recipe import load_recipe
+    from dfkd_deploy import load_recipe
 
     over = {"teacher": t.teacher_options, **t.recipe}
     student = {"init": init}
@@ -131,7 +131,7 @@ def recipe_for(t: Teacher, init: str, minutes: int):
 
 
 def run_one(t: Teacher, init: str, minutes: int, work: Path) -> dict:
-    from dfkd_deploy.run import compress
+    from dfkd_deploy import compress
 
     out = work / f"{t.name}-{t.form}-{init}-{minutes}m"
     if out.exists():
@@ -192,7 +192,7 @@ def plot(path: Path, runs: list[dict]) -> None:
 
 def ensure_dynamo(shared: Path, work: Path) -> None:
     from dfkd_deploy import stages
-    from dfkd_deploy.recipe import load_recipe
+    from dfkd_deploy import load_recipe
 
     out = work / "cifar10-resnet56-dynamo.onnx"
     if not out.is_file():
