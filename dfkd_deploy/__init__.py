@@ -25,7 +25,7 @@ _EXPORTS = {
     "CompressResult": "dfkd_deploy.run",
     "build_student": "dfkd_deploy.run",
     "plan": "dfkd_deploy.run",
-    "make_synthesizer": "dfkd_deploy.run",
+    "make_synthesizer": "dfkd_deploy.synthesis",
     "make_probes": "dfkd_deploy.run",
     "run_demo": "dfkd_deploy.demo",
     "synthesize": "dfkd_deploy.stages",

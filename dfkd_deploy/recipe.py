@@ -110,7 +110,7 @@ class StudentOptions(_Strict):
     @classmethod
     def _target(cls, v):
         if v is not None:
-            from dfkd_deploy.models.derived.targets import parse_target
+            from dfkd_deploy.core.units import parse_target
 
             try:
                 parse_target(v)
@@ -233,7 +233,7 @@ class Recipe(_Strict):
     @classmethod
     def _budget(cls, v):
         if v is not None:
-            from dfkd_deploy.budget.planner import parse_duration
+            from dfkd_deploy.core.units import parse_duration
 
             try:
                 parse_duration(v)

@@ -39,7 +39,7 @@ from dfkd_deploy.core.progress import console, task
 from dfkd_deploy.core.errors import UsageError
 from dfkd_deploy.recipe import Recipe
 from dfkd_deploy.report.report import count_parameters
-from dfkd_deploy.synthesis import Priors, Synthesizer, build_synthesizer
+from dfkd_deploy.synthesis import Priors, Synthesizer, make_synthesizer
 from dfkd_deploy.synthesis.pool import ImagePool
 from dfkd_deploy.teachers import load_teacher
 from dfkd_deploy.teachers.spec import Teacher
@@ -105,14 +105,6 @@ def derivation_images(teacher: Teacher, recipe: Recipe, device, count: int) -> t
             if hooks is not None:
                 hooks.remove()
     return torch.cat(out)[:count]
-
-
-def make_synthesizer(teacher: Teacher, recipe: Recipe, device: torch.device) -> Synthesizer:
-    """The recipe's synthesis method on this teacher. A teacher without BN statistics
-    (``spec.bn_layers == 0``) gets no BN term, and the BN-free priors (TV, L2, DAFL entropy and
-    activation) at their defaults wherever the recipe leaves ``synthesis.priors.*`` null."""
-    s = recipe.synthesis
-    return build_synthesizer(s.method, teacher, s, device, Priors.for_teacher(teacher.spec, s.priors))
 
 
 def plan(teacher: Teacher, recipe: Recipe) -> dict:

@@ -27,7 +27,7 @@ def _timed(fn) -> float:
 
 def calibrate(teacher, recipe, student, device, *, eval_images: int = 0) -> Costs:
     """Costs of ``recipe`` with this teacher and (a copy of) this student on ``device``."""
-    from dfkd_deploy.run import make_synthesizer
+    from dfkd_deploy.synthesis import make_synthesizer
     from dfkd_deploy.core.augment import crop_flip
 
     s, d = recipe.synthesis, recipe.distillation

@@ -9,7 +9,6 @@ budget, not over a long schedule cut short.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 
 from dfkd_deploy.core.errors import UsageError
@@ -18,24 +17,6 @@ SYNTHESIS_SHARE = 0.5     # of the training time; issue 13 item 4 is to measure 
 WARMUP_SHARE = 0.1        # of the epochs: synthesis only, the pool fills before KD starts
 MAX_EPOCHS = 200          # rounds beyond this go several to an epoch (fewer checkpoints)
 MARGIN = 0.04             # of the budget, kept back for what the estimates miss
-
-_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}
-
-
-def parse_duration(text) -> float:
-    """``"30m"``, ``"1h"``, ``"90s"``, ``"1h30m"`` or a number of seconds -> seconds (> 0)."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        seconds = float(text)
-    else:
-        s = str(text).strip().lower().replace(" ", "")
-        parts = re.findall(r"(\d+(?:\.\d+)?)([a-z]*)", s)
-        if not parts or "".join(n + u for n, u in parts) != s or any(u not in _UNITS and u for _, u in parts):
-            raise UsageError(f"budget {text!r}: expected a duration such as 30m, 1h, 90s or 1h30m")
-        seconds = sum(float(n) * _UNITS[u or "s"] for n, u in parts)
-    if not seconds > 0:
-        raise UsageError(f"budget {text!r}: must be more than 0 seconds")
-    return seconds
-
 
 @dataclass(frozen=True)
 class Costs:

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dfkd_deploy.budget.calibrate import calibrate
-from dfkd_deploy.budget.planner import Costs, Plan, parse_duration, plan_budget
+from dfkd_deploy.budget.planner import Costs, Plan, plan_budget
+from dfkd_deploy.core.units import parse_duration
 from dfkd_deploy.core.errors import UsageError
 from dfkd_deploy.core.io import write_json
 

@@ -33,7 +33,7 @@ from dfkd_deploy.report.manifest import library_versions, path_problem, verify_m
 from dfkd_deploy.runtime.onnxruntime import OrtRunner
 
 BUNDLE_VERSION = 1
-MANIFEST = "manifest.json"
+MANIFEST = signing.MANIFEST
 CALIBRATION = "calibration.npz"
 FP32, INT8 = "student.onnx", "student.int8.onnx"
 FP32_ATOL = 1e-4            # verify: ORT fp32 logits vs the recorded ones (same file, same inputs)

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 from exporters.onnx_export import export_teacher_onnx
 
-from dfkd_deploy.runtime.base import Runner
+from dfkd_deploy.runtime.base import Runner, time_runner
 from dfkd_deploy.runtime.onnxruntime import PROVIDER, OrtRunner
 
 LATENCY_BATCHES = (1, 32)
@@ -88,12 +88,6 @@ class TeacherTiming:
 class LatencyAndSize:
     latency: Latency
     size: Size
-
-
-def time_runner(runner: Runner, *, batches: Sequence[int] = LATENCY_BATCHES, warmup: int = WARMUP,
-                repeats: int = REPEATS) -> Timings:
-    """``{"batch_1_ms": median, ...}`` for ``runner`` on random inputs."""
-    return {f"batch_{b}_ms": round(runner.time(b, repeats=repeats, warmup=warmup).median_ms, 4) for b in batches}
 
 
 def time_teacher(teacher, *, threads: Optional[int] = None, **kw) -> TeacherTiming:

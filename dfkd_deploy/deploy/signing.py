@@ -21,6 +21,7 @@ from pathlib import Path
 from dfkd_deploy.core.errors import UsageError
 from dfkd_deploy.core.io import write_text
 
+MANIFEST = "manifest.json"   # what a signature covers (the bundle's manifest)
 SIGNATURE = "manifest.sig"
 PRIVATE_KEY, PUBLIC_KEY = "private.pem", "public.pem"
 # Signed with the manifest's bytes, so a signature made for anything else never verifies here.
@@ -112,8 +113,6 @@ def _read_key_file(path: str | Path, kind: str) -> bytes:
 
 def sign_manifest(bundle_dir: str | Path, private_key) -> Path:
     """Write ``manifest.sig`` for the bundle's manifest.json as it is now."""
-    from dfkd_deploy.deploy.bundle import MANIFEST
-
     out = Path(bundle_dir)
     signature = private_key.sign(_CONTEXT + (out / MANIFEST).read_bytes())
     return write_text(out / SIGNATURE, base64.b64encode(signature).decode("ascii") + "\n")
@@ -121,8 +120,6 @@ def sign_manifest(bundle_dir: str | Path, private_key) -> Path:
 
 def signature_problems(bundle_dir: str | Path, public_key) -> list[str]:
     """Empty when ``manifest.sig`` is a valid signature of manifest.json by ``public_key``."""
-    from dfkd_deploy.deploy.bundle import MANIFEST
-
     _, _, invalid = _crypto()
     out = Path(bundle_dir)
     sig_path = out / SIGNATURE

@@ -15,12 +15,12 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from dfkd_deploy.core.io import write_text
+from dfkd_deploy.validate.gallery import GALLERY_FILE
 from dfkd_deploy.distill.metrics_log import METRICS_JSONL, read_metrics
 from dfkd_deploy.report import figures
 from dfkd_deploy.report.provenance import measured_figures
 
 REPORT_HTML = "report.html"
-GALLERY_FILE = "report_gallery.npz"   # written by dfkd_deploy.validate.gallery
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1100px;

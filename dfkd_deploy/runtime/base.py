@@ -82,3 +82,9 @@ def chw_from_shape(shape: Sequence[Any], layout: str) -> Optional[tuple[int, int
     if len(dims) != 3 or not all(isinstance(d, int) and d > 0 for d in dims):
         return None
     return (dims[2], dims[0], dims[1]) if layout.upper() == "NHWC" else tuple(dims)
+
+
+def time_runner(runner: "Runner", *, batches: Sequence[int] = (1, 32), warmup: int = 2,
+                repeats: int = 5) -> dict:
+    """``{"batch_1_ms": median, ...}`` for ``runner`` on random inputs (report.json's latency form)."""
+    return {f"batch_{b}_ms": round(runner.time(b, repeats=repeats, warmup=warmup).median_ms, 4) for b in batches}

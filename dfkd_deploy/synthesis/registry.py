@@ -42,3 +42,11 @@ def build_synthesizer(name: str, teacher: "Teacher", options, device: torch.devi
     if cls is None:
         raise UsageError(f"unknown synthesis method {name!r}; choose one of: {', '.join(synthesizer_names())}")
     return cls(teacher, options, device, priors)
+
+
+def make_synthesizer(teacher: "Teacher", recipe, device) -> "Synthesizer":
+    """The recipe's synthesis method on this teacher, its priors resolved once here: a teacher
+    without BN statistics (``spec.bn_layers == 0``) gets no BN term, and the BN-free priors (TV, L2,
+    DAFL entropy and activation) at their defaults wherever the recipe leaves ``synthesis.priors.*`` null."""
+    s = recipe.synthesis
+    return build_synthesizer(s.method, teacher, s, torch.device(device), Priors.for_teacher(teacher.spec, s.priors))

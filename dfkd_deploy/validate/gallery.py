@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from dfkd_deploy.core.io import atomic_path
-from dfkd_deploy.report.html import GALLERY_FILE
 from dfkd_deploy.images import pixels_to_uint8
 from dfkd_deploy.synthesis.pool import ImagePool
 from dfkd_deploy.validate.data import EvalData, to_pixels
@@ -26,6 +25,8 @@ MAX_CLASSES = 20         # classes shown (the ones the teacher found most often)
 PROBES_SHOWN = 32
 SAMPLE_FACTOR = 6        # pool images labelled per image shown
 CONFUSION_MAX_CLASSES = 50
+
+GALLERY_FILE = "report_gallery.npz"   # pool and probe images by the teacher's class, for report.html
 
 
 def _teacher_labels(teacher, pixels: torch.Tensor, device) -> np.ndarray:

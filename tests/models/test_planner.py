@@ -6,7 +6,8 @@ import itertools
 
 import pytest
 
-from dfkd_deploy.budget.planner import MARGIN, Costs, estimate, minimum_seconds, parse_duration, plan_budget
+from dfkd_deploy.budget.planner import MARGIN, Costs, estimate, minimum_seconds, plan_budget
+from dfkd_deploy.core.units import parse_duration
 from dfkd_deploy.core.errors import UsageError
 
 COSTS = [Costs(synth_round_s=r, kd_step_s=k, epoch_overhead_s=o, finish_s=f)

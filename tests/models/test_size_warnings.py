@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dfkd_deploy.models.derived.targets import Target, meets, parse_target, size_warnings
+from dfkd_deploy.core.units import Target, parse_target
+from dfkd_deploy.models.derived.targets import meets, size_warnings
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ from torch import nn
 
 from dfkd_deploy.core.errors import UsageError
 from dfkd_deploy.models.derived import architecture, depth, prune
-from dfkd_deploy.models.derived.targets import (DEFAULT_FRACTION, SizeFigures, Target, measure, meets,
-                                                parse_target, ratios, size_warnings, teacher_figures,
-                                                worst_latency_ratio)
+from dfkd_deploy.core.units import Target, parse_target
+from dfkd_deploy.models.derived.targets import (DEFAULT_FRACTION, SizeFigures, measure, meets, ratios,
+                                                size_warnings, teacher_figures, worst_latency_ratio)
 
 # Scratch candidates for the default choice and for targets, from the zoo (small to large).
 SCRATCH_CANDIDATES = ("tiny_cnn", "small_cnn", "cifar_resnet8", "cifar_resnet14", "cifar_resnet20",

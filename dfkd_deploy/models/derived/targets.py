@@ -11,36 +11,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from dfkd_deploy.core.errors import UsageError
+from dfkd_deploy.core.units import Target
 
-METRICS = ("params", "macs", "latency")
 DEFAULT_FRACTION = 0.5    # no arch and no target: at least 2x smaller and faster than the teacher
 LATENCY_BATCHES = (1, 32)
-
-
-@dataclass(frozen=True)
-class Target:
-    metric: str        # params | macs | latency
-    fraction: float    # of the teacher's
-
-    def __str__(self) -> str:
-        return f"{self.metric}={self.fraction:g}"
-
-
-def parse_target(text: str) -> Target:
-    """``"params=0.3"`` -> Target("params", 0.3); one clear line on anything else."""
-    metric, sep, value = str(text).partition("=")
-    metric = metric.strip().lower()
-    if not sep or metric not in METRICS:
-        raise UsageError(f"target {text!r}: expected METRIC=FRACTION with METRIC one of {', '.join(METRICS)}, "
-                         "e.g. params=0.3")
-    try:
-        fraction = float(value)
-    except ValueError:
-        raise UsageError(f"target {text!r}: {value!r} is not a number") from None
-    if not 0 < fraction < 1:
-        raise UsageError(f"target {text!r}: the fraction of the teacher's {metric} must be between 0 and 1")
-    return Target(metric, fraction)
 
 
 @dataclass
@@ -90,7 +64,7 @@ def measure_latency(model: nn.Module | None, input_shape, *, onnx_path: str | Pa
     exported (legacy exporter, dynamic batch) to a temporary file. ({} , reason) on failure."""
     from exporters.onnx_export import export_teacher_onnx
 
-    from dfkd_deploy.deploy.latency import time_runner
+    from dfkd_deploy.runtime.base import time_runner
     from dfkd_deploy.runtime.onnxruntime import OrtRunner
 
     try:
