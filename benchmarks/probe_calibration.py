@@ -289,7 +289,13 @@ def fit() -> None:
 
     results = _load_results()
     pairs = results["pairs"]
+    for p in pairs:   # records measured before the feature existed
+        if "kl" in p["stats"]:
+            p["stats"].setdefault("exp_neg_kl", float(np.exp(-p["stats"]["kl"])))
     teachers = sorted({p["teacher"] for p in pairs})
+    results["feature_sets"] = compare_feature_sets(pairs)
+    for row in results["feature_sets"]:
+        print(f"{','.join(row['features']):60s} within 0.10: {row['within_0.10']:.2f}  MAE {row['mean_abs_error']:.3f}")
     features = list(ARGS.features.split(",")) if ARGS.features else list(DEFAULT_FEATURES)
     for t in teachers:
         train = [p for p in pairs if p["teacher"] != t]
@@ -327,6 +333,34 @@ def fit() -> None:
     _plot(pairs)
     print(json.dumps(results["summary"], indent=1))
     print(json.dumps(results["per_source_mean_abs_error"], indent=1))
+
+
+CANDIDATE_FEATURE_SETS = (
+    ("agree.pooled",),
+    ("agree.fresh",),
+    ("agree.deepinversion",),
+    ("agree.boundary",),
+    ("agree.confident",),
+    ("exp_neg_kl",),
+    ("agree.fresh", "agree.deepinversion", "agree.boundary"),
+    ("agree.pooled", "exp_neg_kl"),
+    ("agree.conf_low", "agree.conf_mid", "agree.conf_high"),
+    ("agree.confident", "agree.boundary", "exp_neg_kl"),
+)
+
+
+def compare_feature_sets(pairs) -> list[dict]:
+    """Leave-one-teacher-out point error of each candidate feature set (the raw figures of each
+    source too, with no model at all, in ``per_source_mean_abs_error``)."""
+    from dfkd_deploy.validate.estimate import loo_residuals
+
+    rows = []
+    for feats in CANDIDATE_FEATURE_SETS:
+        r = loo_residuals([p["stats"] for p in pairs], [p["real"] for p in pairs], [p["teacher"] for p in pairs],
+                          features=feats)
+        rows.append({"features": list(feats), "within_0.10": float((r <= 0.10).mean()),
+                     "mean_abs_error": float(r.mean())})
+    return rows
 
 
 def _plot(pairs) -> None:

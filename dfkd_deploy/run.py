@@ -255,11 +255,13 @@ def estimated_agreement_section(teacher: Teacher, student: nn.Module, recipe: Re
                                 show_progress: bool = True) -> dict:
     """report.json ``agreement.estimated_real`` / ``agreement.interval`` (+ per-source agreement)."""
     from dfkd_deploy.validate.estimate import estimate_agreement
+    from dfkd_deploy.validate.probes import ProbeBudget
 
     norm = teacher.normalizer()
     held_out = (probes, predict(teacher.module, probes, normalizer=norm, device=device))
     est = estimate_agreement(teacher, lambda px: predict(student, px, normalizer=norm, device=device),
-                             recipe.synthesis, device, seed=recipe.seed, held_out=held_out, show_progress=show_progress)
+                             recipe.synthesis, device, seed=recipe.seed, held_out=held_out,
+                             budget=ProbeBudget.for_probes(recipe.validation.probe_images), show_progress=show_progress)
     interval = ([est["estimated_agreement_low"], est["estimated_agreement_high"]]
                 if est.get("estimated_agreement") is not None else None)
     return {"estimated_real": est.get("estimated_agreement"), "interval": interval,

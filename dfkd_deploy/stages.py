@@ -117,10 +117,11 @@ def validate(student_path, teacher_path, recipe: Recipe, *, eval_data=None, prob
     out = {"probe_images": probes, "probe_agreement": top1_agreement(t, student_logits(probe_pixels))}
     if eval_data is None:
         from dfkd_deploy.validate.estimate import estimate_agreement
+        from dfkd_deploy.validate.probes import ProbeBudget
 
         out.update(estimate_agreement(teacher, student_logits, recipe.synthesis, dev, seed=recipe.seed,
                                       held_out=(probe_pixels, t), probe_data=probe_data, estimator=estimator,
-                                      show_progress=show_progress))
+                                      budget=ProbeBudget.for_probes(probes), show_progress=show_progress))
     if eval_data is not None:
         data = load_eval_data(eval_data, input_shape=teacher.spec.input_shape, num_classes=teacher.spec.num_classes,
                               channel_order=teacher.spec.channel_order)

@@ -40,8 +40,12 @@ def _estimate_rows(g) -> list[tuple[str, str]]:
         return []
     lo, hi = g("agreement.interval") or (None, None)
     cov = g("agreement.interval_coverage")
-    return [("Real data, estimated without it", f"{_pct(g('agreement.estimated_real'))} "
-             f"({_pct(cov) if cov is not None else ''} interval {_pct(lo)} to {_pct(hi)})")]
+    rows = [("Real data, estimated without it", f"{_pct(g('agreement.estimated_real'))} "
+             f"({f'{100 * float(cov):.0f}% ' if cov is not None else ''}interval {_pct(lo)} to {_pct(hi)})")]
+    for name, src in (g("agreement.probe_sources") or {}).items():
+        if name != "held_out":
+            rows.append((f"Independent probes: {name}", f"{_pct(src.get('agreement'))} ({_count(src.get('images'))} images)"))
+    return rows
 
 
 def count_parameters(module: nn.Module) -> int:

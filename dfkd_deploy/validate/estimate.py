@@ -52,6 +52,7 @@ def probe_statistics(teacher_logits: Mapping[str, torch.Tensor],
         pt = torch.softmax(t, 1)
         kl = (pt * (torch.log_softmax(t, 1) - torch.log_softmax(s, 1))).sum(1)
         stats["kl"] = float(kl.mean())
+        stats["exp_neg_kl"] = math.exp(-stats["kl"])   # rises with agreement, as every feature must
         conf = pt.max(1).values
         for lo, hi, name in CONFIDENCE_BINS:
             m = (conf >= lo) & (conf < hi)
@@ -72,7 +73,7 @@ def _agree(t: torch.Tensor, s: torch.Tensor) -> float:
 # --- from a teacher and a student to the estimate ----------------------------------------------
 
 def estimate_agreement(teacher, student_logits, synthesis_options, device, *, seed: int, held_out=None,
-                       probe_data=None, estimator=None, show_progress: bool = True) -> dict:
+                       probe_data=None, estimator=None, budget=None, show_progress: bool = True) -> dict:
     """``student_logits`` maps pixels to the student's logits; ``held_out`` is (pixels, teacher
     logits) of the run's own probes, reported beside the others but not used by the estimate.
     Returns flat validate keys: agreement per probe source (``probe_sources``) and, where an estimator
@@ -83,7 +84,7 @@ def estimate_agreement(teacher, student_logits, synthesis_options, device, *, se
 
     norm = teacher.normalizer().to(device)
     with task("validate: independent probes", 1, show_progress) as bar:
-        sources = independent_sources(teacher, synthesis_options, device, seed=seed)
+        sources = independent_sources(teacher, synthesis_options, device, seed=seed, budget=budget)
         if probe_data is not None:
             sources.append(user_images(probe_data, teacher.spec, seed=seed))
         bar.advance()

@@ -56,6 +56,12 @@ class ProbeBudget:
     deepinversion_images: int = 64
     deepinversion_steps: int = 20
 
+    @classmethod
+    def for_probes(cls, images: int) -> "ProbeBudget":
+        """The calibrated budget (256 images) scaled to ``images`` probes per generated source."""
+        images = max(16, int(images))
+        return cls(images=images, deepinversion_images=max(16, images // 4))
+
 
 def _seeded(seed: int):
     rng = torch.random.fork_rng(devices=[])
