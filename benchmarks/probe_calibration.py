@@ -331,6 +331,7 @@ def fit() -> None:
                               "probe_budget_images": ARGS.probe_images, "source": "benchmarks/probe_calibration.py"})
     final.save(DEFAULT_FILE)
     _plot(pairs)
+    _table(results)
     print(json.dumps(results["summary"], indent=1))
     print(json.dumps(results["per_source_mean_abs_error"], indent=1))
 
@@ -346,6 +347,10 @@ CANDIDATE_FEATURE_SETS = (
     ("agree.pooled", "exp_neg_kl"),
     ("agree.conf_low", "agree.conf_mid", "agree.conf_high"),
     ("agree.confident", "agree.boundary", "exp_neg_kl"),
+    ("sqrt:agree.pooled",),
+    ("sqrt:agree.confident",),
+    ("sqrt:agree.confident", "sqrt:agree.pooled"),
+    ("sqrt:agree.fresh", "sqrt:agree.deepinversion", "sqrt:agree.boundary"),
 )
 
 
@@ -361,6 +366,26 @@ def compare_feature_sets(pairs) -> list[dict]:
         rows.append({"features": list(feats), "within_0.10": float((r <= 0.10).mean()),
                      "mean_abs_error": float(r.mean())})
     return rows
+
+
+def _table(results) -> None:
+    """benchmarks/results/probe_calibration.md: every pair, and the summary against the targets."""
+    sm = results["summary"]
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}"   # noqa: E731
+    lines = ["# Data-free agreement estimate vs real agreement (leave-one-teacher-out)", "",
+             f"Setting: {sm['setting']}. Features: {', '.join(sm['features'])}.", "",
+             "| teacher | student | real % | raw held-out probes % | pooled independent probes % | estimate % | interval % |",
+             "|---|---|---|---|---|---|---|"]
+    for p in results["pairs"]:
+        lines.append(f"| {p['teacher']} | {p['student']} | {pct(p['real'])} | {pct(p['raw_probe'])} | "
+                     f"{pct(p['stats'].get('agree.pooled'))} | {pct(p['estimate'])} | {pct(p['low'])}–{pct(p['high'])} |")
+    lines += ["", f"|estimate - real| <= 0.10 for {100 * sm['within_0.10']:.0f}% of {sm['pairs']} pairs (target 90%); "
+              f"mean abs error {sm['mean_abs_error']:.3f}, max {sm['max_abs_error']:.3f}; interval covers the real value "
+              f"for {100 * sm['interval_coverage']:.0f}% (target 90%), mean width {sm['mean_interval_width']:.2f}.", "",
+              "Feature sets, leave-one-teacher-out point error:", "", "| features | within 0.10 | mean abs error |", "|---|---|---|"]
+    lines += [f"| {', '.join(r['features'])} | {100 * r['within_0.10']:.0f}% | {r['mean_abs_error']:.3f} |"
+              for r in results["feature_sets"]]
+    (RESULTS / "probe_calibration.md").write_text("\n".join(lines) + "\n")
 
 
 def _plot(pairs) -> None:

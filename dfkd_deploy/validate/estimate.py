@@ -137,12 +137,15 @@ class Estimator:
         fallback = stats.get("agree.pooled")
         out = []
         for name in self.features:
-            v = stats.get(name)
+            transform, _, key = name.rpartition(":")   # "sqrt:agree.pooled": a concave, still monotone, feature
+            if transform not in ("", "sqrt"):
+                raise DataError(f"unknown feature transform {transform!r} in {name!r}")
+            v = stats.get(key)
             if v is None or not math.isfinite(float(v)):
                 v = fallback
             if v is None or not math.isfinite(float(v)):
                 raise DataError(f"probe statistics lack {name!r} (and the pooled agreement to stand in for it)")
-            out.append(float(v))
+            out.append(math.sqrt(max(0.0, float(v))) if transform == "sqrt" else float(v))
         return np.asarray(out, np.float64)
 
     def predict(self, stats: Mapping[str, float]) -> float:

@@ -113,3 +113,11 @@ def test_probe_statistics():
     assert st["agree.held_out"] == 1.0
     assert st["agree.pooled"] == pytest.approx(0.5)   # held-out probes are not pooled
     assert st["kl"] > 0 and st["agree.conf_high"] == pytest.approx(0.5)
+
+
+def test_sqrt_transform_is_monotone_and_unknown_transforms_are_refused():
+    est = Estimator(["sqrt:agree.fresh"], [1.0], 0.0, 0.1)
+    assert est.predict({"agree.fresh": 0.25}) == pytest.approx(0.5)
+    assert est.predict({"agree.fresh": 0.36}) > est.predict({"agree.fresh": 0.25})
+    with pytest.raises(DataError, match="transform"):
+        Estimator(["log:agree.fresh"], [1.0], 0.0, 0.1).predict({"agree.fresh": 0.5})
