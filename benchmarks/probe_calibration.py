@@ -2,7 +2,9 @@
 quality, their real agreement, their probe statistics, and the estimate leave-one-teacher-out.
 
     PYTHONPATH=. python benchmarks/probe_calibration.py measure --teachers digits,fashion,resnet8,resnet56
-    PYTHONPATH=. python benchmarks/probe_calibration.py fit      # LOTO estimates, estimator.json, PNG
+    PYTHONPATH=. python benchmarks/probe_calibration.py measure --teachers resnet56,resnet8 --no-kd \
+        --user-data ../shared/data/imagenet-sample-224       # the `user` source, added to measured pairs
+    PYTHONPATH=. python benchmarks/probe_calibration.py fit      # LOTO estimates, estimator.json, PNG, .md
 
 ``measure`` is resumable: a pair already in the JSON is skipped (CPU time is scarce), and every
 pair is written as soon as it is measured. Real agreement is measured on a seeded random subset
@@ -252,15 +254,25 @@ def measure(teachers: list[str]) -> None:
 
     torch.set_num_threads(1)
     results = _load_results()
-    done = {(p["teacher"], p["student"]) for p in results["pairs"]}
+    done = {(p["teacher"], p["student"]): p for p in results["pairs"]}
     for name in teachers:
         t0 = time.time()
         teacher, real_px, real_lb, recipe = load_pair_teacher(name)
         norm = teacher.normalizer()
         t_real = predict(teacher.module, real_px, normalizer=norm)
         sources = None
+        user = _user_source(teacher) if ARGS.user_data else None
         for student_name, make in students_for(name, teacher, recipe, real_px, real_lb):
             if (name, student_name) in done:
+                rec = done[(name, student_name)]
+                if user is not None and "agree.user" not in rec["stats"]:
+                    fn, _ = make()
+                    rec["stats"]["agree.user"] = top1_agreement(predict(teacher.module, user.pixels, normalizer=norm),
+                                                                fn(user.pixels))
+                    rec["stats"]["images.user"] = len(user)
+                    _save(results)
+                    print(f"[{name}] {student_name}: real {rec['real']:.3f} user {rec['stats']['agree.user']:.3f}",
+                          flush=True)
                 continue
             if sources is None:   # the probe sets depend on the teacher only: once per teacher
                 sources = independent_sources(teacher, recipe.synthesis, "cpu", seed=recipe.seed,
@@ -270,6 +282,9 @@ def measure(teachers: list[str]) -> None:
                       + f" ({time.time() - t0:.0f} s)", flush=True)
             fn, raw_pixels = make()
             stats = probe_statistics(t_logits, {s.name: fn(s.pixels) for s in sources})
+            if user is not None:
+                stats["agree.user"] = top1_agreement(predict(teacher.module, user.pixels, normalizer=norm), fn(user.pixels))
+                stats["images.user"] = len(user)
             raw = None
             if raw_pixels is not None:
                 raw = top1_agreement(predict(teacher.module, raw_pixels, normalizer=norm), fn(raw_pixels))
@@ -280,6 +295,14 @@ def measure(teachers: list[str]) -> None:
             _save(results)
             print(f"[{name}] {student_name}: real {rec['real']:.3f} raw {raw} pooled {stats.get('agree.pooled'):.3f} "
                   f"({time.time() - t0:.0f} s)", flush=True)
+
+
+def _user_source(teacher):
+    """Unlabelled natural images that are not the teacher's data (``--user-data``, e.g. the ImageNet
+    sample folder for the CIFAR teachers), as a user would pass them with ``--probe-data``."""
+    from dfkd_deploy.validate.probes import user_images
+
+    return user_images(ARGS.user_data, teacher.spec, limit=1000, seed=0)
 
 
 # --- fit: leave-one-teacher-out estimates, the shipped estimator, the figure --------------------
@@ -323,6 +346,7 @@ def fit() -> None:
     results["per_source_mean_abs_error"] = {
         k: float(np.nanmean([abs(p["stats"].get(k, np.nan) - p["real"]) for p in pairs]))
         for k in sorted({k for p in pairs for k in p["stats"] if k.startswith("agree.")})}
+    results["user_source"] = _user_source_summary(pairs)
     _save(results)
     final = Estimator.fit([p["stats"] for p in pairs], [p["real"] for p in pairs], [p["teacher"] for p in pairs],
                           features=features, coverage=ARGS.coverage)
@@ -368,6 +392,25 @@ def compare_feature_sets(pairs) -> list[dict]:
     return rows
 
 
+def _user_source_summary(pairs) -> dict | None:
+    """Where pairs were also measured on unlabelled natural images (``--user-data``): how well a
+    linear map on that agreement alone predicts real agreement, leave-one-teacher-out."""
+    from dfkd_deploy.validate.estimate import loo_residuals
+
+    ps = [p for p in pairs if "agree.user" in p["stats"]]
+    if len({p["teacher"] for p in ps}) < 2:
+        return None
+    r = loo_residuals([p["stats"] for p in ps], [p["real"] for p in ps], [p["teacher"] for p in ps],
+                      features=["agree.user"])
+    raw = np.array([abs(p["stats"]["agree.user"] - p["real"]) for p in ps])
+    est = np.array([abs(p["estimate"] - p["real"]) for p in ps])
+    return {"pairs": len(ps), "teachers": sorted({p["teacher"] for p in ps}),
+            "raw_user_mean_abs_error": float(raw.mean()), "loto_linear_user_mean_abs_error": float(r.mean()),
+            "loto_linear_user_within_0.10": float((r <= 0.10).mean()), "loto_linear_user_max_abs_error": float(r.max()),
+            "shipped_features_on_same_pairs_mean_abs_error": float(est.mean()),
+            "shipped_features_on_same_pairs_within_0.10": float((est <= 0.10).mean())}
+
+
 def _table(results) -> None:
     """benchmarks/results/probe_calibration.md: every pair, and the summary against the targets."""
     sm = results["summary"]
@@ -385,6 +428,14 @@ def _table(results) -> None:
               "Feature sets, leave-one-teacher-out point error:", "", "| features | within 0.10 | mean abs error |", "|---|---|---|"]
     lines += [f"| {', '.join(r['features'])} | {100 * r['within_0.10']:.0f}% | {r['mean_abs_error']:.3f} |"
               for r in results["feature_sets"]]
+    us = results.get("user_source")
+    if us:
+        lines += ["", f"Unlabelled natural images as probes (`--probe-data`; here `--user-data`, the ImageNet sample "
+                  f"images resized to the teacher's input) on {us['pairs']} pairs of {', '.join(us['teachers'])} "
+                  f"(no distilled students among them): raw agreement on them is off by {us['raw_user_mean_abs_error']:.3f} "
+                  f"on average; a linear map on it alone, leave-one-teacher-out, by {us['loto_linear_user_mean_abs_error']:.3f} "
+                  f"(within 0.10 for {100 * us['loto_linear_user_within_0.10']:.0f}%, max {us['loto_linear_user_max_abs_error']:.3f}), "
+                  f"against {us['shipped_features_on_same_pairs_mean_abs_error']:.3f} for the synthetic-probe estimate on the same pairs."]
     (RESULTS / "probe_calibration.md").write_text("\n".join(lines) + "\n")
 
 
@@ -420,6 +471,8 @@ def main(argv=None) -> None:
     ap.add_argument("--real-images", type=int, default=1000)
     ap.add_argument("--probe-images", type=int, default=256)
     ap.add_argument("--no-kd", action="store_true", help="skip the distilled snapshots (the slow part)")
+    ap.add_argument("--user-data", type=Path, help="unlabelled images (folder or .npz) measured as the `user` source "
+                    "(also added to pairs already measured)")
     ap.add_argument("--features", default=None, help="comma-separated feature names (default: the estimator's)")
     ap.add_argument("--coverage", type=float, default=0.9)
     ap.add_argument("--shared", type=Path, default=SHARED, help="the shared real material (default ../shared)")

@@ -63,11 +63,15 @@ class ProbeBudget:
         return cls(images=images, deepinversion_images=max(16, images // 4))
 
 
-def _seeded(seed: int):
-    rng = torch.random.fork_rng(devices=[])
-    rng.__enter__()
-    torch.manual_seed(seed)
-    return rng
+def _sample(synth, count: int, batch_size: int) -> torch.Tensor:
+    """``count`` images from ``synth`` without changing it (no adversarial term, no meta update)."""
+    batches, made = [], 0
+    while made < count:
+        images, _ = synth.synthesize(None, adversarial=False, meta_update=False,
+                                     batch_size=max(2, min(batch_size, count - made)))
+        batches.append(images.detach().cpu())
+        made += images.shape[0]
+    return torch.cat(batches)[:count]
 
 
 def fresh_generator(teacher, synthesis_options, device, *, seed: int, count: int = 256,
@@ -75,20 +79,13 @@ def fresh_generator(teacher, synthesis_options, device, *, seed: int, count: int
     """A FastDFKD generator trained from scratch on the teacher alone (adversarial term off,
     another seed), then sampled with fresh latents."""
     opts = synthesis_options.model_copy(update={"method": "fastdfkd", "adv": 0.0})
-    rng = _seeded(seed + seed_offset)
-    try:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + seed_offset)
         synth = build_synthesizer("fastdfkd", teacher, opts, device, Priors.for_teacher(teacher.spec, opts.priors))
         for _ in range(rounds):
             synth.synthesize(None, adversarial=False)
-        batches, made = [], 0
-        while made < count:
-            images, _ = synth.synthesize(None, adversarial=False, meta_update=False,
-                                         batch_size=max(2, min(opts.batch_size, count - made)))
-            batches.append(images.detach().cpu())
-            made += images.shape[0]
-    finally:
-        rng.__exit__(None, None, None)
-    return ProbeSource("fresh", torch.cat(batches)[:count],
+        pixels = _sample(synth, count, opts.batch_size)
+    return ProbeSource("fresh", pixels,
                        f"fresh FastDFKD generator (seed +{seed_offset}, {rounds} rounds, no adversarial term)",
                        {"rounds": rounds})
 
@@ -99,19 +96,12 @@ def deepinversion(teacher, synthesis_options, device, *, seed: int, count: int =
     ``deepinversion`` method, adversarial term off)."""
     opts = synthesis_options.model_copy(update={"method": "deepinversion", "adv": 0.0, "g_steps": steps,
                                                 "lr_g": lr, "bn_mmt": 0.0})
-    rng = _seeded(seed + seed_offset)
-    try:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + seed_offset)
         synth = build_synthesizer("deepinversion", teacher, opts, device,
                                   Priors.for_teacher(teacher.spec, opts.priors))
-        batches, made = [], 0
-        while made < count:
-            images, _ = synth.synthesize(None, adversarial=False, meta_update=False,
-                                         batch_size=max(2, min(opts.batch_size, count - made)))
-            batches.append(images.detach().cpu())
-            made += images.shape[0]
-    finally:
-        rng.__exit__(None, None, None)
-    return ProbeSource("deepinversion", torch.cat(batches)[:count],
+        pixels = _sample(synth, count, opts.batch_size)
+    return ProbeSource("deepinversion", pixels,
                        f"DeepInversion from noise ({steps} steps, lr {lr:g})", {"steps": steps})
 
 
@@ -156,7 +146,7 @@ def confidence_split(teacher, candidates: torch.Tensor, *, count: int, device="c
 def user_images(path: str | Path, spec, *, limit: int = 2000, seed: int = 0) -> ProbeSource:
     """Unlabelled images the user passes: an .npz with ``images`` (labels, if any, are ignored),
     an ImageFolder or a flat folder of image files; a seeded random subset of at most ``limit``."""
-    from dfkd_deploy.validate.data import IMAGE_SUFFIXES, _check_images, _conform, _conform_batch
+    from dfkd_deploy.validate.data import IMAGE_SUFFIXES, _check_images, _conform_batch
     from dfkd_deploy.images import uint8_to_pixels
 
     path = Path(path)
@@ -164,21 +154,11 @@ def user_images(path: str | Path, spec, *, limit: int = 2000, seed: int = 0) -> 
     if not path.exists():
         raise DataError(f"probe data not found: {path}")
     if path.is_dir():
-        from PIL import Image
-
         files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
                        and not f.name.startswith("."))
         if not files:
             raise DataError(f"probe folder {path} contains no images")
-        files = [files[i] for i in _pick(len(files), limit, seed)]
-        images = np.empty((len(files), *chw), np.uint8)
-        for i, f in enumerate(files):
-            try:
-                with Image.open(f) as img:
-                    img.load()
-                    images[i] = _conform(img, chw)
-            except Exception as exc:  # noqa: BLE001 - PIL raises many types
-                raise DataError(f"cannot read probe image {f}: {exc}") from None
+        images = np.stack([_read_image(files[i], chw) for i in _pick(len(files), limit, seed)])
     elif path.suffix.lower() == ".npz":
         raw = _npz_images(path)
         _check_images(raw.dtype, raw.shape, path.name)
@@ -192,6 +172,18 @@ def user_images(path: str | Path, spec, *, limit: int = 2000, seed: int = 0) -> 
         images = np.ascontiguousarray(images[:, ::-1])
     return ProbeSource("user", uint8_to_pixels(torch.from_numpy(images)), f"user images from {path.name} "
                        "(labels ignored)", {"source": str(path)})
+
+
+def _read_image(path: Path, chw) -> np.ndarray:
+    from PIL import Image
+
+    from dfkd_deploy.validate.data import _conform
+
+    try:
+        with Image.open(path) as img:
+            return _conform(img.copy(), chw)
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types
+        raise DataError(f"cannot read probe image {path}: {exc}") from None
 
 
 def _npz_images(path: Path) -> np.ndarray:
