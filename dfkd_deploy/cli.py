@@ -337,16 +337,19 @@ def export_teacher(teacher, teacher_arch, trust_pickle, recipe_path, sets, out, 
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
 @click.option("--eval-data", type=click.Path(), help=".npz or ImageFolder for real accuracy")
 @click.option("--probes", type=int, default=256, show_default=True, help="synthetic probe images")
+@click.option("--probe-data", type=click.Path(), help="unlabelled images (.npz with images, or a folder; labels "
+              "ignored) to probe with, besides the synthetic sources, when there is no --eval-data")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--min-agreement", type=click.FloatRange(0, 1), help="fail (exit 1) below this top-1 agreement "
-              "with the teacher (eval data when given, else probes), e.g. 0.9")
+              "with the teacher: on --eval-data when given, else the LOWER bound of the data-free estimate's "
+              "interval, e.g. 0.9")
 @click.option("--min-accuracy", type=click.FloatRange(0, 1), help="fail below this student accuracy on --eval-data")
 @click.option("--baseline", type=click.Path(dir_okay=False), help="an earlier report.json or `validate --json` output")
 @click.option("--max-drop", type=click.FloatRange(min=0), help="points the figures may drop against --baseline")
 @click.option("--junit", type=click.Path(dir_okay=False), help="write JUnit XML, one testcase per threshold")
-def validate(student, teacher, teacher_arch, trust_pickle, recipe_path, sets, eval_data, probes, seed, as_json,
-             min_agreement, min_accuracy, baseline, max_drop, junit):
+def validate(student, teacher, teacher_arch, trust_pickle, recipe_path, sets, eval_data, probes, probe_data, seed,
+             as_json, min_agreement, min_accuracy, baseline, max_drop, junit):
     """Compare STUDENT (student.pt or .onnx) with the teacher on synthetic probes and real data.
 
     With thresholds this is a CI gate: exit 0 when every threshold holds, 1 when one fails,
@@ -360,7 +363,7 @@ def validate(student, teacher, teacher_arch, trust_pickle, recipe_path, sets, ev
         gate.check_options(eval_data=eval_data, min_accuracy=min_accuracy, baseline=baseline, max_drop=max_drop)
         recipe = _recipe(recipe_path, sets, teacher_arch, seed)
         metrics = stages.validate(student, teacher, recipe, eval_data=eval_data, probes=probes,
-                                  trust_pickle=trust_pickle)
+                                  probe_data=probe_data, trust_pickle=trust_pickle)
         checks = gate.run_gate(metrics, min_agreement=min_agreement, min_accuracy=min_accuracy,
                                baseline=gate.load_baseline(baseline) if baseline else None, max_drop=max_drop)
     except DfkdError as exc:
@@ -373,6 +376,11 @@ def validate(student, teacher, teacher_arch, trust_pickle, recipe_path, sets, ev
         click.echo(json.dumps({**metrics, "checks": [c.to_dict() for c in checks]} if checks else metrics, indent=2))
     else:
         click.echo("\n".join(f"{k:28s} {v}" for k, v in metrics.items()))
+        if metrics.get("estimated_agreement") is not None:
+            click.echo(f"estimated real agreement {100 * metrics['estimated_agreement']:.1f}% "
+                       f"({100 * metrics['estimate_coverage']:.0f}% interval "
+                       f"{100 * metrics['estimated_agreement_low']:.1f}%..{100 * metrics['estimated_agreement_high']:.1f}%); "
+                       f"based on: {metrics['estimate_based_on']}. Raw probe agreement is not real agreement.")
         for c in checks:
             click.echo(f"{'PASS' if c.passed else 'FAIL'} {c.name}: {c.message}")
     failed = [c for c in checks if not c.passed]

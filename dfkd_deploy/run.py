@@ -327,6 +327,8 @@ def finish_run(teacher: Teacher, student: nn.Module, recipe: Recipe, run_dir: Pa
     )
     if data is not None:
         report["eval_data"]["available"] = available
+    else:   # no real data: estimate the real agreement from probes the student never trained on
+        report["agreement"].update(estimated_agreement_section(teacher, student, recipe, probes, device, show_progress))
     label_measurements(report)
     report["confusion"] = confusion(teacher, student, data, device=device, batch_size=recipe.validation.batch_size,
                                     measured_on=get_path(report, "student.accuracy_measured_on", None))
@@ -340,6 +342,24 @@ def finish_run(teacher: Teacher, student: nn.Module, recipe: Recipe, run_dir: Pa
     write_report_html(run_dir, report)
     write_manifest(run_dir, seed=recipe.seed, artifacts=list(ARTIFACTS) + deployment.artifacts)
     return report
+
+
+def estimated_agreement_section(teacher: Teacher, student: nn.Module, recipe: Recipe, probes: torch.Tensor, device,
+                                show_progress: bool = True) -> dict:
+    """report.json ``agreement.estimated_real`` / ``agreement.interval`` (+ per-source agreement)."""
+    from dfkd_deploy.validate.estimate import estimate_agreement
+    from dfkd_deploy.validate.probes import ProbeBudget
+
+    norm = teacher.normalizer()
+    held_out = (probes, predict(teacher.module, probes, normalizer=norm, device=device))
+    est = estimate_agreement(teacher, lambda px: predict(student, px, normalizer=norm, device=device),
+                             recipe.synthesis, device, seed=recipe.seed, held_out=held_out,
+                             budget=ProbeBudget.for_probes(recipe.validation.probe_images), show_progress=show_progress)
+    interval = ([est["estimated_agreement_low"], est["estimated_agreement_high"]]
+                if est.get("estimated_agreement") is not None else None)
+    return {"estimated_real": est.get("estimated_agreement"), "interval": interval,
+            "interval_coverage": est.get("estimate_coverage"), "estimate_based_on": est.get("estimate_based_on"),
+            "probe_sources": est["probe_sources"]}
 
 
 # Float copies of the eval images (the back-end comparison holds them all at once) stay under this.

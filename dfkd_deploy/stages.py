@@ -77,8 +77,13 @@ def export(student_path, out, *, opset: int = 17):
 
 
 def validate(student_path, teacher_path, recipe: Recipe, *, eval_data=None, probes: int = 256,
-             trust_pickle: bool = False, device="auto", show_progress: bool = True) -> dict:
-    """Teacher vs student (student.pt, or an exported .onnx) on fresh synthetic probes and real data."""
+             probe_data=None, estimator=None, trust_pickle: bool = False, device="auto",
+             show_progress: bool = True) -> dict:
+    """Teacher vs student (student.pt, or an exported .onnx) on synthetic probes and real data.
+
+    Without ``eval_data`` the student's real agreement is estimated (with an interval) from
+    probes it never trained on (:mod:`dfkd_deploy.validate.probes`, plus the unlabelled images of
+    ``probe_data``) by ``estimator`` (default: the one shipped with the package)."""
     from dfkd_deploy.validate.data import load_eval_data, to_pixels
     from dfkd_deploy.validate.metrics import TOP_K, predict, top1_accuracy, top1_agreement, topk_accuracy
 
@@ -110,6 +115,13 @@ def validate(student_path, teacher_path, recipe: Recipe, *, eval_data=None, prob
     probe_pixels = make_probes(synth, probes, recipe.synthesis.batch_size, recipe.seed)
     t = predict(teacher.module, probe_pixels, normalizer=norm, device=dev)
     out = {"probe_images": probes, "probe_agreement": top1_agreement(t, student_logits(probe_pixels))}
+    if eval_data is None:
+        from dfkd_deploy.validate.estimate import estimate_agreement
+        from dfkd_deploy.validate.probes import ProbeBudget
+
+        out.update(estimate_agreement(teacher, student_logits, recipe.synthesis, dev, seed=recipe.seed,
+                                      held_out=(probe_pixels, t), probe_data=probe_data, estimator=estimator,
+                                      budget=ProbeBudget.for_probes(probes), show_progress=show_progress))
     if eval_data is not None:
         data = load_eval_data(eval_data, input_shape=teacher.spec.input_shape, num_classes=teacher.spec.num_classes,
                               channel_order=teacher.spec.channel_order)

@@ -1,7 +1,8 @@
 """CI gate: judge a student's validation metrics against thresholds, and say so in JUnit XML.
 
 The metrics come from :func:`dfkd_deploy.stages.validate` (flat keys: ``probe_agreement``,
-``eval_agreement``, ``student_accuracy``, ...). Thresholds are fractions in [0, 1]; drops
+``eval_agreement``, ``estimated_agreement`` (+ ``_low`` / ``_high``), ``student_accuracy``, ...).
+Without real data, ``--min-agreement`` is held against the lower bound of the estimate's interval. Thresholds are fractions in [0, 1]; drops
 against a baseline are in percentage points. Exit codes (applied by the CLI): 0 every
 threshold holds, 1 one or more fail, 2 the inputs are unusable (raised as DfkdError).
 """
@@ -43,10 +44,21 @@ def check_options(*, eval_data, min_accuracy, baseline, max_drop) -> None:
 
 
 def agreement_of(metrics: Mapping[str, Any]) -> tuple[str, Optional[float]]:
-    """Agreement measured on real data when there is any, else on synthetic probes (as report.json)."""
+    """Agreement measured on real data when there is any, else the data-free estimate of it, else
+    agreement on synthetic probes (for like-for-like baseline comparisons)."""
+    for key in ("eval_agreement", "estimated_agreement"):
+        if metrics.get(key) is not None:
+            return key, metrics[key]
+    return "probe_agreement", metrics.get("probe_agreement")
+
+
+def gated_agreement(metrics: Mapping[str, Any]) -> tuple[str, Optional[float]]:
+    """What ``--min-agreement`` is held against: real agreement when there is eval data, else the
+    LOWER bound of the estimate's interval (raw probe agreement is not real agreement: it is never
+    gated on)."""
     if metrics.get("eval_agreement") is not None:
         return "eval_agreement", metrics["eval_agreement"]
-    return "probe_agreement", metrics.get("probe_agreement")
+    return "estimated_agreement_low", metrics.get("estimated_agreement_low")
 
 
 def load_baseline(path: str | Path) -> dict:
@@ -60,8 +72,9 @@ def load_baseline(path: str | Path) -> dict:
     if "agreement" in data and isinstance(data["agreement"], dict):   # report.json
         return {"student_accuracy": (data.get("student") or {}).get("accuracy"),
                 "eval_agreement": data["agreement"].get("eval_data_top1"),
+                "estimated_agreement": data["agreement"].get("estimated_real"),
                 "probe_agreement": data["agreement"].get("probe_top1")}
-    keys = ("student_accuracy", "eval_agreement", "probe_agreement")
+    keys = ("student_accuracy", "eval_agreement", "estimated_agreement", "probe_agreement")
     if not any(k in data for k in keys):
         raise DataError(f"baseline {path} is neither a report.json nor `dfkd-deploy validate --json` output")
     return {k: data.get(k) for k in keys}
@@ -73,8 +86,12 @@ def run_gate(metrics: Mapping[str, Any], *, min_agreement: Optional[float] = Non
     """One Check per threshold given (none given: no checks, the gate passes)."""
     checks: list[Check] = []
     if min_agreement is not None:
-        metric, value = agreement_of(metrics)
-        checks.append(_at_least("min_agreement", metric, value, min_agreement))
+        metric, value = gated_agreement(metrics)
+        check = _at_least("min_agreement", metric, value, min_agreement)
+        if metric == "estimated_agreement_low" and value is not None:
+            check.message += (f" (estimate {_pct(metrics.get('estimated_agreement'))}, interval "
+                              f"{_pct(value)}..{_pct(metrics.get('estimated_agreement_high'))})")
+        checks.append(check)
     if min_accuracy is not None:
         checks.append(_at_least("min_accuracy", "student_accuracy", metrics.get("student_accuracy"), min_accuracy))
     if baseline is not None and max_drop is not None:
@@ -107,6 +124,10 @@ def write_junit(path: str | Path, checks: Sequence[Check], *, metrics: Optional[
         props = ET.SubElement(suite, "properties")
         for k, v in metrics.items():
             ET.SubElement(props, "property", name=str(k), value=json.dumps(v))
+        if metrics.get("estimated_agreement") is not None:   # the estimate and its interval, by name
+            ET.SubElement(props, "property", name="estimated_agreement.interval",
+                          value=json.dumps([metrics.get("estimated_agreement_low"),
+                                            metrics.get("estimated_agreement_high")]))
     for c in checks:
         case = ET.SubElement(suite, "testcase", classname="dfkd_deploy.validate.gate", name=c.name)
         if not c.passed:

@@ -1,0 +1,90 @@
+"""Without eval data the gate holds --min-agreement against the LOWER bound of the estimate's
+interval, and the JUnit file carries the estimate and its interval. The estimate is stubbed (a
+fixed estimator); the gate, the validate stage and the CLI are the real ones."""
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dfkd_deploy.cli import cli
+from dfkd_deploy.validate import estimate as estimate_mod
+from dfkd_deploy.validate.estimate import Estimator
+from dfkd_deploy.validate.gate import load_baseline, run_gate
+
+from ..conftest import quick_recipe
+
+
+def test_run_gate_uses_the_lower_bound():
+    metrics = {"probe_agreement": 0.99, "estimated_agreement": 0.85, "estimated_agreement_low": 0.7,
+               "estimated_agreement_high": 1.0}
+    [c] = run_gate(metrics, min_agreement=0.8)
+    assert not c.passed and c.metric == "estimated_agreement_low" and "interval" in c.message
+    [c] = run_gate({**metrics, "estimated_agreement_low": 0.81}, min_agreement=0.8)
+    assert c.passed
+
+
+def test_real_data_wins_over_the_estimate():
+    [c] = run_gate({"eval_agreement": 0.9, "estimated_agreement_low": 0.1}, min_agreement=0.8)
+    assert c.passed and c.metric == "eval_agreement"
+
+
+def test_no_estimate_fails_rather_than_gating_on_raw_probes():
+    [c] = run_gate({"probe_agreement": 0.99}, min_agreement=0.8)
+    assert not c.passed and "not measured" in c.message
+
+
+def test_baseline_from_report_carries_the_estimate(tmp_path):
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps({"agreement": {"estimated_real": 0.7, "probe_top1": 0.9}}))
+    base = load_baseline(path)
+    checks = run_gate({"estimated_agreement": 0.6, "estimated_agreement_low": 0.5}, baseline=base, max_drop=5)
+    assert [c.name for c in checks] == ["max_drop.estimated_agreement"] and not checks[0].passed
+
+
+@pytest.fixture(scope="module")
+def student_and_recipe(digits_teacher, tmp_path_factory):
+    from dfkd_deploy.models.student_file import save_student
+    from dfkd_deploy.run import build_student
+
+    recipe = quick_recipe()
+    root = tmp_path_factory.mktemp("gate")
+    torch.manual_seed(0)
+    student = build_student(recipe, digits_teacher)
+    path = save_student(root / "student.pt", student, arch="tiny_cnn", num_classes=10, input_shape=(1, 8, 8),
+                        teacher_spec=digits_teacher.spec.to_dict())
+    recipe_file = root / "recipe.yaml"
+    recipe_file.write_text(recipe.resolved_yaml())
+    return path, recipe_file
+
+
+def _validate(monkeypatch, digits_teacher_onnx, student_and_recipe, tmp_path, value, half_width):
+    stub = Estimator(["agree.pooled"], [0.0], value, half_width, calibration={"pairs": 3, "teachers": ["x", "y"]})
+    monkeypatch.setattr(estimate_mod, "default_estimator", lambda: stub)
+    student, recipe_file = student_and_recipe
+    junit = tmp_path / "junit.xml"
+    result = CliRunner().invoke(cli, ["validate", str(student), "--teacher", str(digits_teacher_onnx), "--recipe",
+                                      str(recipe_file), "--min-agreement", "0.8", "--junit", str(junit)])
+    return result, junit
+
+
+def test_cli_exit_1_when_the_lower_bound_is_under_the_threshold(monkeypatch, digits_teacher_onnx,
+                                                                student_and_recipe, tmp_path):
+    result, junit = _validate(monkeypatch, digits_teacher_onnx, student_and_recipe, tmp_path, 0.85, 0.1)
+    assert result.exit_code == 1, result.output
+    assert "estimated real agreement 85.0%" in result.output and "75.0%..95.0%" in result.output
+    suite = ET.parse(junit).getroot().find("testsuite")
+    props = {p.get("name"): json.loads(p.get("value")) for p in suite.find("properties")}
+    assert props["estimated_agreement"] == pytest.approx(0.85)
+    assert props["estimated_agreement_low"] == pytest.approx(0.75)
+    assert props["estimated_agreement_high"] == pytest.approx(0.95)
+    assert props["estimated_agreement.interval"] == pytest.approx([0.75, 0.95])
+    assert set(props["probe_sources"]) >= {"fresh", "deepinversion", "confident", "boundary", "held_out"}
+    assert suite.get("failures") == "1"
+
+
+def test_cli_exit_0_when_the_lower_bound_clears_it(monkeypatch, digits_teacher_onnx, student_and_recipe, tmp_path):
+    result, junit = _validate(monkeypatch, digits_teacher_onnx, student_and_recipe, tmp_path, 0.9, 0.05)
+    assert result.exit_code == 0, result.output
+    assert ET.parse(junit).getroot().find("testsuite").get("failures") == "0"
