@@ -55,7 +55,8 @@ class CompressResult:
 
 
 def build_student(recipe: Recipe, teacher: Teacher, *, device: torch.device | str = "cpu",
-                  announce: bool = False, synthesize: bool = True, measure_latency: bool = False) -> nn.Module:
+                  announce: bool = False, synthesize: bool = True, measure_latency: bool = False,
+                  show_progress: bool = True) -> nn.Module:
     """The recipe's student (``student.init``/``arch``/``target``; see :mod:`dfkd_deploy.models.derived`).
 
     The module carries its ``student.arch`` label, its architecture description (derived students,
@@ -82,8 +83,9 @@ def build_student(recipe: Recipe, teacher: Teacher, *, device: torch.device | st
     setattr(model, ARCH_ATTR, built.arch)
     setattr(model, DERIVED_ATTR, built.description)
     model.dfkd_info = {"arch": built.arch, **built.info}
-    if announce and distributed.current().is_main:
-        console.print(f"student: {built.arch} ({built.init}), {count_parameters(model):,} params")
+    if announce and distributed.current().is_main:   # the size warnings print even with --quiet
+        if show_progress:
+            console.print(f"student: {built.arch} ({built.init}), {count_parameters(model):,} params")
         for line in built.info.get("warnings", []):
             console.print(f"[yellow]warning[/yellow]: {line}")
     return model
@@ -165,7 +167,8 @@ def distill(teacher: Teacher, recipe: Recipe, run_dir: Path, device: torch.devic
     ctx = distributed.current()
     seed_everything(recipe.seed)   # the same initial student and generator on every rank
     if student is None:   # (a budgeted run built it already, to calibrate with it)
-        student = build_student(recipe, teacher, device=device, announce=not resume, measure_latency=True)
+        student = build_student(recipe, teacher, device=device, announce=not resume, measure_latency=True,
+                                show_progress=show_progress)
     student = student.to(device)
     synth = make_synthesizer(teacher, distributed.rank_recipe(recipe, ctx), device)
     if pool is None:

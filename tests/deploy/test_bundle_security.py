@@ -115,7 +115,12 @@ def test_unsigned_verify_says_it_proves_integrity_only(bundle):
     assert len(lines) == 1, r.output
 
 
-def test_class3_model_with_rewritten_hashes_and_logits_fails_against_the_key(signed, keys):
+def test_class3_model_with_rewritten_hashes_and_logits_fails_against_the_key(signed, keys, monkeypatch):
+    from dfkd_deploy.deploy import edge
+
+    # Where OpenVINO/ExecuTorch are installed their untouched files disagree with the planted model,
+    # but an attacker rewrites those too: the case that matters is a machine without them.
+    monkeypatch.setattr(edge, "installed", lambda runtime: False)
     _plant_class3_student(signed)
     unsigned = _cli("bundle", "verify", signed)   # consistent hashes: all an unsigned check can see
     assert unsigned.exit_code == 0 and INTEGRITY_ONLY in unsigned.output, unsigned.output
@@ -305,7 +310,7 @@ def test_resealing_drops_a_stale_signature(signed):
                            std=norm["std"], value_range=norm["value_range"], channel_order=norm["channel_order"],
                            num_classes=m["classes"]["count"], source=m["teacher"]["source"],
                            format=m["teacher"]["format"])
-    seal_bundle(staged, spec=spec, validation=m["validation"], seed=m["seed"])
+    seal_bundle(staged, spec=spec, validation=m["validation"], seed=m["seed"], runtimes=m.get("runtimes"))
     assert not (signed / "manifest.sig").exists()
     assert _cli("bundle", "verify", signed).exit_code == 0
 
