@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     from dfkd_deploy.core.io import write_json
     from dfkd_deploy.distill.trainer import seed_everything
     from dfkd_deploy.recipe import TeacherOptions, load_recipe
-    from dfkd_deploy.models.derived import build as derive
+    from dfkd_deploy.students import build as derive
     from dfkd_deploy.run import derivation_images
     from dfkd_deploy import load_teacher
     from dfkd_deploy.validate.data import load_eval_data, to_pixels

@@ -22,7 +22,7 @@ from dfkd_deploy.report.provenance import label_measurements, measured_on_markdo
 from dfkd_deploy.report.report import get_path
 from dfkd_deploy.validate.gallery import GALLERY_FILE, confusion, write_gallery
 from dfkd_deploy.distill.trainer import DistillResult
-from dfkd_deploy.models.student_file import save_student
+from dfkd_deploy.students.student_file import save_student
 from dfkd_deploy.report.manifest import write_manifest
 from dfkd_deploy.deploy.results import RunFigures
 from dfkd_deploy.deploy.stage import DeployOptions, run_deployment
@@ -57,7 +57,7 @@ class CompressResult:
 def build_student(recipe: Recipe, teacher: Teacher, *, device: torch.device | str = "cpu",
                   announce: bool = False, synthesize: bool = True, measure_latency: bool = False,
                   show_progress: bool = True) -> nn.Module:
-    """The recipe's student (``student.init``/``arch``/``target``; see :mod:`dfkd_deploy.models.derived`).
+    """The recipe's student (``student.init``/``arch``/``target``; see :mod:`dfkd_deploy.students`).
 
     The module carries its ``student.arch`` label, its architecture description (derived students,
     for student.pt) and its size figures and warnings (report.json ``student.*``) as attributes.
@@ -66,8 +66,8 @@ def build_student(recipe: Recipe, teacher: Teacher, *, device: torch.device | st
     dry run) skips what needs synthesized images (BN recalibration, Taylor importance). Latency is
     measured (ORT CPU, for the size warnings) with ``measure_latency``, or where a choice needs it
     (no arch given, a latency target)."""
-    from dfkd_deploy.models.derived import build as derive
-    from dfkd_deploy.models.student_file import ARCH_ATTR, DERIVED_ATTR
+    from dfkd_deploy.students import build as derive
+    from dfkd_deploy.students.student_file import ARCH_ATTR, DERIVED_ATTR
 
     c, h, w = teacher.spec.input_shape
     k = teacher.spec.num_classes

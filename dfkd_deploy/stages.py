@@ -13,7 +13,7 @@ from dfkd_deploy.rundir import prepare_run_dir, release_run_dir
 from dfkd_deploy.core.device import resolve_device
 from dfkd_deploy.distill.trainer import seed_everything
 from dfkd_deploy.core.errors import UsageError
-from dfkd_deploy.models.student_file import load_student, save_student
+from dfkd_deploy.students.student_file import load_student, save_student
 from dfkd_deploy.core.progress import task, warn
 from dfkd_deploy.recipe import Recipe
 from dfkd_deploy.runtime.onnxruntime import OrtRunner

@@ -10,7 +10,7 @@ from dfkd_deploy.distill.trainer import Distiller, seed_everything
 from dfkd_deploy.core.errors import RecipeError
 from dfkd_deploy.models import build_model
 from dfkd_deploy.models.heads import attach_mlp_head, head_config, head_name, penultimate_features
-from dfkd_deploy.models.student_file import load_student, save_student
+from dfkd_deploy.students.student_file import load_student, save_student
 from dfkd_deploy.recipe import load_recipe
 from dfkd_deploy.synthesis.pool import ImagePool
 

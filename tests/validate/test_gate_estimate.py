@@ -45,7 +45,7 @@ def test_baseline_from_report_carries_the_estimate(tmp_path):
 
 @pytest.fixture(scope="module")
 def student_and_recipe(digits_teacher, tmp_path_factory):
-    from dfkd_deploy.models.student_file import save_student
+    from dfkd_deploy.students.student_file import save_student
     from dfkd_deploy.run import build_student
 
     recipe = quick_recipe()

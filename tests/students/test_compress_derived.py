@@ -10,7 +10,7 @@ import torch
 @pytest.mark.slow
 def test_compress_with_a_pruned_student(tmp_path, digits_teacher_onnx, digits_eval_npz):
     from dfkd_deploy import stages
-    from dfkd_deploy.models.student_file import load_student
+    from dfkd_deploy.students.student_file import load_student
     from dfkd_deploy.run import compress
     from tests.conftest import quick_recipe
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dfkd_deploy.models.derived import build
-from dfkd_deploy.models.student_file import ARCH_ATTR, DERIVED_ATTR, load_student, save_student
+from dfkd_deploy.students import build
+from dfkd_deploy.students.student_file import ARCH_ATTR, DERIVED_ATTR, load_student, save_student
 from dfkd_deploy.recipe import load_recipe
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dfkd_deploy.models.derived import build
-from dfkd_deploy.models.derived.prune import PruneError, check_forward
-from dfkd_deploy.models.derived.targets import count_params
+from dfkd_deploy.students import build
+from dfkd_deploy.students.prune import PruneError, check_forward
+from dfkd_deploy.students.targets import count_params
 from dfkd_deploy.recipe import load_recipe
 
 

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from dfkd_deploy.core.errors import UsageError
-from dfkd_deploy.models.derived import architecture, depth, prune
+from dfkd_deploy.students import architecture, depth, prune
 from dfkd_deploy.core.units import Target, parse_target
-from dfkd_deploy.models.derived.targets import (DEFAULT_FRACTION, SizeFigures, measure, meets, ratios,
+from dfkd_deploy.students.targets import (DEFAULT_FRACTION, SizeFigures, measure, meets, ratios,
                                                 size_warnings, teacher_figures, worst_latency_ratio)
 
 # Scratch candidates for the default choice and for targets, from the zoo (small to large).
@@ -117,7 +117,7 @@ def _buildable(arch: str, spec) -> nn.Module | None:
 def choose_arch(candidates, spec, t_fig: SizeFigures, wanted: list[Target], measure_latency: bool) -> str | None:
     """The largest candidate (by parameters) meeting every target in ``wanted``; params and MACs are
     checked first (cheap), latency is measured only on the survivors, largest first."""
-    from dfkd_deploy.models.derived.targets import count_macs, count_params
+    from dfkd_deploy.students.targets import count_macs, count_params
 
     fits = []
     for arch in candidates:
@@ -138,7 +138,7 @@ def choose_arch(candidates, spec, t_fig: SizeFigures, wanted: list[Target], meas
 
 
 def _smallest(candidates, spec) -> str:
-    from dfkd_deploy.models.derived.targets import count_params
+    from dfkd_deploy.students.targets import count_params
 
     sizes = [(count_params(m), a) for a in candidates if (m := _buildable(a, spec)) is not None]
     return min(sizes)[1]

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dfkd_deploy.models.derived import build
-from dfkd_deploy.models.derived.depth import block_map, choose_blocks, recalibrate_bn, shallower
+from dfkd_deploy.students import build
+from dfkd_deploy.students.depth import block_map, choose_blocks, recalibrate_bn, shallower
 from dfkd_deploy.recipe import load_recipe
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from dfkd_deploy.core.errors import UsageError
 from dfkd_deploy.core.units import Target
-from dfkd_deploy.models.derived.targets import count_macs, count_params
+from dfkd_deploy.students.targets import count_macs, count_params
 
 IMPORTANCES = ("magnitude", "bn_scale", "taylor")
 SEARCH_STEPS = 9            # bisection steps on the channel ratio (2^-9 of the range)

@@ -2,7 +2,7 @@
 
 Zoo students are rebuilt from their architecture name; students derived from the teacher
 (pruned, or a depth student of a non-zoo shape) from the architecture description attached to the
-module by :mod:`dfkd_deploy.models.derived` (``module.dfkd_derived``): plain data and tensors, so
+module by :mod:`dfkd_deploy.students` (``module.dfkd_derived``): plain data and tensors, so
 the file loads with ``weights_only=True`` and unpickles no code.
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ def rebuild_student(blob: dict) -> nn.Module:
     """The architecture a student blob names, with its head, weights as built."""
     c, h, w = blob["input_shape"]
     if blob.get("derived") is not None:
-        from dfkd_deploy.models.derived.architecture import rebuild
+        from dfkd_deploy.students.architecture import rebuild
 
         model = rebuild(blob["derived"], num_classes=blob["num_classes"], input_shape=(c, h, w))
     else:

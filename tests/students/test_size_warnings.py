@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dfkd_deploy.core.units import Target, parse_target
-from dfkd_deploy.models.derived.targets import meets, size_warnings
+from dfkd_deploy.students.targets import meets, size_warnings
 
 
 @pytest.fixture(scope="module")
