@@ -55,11 +55,16 @@ def test_exit_2_usage_errors(deploy_run, quick_recipe_file, tmp_path, args):
 
 
 def test_run_gate_baseline_units(tmp_path):
-    m = {"probe_agreement": 0.80, "eval_agreement": None, "student_accuracy": None}
-    checks = gate.run_gate(m, min_agreement=0.85, baseline={"probe_agreement": 0.83}, max_drop=2.0)
+    # No eval data: --min-agreement holds the estimate's lower bound, never raw probe agreement;
+    # a baseline compares estimate with estimate.
+    m = {"probe_agreement": 0.95, "estimated_agreement": 0.80, "estimated_agreement_low": 0.70,
+         "estimated_agreement_high": 0.90, "eval_agreement": None, "student_accuracy": None}
+    checks = gate.run_gate(m, min_agreement=0.75, baseline={"estimated_agreement": 0.83}, max_drop=2.0)
     assert [c.passed for c in checks] == [False, False]
-    assert "by 5.00 pts" in checks[0].message and "drop 3.00 pts" in checks[1].message
-    assert gate.run_gate(m, baseline={"probe_agreement": 0.81}, max_drop=2.0)[0].passed
+    assert checks[0].metric == "estimated_agreement_low" and "by 5.00 pts" in checks[0].message
+    assert "drop 3.00 pts" in checks[1].message
+    assert gate.run_gate(m, min_agreement=0.65)[0].passed
+    assert gate.run_gate(m, baseline={"estimated_agreement": 0.81}, max_drop=2.0)[0].passed
     with pytest.raises(DataError):   # nothing comparable
         gate.run_gate(m, baseline={"student_accuracy": 0.9}, max_drop=1.0)
     with pytest.raises(UsageError):
