@@ -49,6 +49,9 @@ def demo_recipe() -> Recipe:
         "distillation": {"epochs": 60, "warmup": 5, "kd_steps": 20, "batch_size": 128, "lr": 0.05,
                          "temperature": 4.0},
         "validation": {"probe_images": 256},
+        # The demo shows the pipeline in minutes: ONNX, INT8 and the bundle; the OpenVINO/ExecuTorch
+        # builds (tens of seconds where installed) are for real runs (deploy.edge_runtimes).
+        "deploy": {"edge_runtimes": []},
         "seed": 0,
     })
 
