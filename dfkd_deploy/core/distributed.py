@@ -123,12 +123,12 @@ class DistContext:
                 outcome = (True, fn())
             except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
                 error = exc
-                outcome = (False, _portable(exc))
+                outcome = (False, _portable(exc))   # plain strings: nothing to unpickle but text
         ok, value = self.broadcast(outcome)
         if error is not None:
             raise error
         if not ok:
-            raise value
+            raise _rebuilt(*value)
         return value
 
 
@@ -139,15 +139,23 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _portable(exc: BaseException) -> BaseException:
-    """An exception that survives pickling (the other ranks re-raise it)."""
-    import pickle
+def _portable(exc: BaseException) -> tuple[str, str]:
+    """Rank 0's error as plain data (its class name and message) for the other ranks."""
+    return type(exc).__name__, str(exc)
 
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:  # noqa: BLE001
-        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+def _rebuilt(name: str, message: str) -> BaseException:
+    """The error a rank re-raises: the same one-line error class of ours (so the exit code is the
+    same on every rank), anything else as a RuntimeError naming its type."""
+    from dfkd_deploy.core.errors import DfkdError
+
+    pending, ours = [DfkdError], {}
+    while pending:
+        cls = pending.pop()
+        ours[cls.__name__] = cls
+        pending += cls.__subclasses__()
+    cls = ours.get(name)
+    return cls(message) if cls is not None else RuntimeError(f"{name}: {message}")
 
 
 def to_cpu(obj: Any) -> Any:
