@@ -27,7 +27,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SHARED = REPO.parent / "shared" if (REPO.parent / "shared").is_dir() else Path("/work/shared")
+SHARED = Path(os.environ.get("DFKD_SHARED") or REPO.parent / "shared")   # ../shared beside the checkout
 RESULTS = REPO / "benchmarks" / "results"
 EVAL_IMAGES = 2000
 CIFAR_OVERRIDES = {"teacher.arch": "cifar_resnet56", "distillation.epochs": 4, "distillation.warmup": 1,
