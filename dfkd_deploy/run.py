@@ -94,18 +94,14 @@ def build_student(recipe: Recipe, teacher: Teacher, *, device: torch.device | st
 def derivation_images(teacher: Teacher, recipe: Recipe, device, count: int) -> torch.Tensor:
     """``count`` synthesized model-space images from a fresh synthesizer (a derived student's BN
     recalibration and Taylor importance), in rounds of synthesis.batch_size; never part of the run's pool."""
-    synth = make_synthesizer(teacher, recipe, torch.device(device))
     norm = teacher.normalizer().to(device)
     out, made = [], 0
-    try:
+    # its hooks leave the teacher afterwards (the run's own synthesizer adds its own)
+    with make_synthesizer(teacher, recipe, torch.device(device)) as synth:
         while made < count:
             images, _ = synth.synthesize(None)
             out.append(norm(images.to(device)).detach().cpu())
             made += images.shape[0]
-    finally:   # this synthesizer's hooks leave the teacher (the run's own synthesizer adds its own)
-        for hooks in (synth.loss.bn_stats, getattr(synth.loss, "features", None)):
-            if hooks is not None:
-                hooks.remove()
     return torch.cat(out)[:count]
 
 

@@ -32,9 +32,9 @@ def calibrate(teacher, recipe, student, device, *, eval_images: int = 0) -> Cost
 
     s, d = recipe.synthesis, recipe.distillation
     student = copy.deepcopy(student).to(device)
-    synth = make_synthesizer(teacher, recipe, device)
-    round_s = _timed(lambda: synth.synthesize(student, adversarial=True))
-    images, _ = synth.synthesize(None, adversarial=False, meta_update=False, batch_size=min(s.batch_size, 8))
+    with make_synthesizer(teacher, recipe, device) as synth:   # its hooks leave the teacher afterwards
+        round_s = _timed(lambda: synth.synthesize(student, adversarial=True))
+        images, _ = synth.synthesize(None, adversarial=False, meta_update=False, batch_size=min(s.batch_size, 8))
     norm = teacher.normalizer().to(device)
     pixels = images.repeat(math.ceil(d.batch_size / len(images)), 1, 1, 1)[:d.batch_size].to(device)
     opt = torch.optim.SGD(student.parameters(), lr=1e-6)

@@ -95,6 +95,17 @@ class Synthesizer:
     def bn_stats(self):
         return self.loss.bn_stats
 
+    def close(self) -> None:
+        """Take this synthesizer's hooks off the teacher (a synthesizer made for a side job, e.g.
+        probes or a calibration, must not leave them on the run's teacher)."""
+        self.loss.remove()
+
+    def __enter__(self) -> "Synthesizer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def reset_l0(self) -> None:
         """Re-initialise the generator's input layers (FastDFKD); nothing to do without a generator.
         Under torch.distributed every rank then takes rank 0's fresh weights."""

@@ -439,6 +439,12 @@ class InversionLoss:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def remove(self) -> None:
+        """Take every hook this loss put on the teacher off again (BN statistics, features)."""
+        self.bn_stats.remove()
+        if self.features is not None:
+            self.features.remove()
+
     def __call__(self, pixels: torch.Tensor, targets: torch.Tensor, student: nn.Module | None = None) -> LossTerms:
         o, w = self.opts, self.priors
         x = self._model_input(pixels)

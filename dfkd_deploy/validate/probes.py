@@ -81,10 +81,11 @@ def fresh_generator(teacher, synthesis_options, device, *, seed: int, count: int
     opts = synthesis_options.model_copy(update={"method": "fastdfkd", "adv": 0.0})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + seed_offset)
-        synth = build_synthesizer("fastdfkd", teacher, opts, device, Priors.for_teacher(teacher.spec, opts.priors))
-        for _ in range(rounds):
-            synth.synthesize(None, adversarial=False)
-        pixels = _sample(synth, count, opts.batch_size)
+        with build_synthesizer("fastdfkd", teacher, opts, device,
+                               Priors.for_teacher(teacher.spec, opts.priors)) as synth:
+            for _ in range(rounds):
+                synth.synthesize(None, adversarial=False)
+            pixels = _sample(synth, count, opts.batch_size)
     return ProbeSource("fresh", pixels,
                        f"fresh FastDFKD generator (seed +{seed_offset}, {rounds} rounds, no adversarial term)",
                        {"rounds": rounds})
@@ -98,9 +99,9 @@ def deepinversion(teacher, synthesis_options, device, *, seed: int, count: int =
                                                 "lr_g": lr, "bn_mmt": 0.0})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + seed_offset)
-        synth = build_synthesizer("deepinversion", teacher, opts, device,
-                                  Priors.for_teacher(teacher.spec, opts.priors))
-        pixels = _sample(synth, count, opts.batch_size)
+        with build_synthesizer("deepinversion", teacher, opts, device,
+                               Priors.for_teacher(teacher.spec, opts.priors)) as synth:
+            pixels = _sample(synth, count, opts.batch_size)
     return ProbeSource("deepinversion", pixels,
                        f"DeepInversion from noise ({steps} steps, lr {lr:g})", {"steps": steps})
 

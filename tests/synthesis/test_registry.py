@@ -81,3 +81,19 @@ def test_priors_for_teacher_follow_its_bn_statistics(digits_teacher):
     assert auto.weights == BN_FREE_PRIORS and not auto.explicit_activation
     assert auto.active() == {k: v for k, v in BN_FREE_PRIORS.items() if v}
     assert Priors.for_teacher(bn_free, PriorOptions(activation=0.0)).explicit_activation
+
+
+def test_a_closed_synthesizer_leaves_no_hook_on_the_teacher(digits_teacher):
+    """Side-job synthesizers (probes, calibration, derived students' images) must not leave their
+    BN-statistics and feature hooks on the run's teacher."""
+    from dfkd_deploy.synthesis import make_synthesizer
+
+    def hooks(module):
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+    before = hooks(digits_teacher.module)
+    recipe = quick_recipe(**{"synthesis.priors.activation": 0.1})   # the feature hook too
+    with make_synthesizer(digits_teacher, recipe, "cpu") as synth:
+        assert hooks(digits_teacher.module) > before
+        synth.synthesize(None)
+    assert hooks(digits_teacher.module) == before
