@@ -3,7 +3,8 @@ top-1 agreement with the torch student and real accuracy, per back end and preci
 
     python benchmarks/edge_runtimes.py                 # digits + CIFAR (needs ../shared)
     python benchmarks/edge_runtimes.py --skip-cifar
-    python benchmarks/edge_runtimes.py --ort-study     # also: why ORT int8 is (not) faster
+    python benchmarks/edge_runtimes.py --cifar-run runs/time_to_accuracy/cifar10-resnet56-state_dict-prune-30m
+                                                       # the CIFAR rows only, from a finished run's bundle
 
 Students: the demo's digits student (demo recipe) and a cifar_resnet20 distilled briefly from
 ../shared/teachers/cifar10-resnet56.th (recipes/tiny.yaml with fewer epochs: a CPU budget, so its
@@ -128,6 +129,22 @@ def cifar(tmp: Path, **kw) -> dict:
             "eval": f"{EVAL_IMAGES} images drawn at random (seed 0) from cifar10-test-jpeg.npz", **out}
 
 
+def cifar_from_run(run_dir: Path, **kw) -> dict:
+    """The CIFAR rows from a finished ``compress`` run's bundle (e.g. a time_to_accuracy run)."""
+    from dfkd_deploy import load_eval_data, load_teacher, load_recipe
+
+    report = json.loads((run_dir / "report.json").read_text())
+    recipe = load_recipe(None, {"teacher.arch": "cifar_resnet56"})
+    spec = load_teacher(SHARED / "teachers" / "cifar10-resnet56.th", recipe.teacher).spec
+    part = load_eval_data(SHARED / "data" / "cifar10-test-jpeg.npz", input_shape=spec.input_shape,
+                          num_classes=spec.num_classes).subset(EVAL_IMAGES)
+    out = measure(run_dir, part.images, part.labels, spec, **kw)
+    s = report["student"]
+    return {"student": f"{s['arch']} ({s.get('init', 'scratch')}, {s['params']:,} params) from cifar10-resnet56.th, "
+                       f"the run {run_dir.name} (budget {(report.get('budget') or {}).get('requested_s')} s)",
+            "eval": f"{EVAL_IMAGES} images drawn at random (seed 0) from cifar10-test-jpeg.npz", **out}
+
+
 def markdown(results: dict) -> str:
     lines = ["# Edge runtimes", "", f"Machine: {results['machine']}.", ""]
     for key, r in results["students"].items():
@@ -152,6 +169,8 @@ def markdown(results: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-cifar", action="store_true")
+    ap.add_argument("--cifar-run", help="measure this finished compress run (CIFAR-10 teacher) as the CIFAR student; "
+                                        "the digits rows already in the results are kept")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
@@ -162,6 +181,14 @@ def main() -> None:
                "timing": f"median of {args.rounds} alternating rounds, each the median of {args.repeats} runs "
                          "after 3 warm-up runs; same process", "students": {}}
     kw = dict(rounds=args.rounds, repeats=args.repeats)
+    if args.cifar_run:
+        old = json.loads((RESULTS / "edge_runtimes.json").read_text())
+        results["students"] = {"digits": old["students"]["digits"],
+                               "cifar10": cifar_from_run(Path(args.cifar_run), **kw)}
+        (RESULTS / "edge_runtimes.json").write_text(json.dumps(results, indent=1) + "\n")
+        (RESULTS / "edge_runtimes.md").write_text(markdown(results))
+        print(markdown(results))
+        return
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
         results["students"]["digits"] = digits(Path(tmp), **kw)
         have = (SHARED / "teachers" / "cifar10-resnet56.th").is_file()

@@ -344,12 +344,16 @@ def export_teacher(teacher, teacher_arch, trust_pickle, recipe_path, sets, out, 
 @click.option("--min-agreement", type=click.FloatRange(0, 1), help="fail (exit 1) below this top-1 agreement "
               "with the teacher: on --eval-data when given, else the LOWER bound of the data-free estimate's "
               "interval, e.g. 0.9")
-@click.option("--min-accuracy", type=click.FloatRange(0, 1), help="fail below this student accuracy on --eval-data")
+@click.option("--min-accuracy", type=click.FloatRange(0, 1), help="fail below this student accuracy on --eval-data "
+              "(without it: below the lower bound of the estimated accuracy, which needs --teacher-accuracy)")
+@click.option("--teacher-accuracy", type=click.FloatRange(0, 1), help="the teacher's own real top-1 (e.g. from its "
+              "model card; = --set teacher.accuracy=...): without --eval-data the student's accuracy is then "
+              "estimated too")
 @click.option("--baseline", type=click.Path(dir_okay=False), help="an earlier report.json or `validate --json` output")
 @click.option("--max-drop", type=click.FloatRange(min=0), help="points the figures may drop against --baseline")
 @click.option("--junit", type=click.Path(dir_okay=False), help="write JUnit XML, one testcase per threshold")
 def validate(student, teacher, teacher_arch, trust_pickle, recipe_path, sets, eval_data, probes, probe_data, seed,
-             as_json, min_agreement, min_accuracy, baseline, max_drop, junit):
+             as_json, min_agreement, min_accuracy, teacher_accuracy, baseline, max_drop, junit):
     """Compare STUDENT (student.pt or .onnx) with the teacher on synthetic probes and real data.
 
     With thresholds this is a CI gate: exit 0 when every threshold holds, 1 when one fails,
@@ -360,8 +364,11 @@ def validate(student, teacher, teacher_arch, trust_pickle, recipe_path, sets, ev
     from dfkd_deploy.core.errors import DfkdError
 
     try:   # input errors still leave a JUnit file behind, so CI shows why the gate did not run
-        gate.check_options(eval_data=eval_data, min_accuracy=min_accuracy, baseline=baseline, max_drop=max_drop)
+        if teacher_accuracy is not None:
+            sets = tuple(sets) + (f"teacher.accuracy={teacher_accuracy}",)
         recipe = _recipe(recipe_path, sets, teacher_arch, seed)
+        gate.check_options(eval_data=eval_data, min_accuracy=min_accuracy, baseline=baseline, max_drop=max_drop,
+                           teacher_accuracy=recipe.teacher.accuracy)
         metrics = stages.validate(student, teacher, recipe, eval_data=eval_data, probes=probes,
                                   probe_data=probe_data, trust_pickle=trust_pickle)
         checks = gate.run_gate(metrics, min_agreement=min_agreement, min_accuracy=min_accuracy,
@@ -381,6 +388,10 @@ def validate(student, teacher, teacher_arch, trust_pickle, recipe_path, sets, ev
                        f"({100 * metrics['estimate_coverage']:.0f}% interval "
                        f"{100 * metrics['estimated_agreement_low']:.1f}%..{100 * metrics['estimated_agreement_high']:.1f}%); "
                        f"based on: {metrics['estimate_based_on']}. Raw probe agreement is not real agreement.")
+        if metrics.get("estimated_accuracy") is not None:
+            click.echo(f"estimated real accuracy {100 * metrics['estimated_accuracy']:.1f}% (bounds "
+                       f"{100 * metrics['estimated_accuracy_low']:.1f}%..{100 * metrics['estimated_accuracy_high']:.1f}% "
+                       f"over the agreement interval); based on: {metrics['estimated_accuracy_based_on']}")
         for c in checks:
             click.echo(f"{'PASS' if c.passed else 'FAIL'} {c.name}: {c.message}")
     failed = [c for c in checks if not c.passed]

@@ -41,6 +41,7 @@ class TeacherOptions(_Strict):
     std: Optional[list[float]] = Field(None, description="per-channel std the teacher expects (null: file metadata, else none)")
     value_range: Optional[float] = Field(None, gt=0, description="pixel maximum before normalisation: 1 or 255 (null: metadata, the graph's own normalisation, a uint8 input, else 1)")
     channel_order: Optional[Literal["RGB", "BGR"]] = Field(None, description="colour order the teacher expects (null: detected from a caffe-style mean, else RGB)")
+    accuracy: Optional[float] = Field(None, ge=0, le=1, description="the teacher's own top-1 on real data as its owner measured it (e.g. its model card): without eval data, validate then estimates the student's accuracy too, and --min-accuracy gates on that estimate's lower bound")
     parity_tolerance: float = Field(1e-3, gt=0, description="max abs diff allowed between converted teacher and onnxruntime")
     int8_activations: Literal["fake_quant", "float"] = Field("fake_quant", description="int8 ONNX teachers: activations fake-quantized at the file's scales (straight-through rounding) or float (clamped to the same ranges)")
     int8_min_agreement: float = Field(0.25, gt=0, le=1, description="int8 ONNX teachers: least top-1 agreement with onnxruntime running the int8 file on random probes and smooth images (replaces parity_tolerance; low because onnxruntime saturates u8s8 products on AVX2 CPUs without VNNI)")
@@ -134,6 +135,7 @@ class PriorOptions(_Strict):
     l2: Optional[float] = Field(None, ge=0, description="mean square of the normalised (model-space) pixels")
     entropy: Optional[float] = Field(None, ge=0, description="DAFL information entropy: log K - H(mean teacher prediction of the batch)")
     activation: Optional[float] = Field(None, ge=0, description="DAFL activation: -mean |penultimate teacher feature| (input of the last Linear/Gemm)")
+    ranges: Optional[float] = Field(None, ge=0, description="int8 teachers: keep every quantized activation inside the range the file records and make the batch reach its top (auto: dfkd_deploy.synthesis.priors.RANGE_PRIOR_AUTO for a quantized teacher, else 0)")
 
 
 # What ``method: deepinversion`` means for keys a recipe leaves out: the paper's DeepInversion-2k

@@ -356,9 +356,17 @@ def estimated_agreement_section(teacher: Teacher, student: nn.Module, recipe: Re
                              budget=ProbeBudget.for_probes(recipe.validation.probe_images), show_progress=show_progress)
     interval = ([est["estimated_agreement_low"], est["estimated_agreement_high"]]
                 if est.get("estimated_agreement") is not None else None)
-    return {"estimated_real": est.get("estimated_agreement"), "interval": interval,
-            "interval_coverage": est.get("estimate_coverage"), "estimate_based_on": est.get("estimate_based_on"),
-            "probe_sources": est["probe_sources"]}
+    out = {"estimated_real": est.get("estimated_agreement"), "interval": interval,
+           "interval_coverage": est.get("estimate_coverage"), "estimate_based_on": est.get("estimate_based_on"),
+           "probe_sources": est["probe_sources"]}
+    if interval is not None and recipe.teacher.accuracy is not None:   # the teacher's own figure, from its owner
+        from dfkd_deploy.validate.estimate import estimate_accuracy
+
+        acc = estimate_accuracy(recipe.teacher.accuracy, out["estimated_real"], *interval, teacher.spec.num_classes)
+        out["estimated_accuracy"] = {"value": acc["estimated_accuracy"],
+                                     "bounds": [acc["estimated_accuracy_low"], acc["estimated_accuracy_high"]],
+                                     "based_on": acc["estimated_accuracy_based_on"]}
+    return out
 
 
 # Float copies of the eval images (the back-end comparison holds them all at once) stay under this.

@@ -122,6 +122,12 @@ def validate(student_path, teacher_path, recipe: Recipe, *, eval_data=None, prob
         out.update(estimate_agreement(teacher, student_logits, recipe.synthesis, dev, seed=recipe.seed,
                                       held_out=(probe_pixels, t), probe_data=probe_data, estimator=estimator,
                                       budget=ProbeBudget.for_probes(probes), show_progress=show_progress))
+        if recipe.teacher.accuracy is not None and out.get("estimated_agreement") is not None:
+            from dfkd_deploy.validate.estimate import estimate_accuracy
+
+            out.update(estimate_accuracy(recipe.teacher.accuracy, out["estimated_agreement"],
+                                         out["estimated_agreement_low"], out["estimated_agreement_high"],
+                                         teacher.spec.num_classes))
     if eval_data is not None:
         data = load_eval_data(eval_data, input_shape=teacher.spec.input_shape, num_classes=teacher.spec.num_classes,
                               channel_order=teacher.spec.channel_order)

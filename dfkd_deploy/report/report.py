@@ -42,6 +42,11 @@ def _estimate_rows(g) -> list[tuple[str, str]]:
     cov = g("agreement.interval_coverage")
     rows = [("Real data, estimated without it", f"{_pct(g('agreement.estimated_real'))} "
              f"({f'{100 * float(cov):.0f}% ' if cov is not None else ''}interval {_pct(lo)} to {_pct(hi)})")]
+    acc = g("agreement.estimated_accuracy")
+    if acc:
+        lo, hi = acc.get("bounds") or (None, None)
+        rows.append(("Student accuracy, estimated without data", f"{_pct(acc.get('value'))} (bounds {_pct(lo)} to "
+                     f"{_pct(hi)}; from the teacher's own top-1 and the agreement interval)"))
     for name, src in (g("agreement.probe_sources") or {}).items():
         if name != "held_out":
             rows.append((f"Independent probes: {name}", f"{_pct(src.get('agreement'))} ({_count(src.get('images'))} images)"))

@@ -78,7 +78,8 @@ class Synthesizer:
         self.loss = InversionLoss(self.teacher, self.normalizer, opts, priors.weights,
                                   use_bn_statistics=use_bn_statistics, autocast=self.autocast,
                                   channels_last=self.channels_last,
-                                  explicit_activation=priors.explicit_activation)
+                                  explicit_activation=priors.explicit_activation,
+                                  explicit_ranges=priors.explicit_ranges)
         self._setup()
 
     def set_rank_sync(self, meta_grad_sync: Callable[[Iterable[nn.Parameter]], None],

@@ -23,6 +23,14 @@ Priors that need no BN statistics (for fused or BN-free teachers; weights in ``s
 - ``activation_l1``: -mean |f| of the teacher's penultimate features, the input of its last
   Linear/Gemm/MatMul (DAFL's activation term), captured by :class:`PenultimateFeatures`.
 
+A prior for int8 teachers, whose quantized activations carry the range calibration saw:
+
+- ``ranges``: :class:`ActivationRanges` hooks the surrogate's FakeQuant modules; per quantized
+  activation, the mean excess outside [qmin, qmax] plus the squared gap between the batch's
+  largest value and qmax (and its smallest and qmin, for a signed range), both in units of the
+  range's span, averaged over the activations. Real data reached those ends when the file was
+  calibrated; synthetic batches that do not, or overshoot, are told so.
+
 :class:`InversionLoss` puts them together: pixels -> augmentation -> teacher (and student) ->
 the weighted sum. Both synthesizers call it, so there is one implementation of every term.
 """
@@ -384,6 +392,60 @@ class PenultimateFeatures:
         self.handles = []
 
 
+class ActivationRanges:
+    """The range prior of an int8 teacher: forward pre-hooks on its FakeQuant modules (the
+    quantized activations of :mod:`dfkd_deploy.teachers.quantized`), each input measured in
+    integer units q = x / scale + zero_point. ``available`` is False when there are none."""
+
+    def __init__(self, teacher: nn.Module):
+        self.active = False
+        self.terms: list[torch.Tensor] = []
+        self.handles = []
+        for m in teacher.modules():
+            if type(m).__name__ == "FakeQuant" and hasattr(m, "qmax"):
+                try:
+                    self.handles.append(m.register_forward_pre_hook(self._hook))
+                except Exception:  # noqa: BLE001 - script modules refuse hooks: the term is unavailable
+                    self.remove()
+                    break
+        self.available = bool(self.handles)
+
+    def _hook(self, module, args):
+        if not (self.active and args and isinstance(args[0], torch.Tensor)):
+            return
+        x = args[0].float()
+        scale, zp = module.scale.float(), module.zero_point.float()
+        if scale.ndim and module.axis is not None:
+            shape = [1] * x.ndim
+            shape[module.axis % x.ndim] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        q = x / scale + zp
+        qmin, qmax = float(module.qmin), float(module.qmax)
+        span = max(qmax - qmin, 1.0)
+        outside = (F.relu(q - qmax) + F.relu(qmin - q)).mean() / span
+        reach = (F.relu(qmax - q.amax()) / span) ** 2
+        if float(zp.min()) > qmin:          # a signed range: the batch should reach its bottom too
+            reach = reach + (F.relu(q.amin() - qmin) / span) ** 2
+        self.terms.append(outside + reach)
+
+    @contextmanager
+    def capture(self) -> Iterator[None]:
+        self.terms = []
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+
+    def loss(self) -> Optional[torch.Tensor]:
+        return torch.stack(self.terms).mean() if self.terms else None
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
 # --------------------------------------------------------------------------- the total
 
 
@@ -401,7 +463,7 @@ class InversionLoss:
     """The objective every synthesis step minimises, for a batch of pixel-space images:
 
     bn * BN statistics + oh * CE(T(x), y) + adv * masked-KL adversarial term
-    + tv * TV + l2 * L2 + entropy * (log K - H) + activation * (-mean |f|)
+    + tv * TV + l2 * L2 + entropy * (log K - H) + activation * (-mean |f|) + ranges * R
 
     where x is the augmented (crop + flip) and normalised batch. ``autocast`` is the context the
     teacher and student run in (bf16 autocast or none); every loss term is computed in fp32.
@@ -409,7 +471,7 @@ class InversionLoss:
 
     def __init__(self, teacher: nn.Module, normalizer: nn.Module, opts, priors: dict[str, float],
                  use_bn_statistics: bool = True, autocast=nullcontext, channels_last: bool = False,
-                 explicit_activation: bool = False):
+                 explicit_activation: bool = False, explicit_ranges: bool = False):
         self.teacher = teacher
         self.normalizer = normalizer
         self.opts = opts
@@ -431,6 +493,16 @@ class InversionLoss:
                 self.priors["activation"] = 0.0
                 self.features = None
                 self.notes.append("activation prior off: no hookable classifier layer in the teacher")
+        self.ranges: Optional[ActivationRanges] = None
+        if self.priors.get("ranges", 0) > 0:
+            self.ranges = ActivationRanges(teacher)
+            if not self.ranges.available:
+                if explicit_ranges:
+                    raise UsageError("synthesis.priors.ranges needs an int8 teacher's quantized activations, and this "
+                                     "teacher has none (or they refuse hooks); set it to 0")
+                self.priors["ranges"] = 0.0
+                self.ranges = None
+                self.notes.append("range prior off: the teacher has no quantized activations")
 
     def _model_input(self, pixels: torch.Tensor) -> torch.Tensor:
         a = self.opts.augment
@@ -444,12 +516,15 @@ class InversionLoss:
         self.bn_stats.remove()
         if self.features is not None:
             self.features.remove()
+        if self.ranges is not None:
+            self.ranges.remove()
 
     def __call__(self, pixels: torch.Tensor, targets: torch.Tensor, student: nn.Module | None = None) -> LossTerms:
         o, w = self.opts, self.priors
         x = self._model_input(pixels)
         feats = self.features.capture() if self.features is not None else nullcontext()
-        with self.autocast(), self.bn_stats.capture(), feats:
+        ranges = self.ranges.capture() if self.ranges is not None else nullcontext()
+        with self.autocast(), self.bn_stats.capture(), feats, ranges:
             t_out = self.teacher(x)
             s_out = student(x) if student is not None else None
         t_out = t_out.float()
@@ -468,5 +543,9 @@ class InversionLoss:
             f = self.features.features()
             if f is not None:
                 prior = prior + w["activation"] * activation_l1(f)
+        if self.ranges is not None:
+            r = self.ranges.loss()
+            if r is not None:
+                prior = prior + w["ranges"] * r
         total = o.bn * loss_bn + o.oh * loss_ce + o.adv * loss_adv + prior
         return LossTerms(total, loss_bn, loss_ce, loss_adv, prior, t_out)

@@ -19,15 +19,27 @@ from dataclasses import dataclass
 # on both seeds (BN loss against the BN-kept teacher 799/788 vs 849/891), and adding the DAFL
 # terms lowered the student on both seeds (14.3/13.2 vs 15.0/14.2 %).
 BN_FREE_PRIORS = {"tv": 0.5, "l2": 0.01, "entropy": 0.0, "activation": 0.0}
-PRIOR_NAMES = tuple(BN_FREE_PRIORS)
+# The activation-range prior of int8 teachers (keep every quantized activation inside the range the
+# file records, and make the batch reach its top): its weight when a recipe leaves
+# synthesis.priors.ranges null and the teacher has quantized activations. Chosen by
+# benchmarks/int8_teacher_study.py (docs/teachers.md has the figures).
+RANGE_PRIOR_AUTO = 0.0
+RANGE_PRIOR_NAME = "ranges"
+PRIOR_NAMES = tuple(BN_FREE_PRIORS) + (RANGE_PRIOR_NAME,)
 
 
-def resolve_priors(priors, has_bn_statistics: bool) -> dict[str, float]:
-    """Prior weights to use: the recipe's where set, else 0 (BN teacher) or the BN-free default."""
+def resolve_priors(priors, has_bn_statistics: bool, has_activation_ranges: bool = False) -> dict[str, float]:
+    """Prior weights to use: the recipe's where set, else 0 (BN teacher) or the BN-free default;
+    the range prior: :data:`RANGE_PRIOR_AUTO` for a teacher with quantized activations, else 0."""
     out = {}
     for name in PRIOR_NAMES:
         value = getattr(priors, name, None) if priors is not None else None
-        out[name] = float(value) if value is not None else (0.0 if has_bn_statistics else BN_FREE_PRIORS[name])
+        if value is not None:
+            out[name] = float(value)
+        elif name == RANGE_PRIOR_NAME:
+            out[name] = RANGE_PRIOR_AUTO if has_activation_ranges else 0.0
+        else:
+            out[name] = 0.0 if has_bn_statistics else BN_FREE_PRIORS[name]
     return out
 
 
@@ -35,13 +47,15 @@ def resolve_priors(priors, has_bn_statistics: bool) -> dict[str, float]:
 class Priors:
     weights: dict[str, float]          # every name in PRIOR_NAMES
     explicit_activation: bool = False  # the recipe set synthesis.priors.activation itself
+    explicit_ranges: bool = False      # the recipe set synthesis.priors.ranges itself
 
     @classmethod
     def for_teacher(cls, spec, options) -> "Priors":
         """From the teacher's spec (BN statistics: ``bn_layers > 0``) and ``synthesis.priors``
         (a :class:`~dfkd_deploy.recipe.PriorOptions` or None)."""
-        return cls(resolve_priors(options, spec.bn_layers > 0),
-                   explicit_activation=getattr(options, "activation", None) is not None)
+        return cls(resolve_priors(options, spec.bn_layers > 0, getattr(spec, "activation_ranges", 0) > 0),
+                   explicit_activation=getattr(options, "activation", None) is not None,
+                   explicit_ranges=getattr(options, RANGE_PRIOR_NAME, None) is not None)
 
     def active(self) -> dict[str, float]:
         """The priors that are on (weight > 0)."""

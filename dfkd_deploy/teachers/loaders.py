@@ -186,7 +186,7 @@ def finish(det: Detected, path: Path, options: TeacherOptions) -> Teacher:
     spec = TeacherSpec(format=det.format, source=str(path), input_shape=tuple(int(d) for d in shape),
                        layout=layout, num_classes=num_classes, output=output, mean=mean, std=std,
                        value_range=value_range, channel_order=channel_order,
-                       bn_layers=bn, arch=det.arch,
+                       bn_layers=bn, activation_ranges=det.activation_ranges, arch=det.arch,
                        converter_max_abs_diff=det.converter_max_abs_diff, notes=notes, sources=sources)
     return Teacher(module=module, spec=spec)
 

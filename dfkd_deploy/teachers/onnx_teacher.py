@@ -102,6 +102,7 @@ def load_onnx(path: Path, options: TeacherOptions) -> Detected:
     file_dims = (chw[1], chw[2], chw[0]) if layout == "NHWC" else tuple(chw)
     if summary is not None:
         det.sources["quantization"] = f"detected: {summary.format}, activations {summary.activations}"
+        det.activation_ranges = summary.activation_ranges
         _check_int8_parity(module, model, inp, file_batch or 8, file_dims, layout == "NCHW", options, det, path)
         return det
     det.converter_max_abs_diff = _parity(module, model, inp, file_batch or 2, file_dims)

@@ -35,6 +35,7 @@ class TeacherSpec:
     value_range: float = 1.0             # pixel maximum the file expects before mean/std
     channel_order: str = "RGB"           # RGB | BGR: the colour order the file expects (3 channels)
     bn_layers: int = 0
+    activation_ranges: int = 0           # int8 teachers: quantized activations whose ranges the file records
     arch: Optional[str] = None
     converter_max_abs_diff: Optional[float] = None   # onnx only: torch vs onnxruntime
     notes: list[str] = field(default_factory=list)    # what was assumed rather than read

@@ -106,6 +106,37 @@ def estimate_agreement(teacher, student_logits, synthesis_options, device, *, se
     return out
 
 
+# --- accuracy, from agreement and the teacher's own accuracy ------------------------------------
+
+def estimate_accuracy(teacher_accuracy: float, agreement: float, low: float, high: float,
+                      num_classes: int) -> dict:
+    """The student's real top-1 from its estimated agreement with the teacher and the teacher's
+    own real top-1 (e.g. from its model card).
+
+    Bounds hold whatever the data: with agreement a and teacher accuracy t, the student is right at
+    least where it agrees with a right teacher (>= t + a - 1) and at most where it agrees with a
+    right teacher or disagrees with a wrong one (<= min(a, t) + min(1 - a, 1 - t)); the interval is
+    those bounds over the agreement interval [low, high]. The point value assumes the student's
+    agreement does not depend on whether the teacher is right, and that where it disagrees with a
+    wrong teacher it picks the true class as often as chance among the K - 1 others:
+    a * t + (1 - a) * (1 - t) / (K - 1)."""
+    t = min(max(float(teacher_accuracy), 0.0), 1.0)
+    lo_a, hi_a = min(max(float(low), 0.0), 1.0), min(max(float(high), 0.0), 1.0)
+    a = min(max(float(agreement), lo_a), hi_a)
+
+    def upper(x: float) -> float:
+        return min(x, t) + min(1.0 - x, 1.0 - t)
+
+    top = 1.0 if lo_a <= t <= hi_a else max(upper(lo_a), upper(hi_a))
+    k = max(int(num_classes), 2)
+    high_acc = min(1.0, top)
+    low_acc = min(max(0.0, t + lo_a - 1.0), high_acc)         # equal in exact arithmetic at the extremes
+    point = min(max(a * t + (1.0 - a) * (1.0 - t) / (k - 1), low_acc), high_acc)   # inside already, but for rounding
+    return {"estimated_accuracy": point, "estimated_accuracy_low": low_acc, "estimated_accuracy_high": high_acc,
+            "estimated_accuracy_based_on": f"the estimated agreement and the teacher's own top-1 {100 * t:.2f}% "
+                                           "(teacher.accuracy)"}
+
+
 # --- the estimator -----------------------------------------------------------------------------
 
 @dataclass

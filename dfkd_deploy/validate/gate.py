@@ -33,10 +33,12 @@ class Check:
         return dict(self.__dict__)
 
 
-def check_options(*, eval_data, min_accuracy, baseline, max_drop) -> None:
+def check_options(*, eval_data, min_accuracy, baseline, max_drop, teacher_accuracy=None) -> None:
     """Usage errors caught before anything is computed (exit 2 fast, not after a validation run)."""
-    if min_accuracy is not None and eval_data is None:
-        raise UsageError("--min-accuracy needs --eval-data (accuracy is measured on real labelled data)")
+    if min_accuracy is not None and eval_data is None and teacher_accuracy is None:
+        raise UsageError("--min-accuracy needs --eval-data (accuracy measured on real labelled data), or the "
+                         "teacher's own accuracy (--teacher-accuracy / teacher.accuracy) to gate on the lower bound "
+                         "of the data-free estimate")
     if (baseline is None) != (max_drop is None):
         raise UsageError("--baseline and --max-drop go together: the drop allowed against the baseline, in points")
     if baseline is not None and not Path(baseline).is_file():
@@ -93,7 +95,13 @@ def run_gate(metrics: Mapping[str, Any], *, min_agreement: Optional[float] = Non
                               f"{_pct(value)}..{_pct(metrics.get('estimated_agreement_high'))})")
         checks.append(check)
     if min_accuracy is not None:
-        checks.append(_at_least("min_accuracy", "student_accuracy", metrics.get("student_accuracy"), min_accuracy))
+        if metrics.get("student_accuracy") is None and metrics.get("estimated_accuracy_low") is not None:
+            check = _at_least("min_accuracy", "estimated_accuracy_low", metrics["estimated_accuracy_low"], min_accuracy)
+            check.message += (f" (estimate {_pct(metrics.get('estimated_accuracy'))}, interval "
+                              f"{_pct(metrics['estimated_accuracy_low'])}..{_pct(metrics.get('estimated_accuracy_high'))})")
+            checks.append(check)
+        else:
+            checks.append(_at_least("min_accuracy", "student_accuracy", metrics.get("student_accuracy"), min_accuracy))
     if baseline is not None and max_drop is not None:
         metric, _ = agreement_of(metrics)   # compare like with like: same data source as now
         compared = 0
@@ -128,6 +136,10 @@ def write_junit(path: str | Path, checks: Sequence[Check], *, metrics: Optional[
             ET.SubElement(props, "property", name="estimated_agreement.interval",
                           value=json.dumps([metrics.get("estimated_agreement_low"),
                                             metrics.get("estimated_agreement_high")]))
+        if metrics.get("estimated_accuracy") is not None:
+            ET.SubElement(props, "property", name="estimated_accuracy.interval",
+                          value=json.dumps([metrics.get("estimated_accuracy_low"),
+                                            metrics.get("estimated_accuracy_high")]))
     for c in checks:
         case = ET.SubElement(suite, "testcase", classname="dfkd_deploy.validate.gate", name=c.name)
         if not c.passed:

@@ -9,7 +9,7 @@ from dfkd_deploy.recipe import PriorOptions
 from dfkd_deploy.synthesis import Priors, Synthesizer, build_synthesizer, register_synthesizer, synthesizer_names
 from dfkd_deploy.synthesis.deepinversion import DeepInversionSynthesizer
 from dfkd_deploy.synthesis.fast import FastSynthesizer
-from dfkd_deploy.synthesis.priors import BN_FREE_PRIORS, resolve_priors
+from dfkd_deploy.synthesis.priors import BN_FREE_PRIORS, PRIOR_NAMES, RANGE_PRIOR_AUTO, resolve_priors
 from tests.conftest import quick_recipe
 
 
@@ -67,8 +67,10 @@ def test_rank_sync_hooks_are_called_on_the_meta_step_and_reset(digits_teacher):
 
 
 def test_resolve_priors_auto_explicit_and_zero():
-    assert resolve_priors(PriorOptions(), has_bn_statistics=True) == {k: 0.0 for k in BN_FREE_PRIORS}
-    assert resolve_priors(PriorOptions(), has_bn_statistics=False) == BN_FREE_PRIORS
+    assert resolve_priors(PriorOptions(), has_bn_statistics=True) == {k: 0.0 for k in PRIOR_NAMES}
+    assert resolve_priors(PriorOptions(), has_bn_statistics=False) == {**BN_FREE_PRIORS, "ranges": 0.0}
+    assert resolve_priors(PriorOptions(), True, has_activation_ranges=True)["ranges"] == RANGE_PRIOR_AUTO
+    assert resolve_priors(PriorOptions(ranges=0.7), True)["ranges"] == 0.7
     mixed = resolve_priors(PriorOptions(tv=0.0, entropy=2.0), has_bn_statistics=False)
     assert mixed["tv"] == 0.0 and mixed["entropy"] == 2.0 and mixed["l2"] == BN_FREE_PRIORS["l2"]
     assert resolve_priors(PriorOptions(tv=0.3), has_bn_statistics=True)["tv"] == 0.3
@@ -78,7 +80,7 @@ def test_priors_for_teacher_follow_its_bn_statistics(digits_teacher):
     bn_free = dataclasses.replace(digits_teacher.spec, bn_layers=0)
     assert Priors.for_teacher(digits_teacher.spec, PriorOptions()).active() == {}
     auto = Priors.for_teacher(bn_free, PriorOptions())
-    assert auto.weights == BN_FREE_PRIORS and not auto.explicit_activation
+    assert auto.weights == {**BN_FREE_PRIORS, "ranges": 0.0} and not auto.explicit_activation
     assert auto.active() == {k: v for k, v in BN_FREE_PRIORS.items() if v}
     assert Priors.for_teacher(bn_free, PriorOptions(activation=0.0)).explicit_activation
 

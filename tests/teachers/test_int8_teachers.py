@@ -128,3 +128,70 @@ def test_shared_int8_teachers_load_with_int8_parity(name):
     assert teacher.spec.num_classes == classes
     assert any(n.startswith("int8 teacher (QOperator") and "per-channel" in n for n in teacher.spec.notes)
     assert any(n.startswith("int8 parity") for n in teacher.spec.notes)
+
+
+def test_int8_teacher_records_its_activation_ranges(float_onnx, tmp_path):
+    from dfkd_deploy.synthesis.priors import RANGE_PRIOR_AUTO, Priors
+
+    teacher = load_teacher(quantize(float_onnx, tmp_path / "q.onnx", "QOperator", False),
+                           TeacherOptions(int8_min_agreement=0.9))
+    fakes = [m for m in teacher.module.modules() if isinstance(m, quantized.FakeQuant)]
+    assert teacher.spec.activation_ranges == len(fakes) > 0
+    assert Priors.for_teacher(teacher.spec, None).weights["ranges"] == RANGE_PRIOR_AUTO
+
+
+def test_range_prior_penalises_overshoot_and_unreached_tops(float_onnx, tmp_path):
+    """The prior is 0 for a batch that exactly spans each recorded range, grows when the batch
+    overshoots or stays short of it, and passes a gradient to the pixels."""
+    from dfkd_deploy.synthesis.losses import ActivationRanges
+
+    fq = quantized.FakeQuant(0.1, 0.0, 0, 255, None, rounding=True)     # range [0, 25.5]
+    prior = ActivationRanges(nn.Sequential(fq))
+    assert prior.available
+
+    def term(x):
+        with prior.capture():
+            fq(x)
+        return prior.loss()
+
+    assert float(term(torch.tensor([0.0, 10.0, 25.5]))) == pytest.approx(0.0, abs=1e-7)
+    short, over = term(torch.tensor([0.0, 5.0])), term(torch.tensor([0.0, 40.0]))
+    assert float(short) == pytest.approx(((255 - 50) / 255) ** 2, rel=1e-5)
+    assert float(over) > 0
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    term(x).backward()
+    assert x.grad is not None and float(x.grad[1]) < 0                 # pushes the largest value up
+    with prior.capture():
+        pass
+    assert prior.loss() is None
+    prior.remove()
+    assert not fq._forward_pre_hooks
+
+    teacher = load_teacher(quantize(float_onnx, tmp_path / "q.onnx", "QDQ", False), TeacherOptions(int8_min_agreement=0.9))
+    from dfkd_deploy.recipe import SynthesisOptions
+    from dfkd_deploy.synthesis.losses import InversionLoss
+    from dfkd_deploy.teachers.spec import Normalizer
+
+    opts = SynthesisOptions()
+    loss = InversionLoss(teacher.module, Normalizer(teacher.spec), opts,
+                         {"tv": 0.0, "l2": 0.0, "entropy": 0.0, "activation": 0.0, "ranges": 1.0})
+    pixels = torch.rand(4, 3, 12, 12, requires_grad=True)
+    terms = loss(pixels, torch.zeros(4, dtype=torch.long))
+    assert float(terms.prior) > 0
+    terms.prior.backward()
+    assert pixels.grad.abs().sum() > 0
+    loss.remove()
+
+
+def test_range_prior_asked_of_a_float_teacher_is_refused(float_onnx):
+    from dfkd_deploy.core.errors import UsageError
+    from dfkd_deploy.recipe import SynthesisOptions
+    from dfkd_deploy.synthesis.losses import InversionLoss
+    from dfkd_deploy.teachers.spec import Normalizer
+
+    teacher = load_teacher(float_onnx, TeacherOptions())
+    weights = {"tv": 0.0, "l2": 0.0, "entropy": 0.0, "activation": 0.0, "ranges": 1.0}
+    with pytest.raises(UsageError, match="synthesis.priors.ranges"):
+        InversionLoss(teacher.module, Normalizer(teacher.spec), SynthesisOptions(), weights, explicit_ranges=True)
+    quiet = InversionLoss(teacher.module, Normalizer(teacher.spec), SynthesisOptions(), weights)
+    assert quiet.priors["ranges"] == 0.0 and any("range prior off" in n for n in quiet.notes)

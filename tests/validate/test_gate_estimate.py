@@ -88,3 +88,53 @@ def test_cli_exit_0_when_the_lower_bound_clears_it(monkeypatch, digits_teacher_o
     result, junit = _validate(monkeypatch, digits_teacher_onnx, student_and_recipe, tmp_path, 0.9, 0.05)
     assert result.exit_code == 0, result.output
     assert ET.parse(junit).getroot().find("testsuite").get("failures") == "0"
+
+
+def test_accuracy_estimate_bounds_hold_for_any_joint_outcome():
+    """The bounds are the extreme cases: brute force over every split of 20 images into
+    (teacher right?, student agrees?, student right when it disagrees) stays inside them."""
+    from dfkd_deploy.validate.estimate import estimate_accuracy
+
+    n = 20
+    for t_right in range(n + 1):
+        for agree in range(n + 1):
+            e = estimate_accuracy(t_right / n, agree / n, agree / n, agree / n, 10)
+            for both in range(max(0, t_right + agree - n), min(t_right, agree) + 1):   # agree & teacher right
+                wrong_t_disagree = (n - agree) - (t_right - both)        # disagree & teacher wrong
+                for s_right in range(0, max(wrong_t_disagree, 0) + 1):
+                    acc = (both + s_right) / n
+                    assert e["estimated_accuracy_low"] - 1e-9 <= acc <= e["estimated_accuracy_high"] + 1e-9
+            assert e["estimated_accuracy_low"] <= e["estimated_accuracy"] <= e["estimated_accuracy_high"]
+    wide = estimate_accuracy(0.8, 0.7, 0.5, 0.9, 10)
+    assert wide["estimated_accuracy_low"] == pytest.approx(0.3) and wide["estimated_accuracy_high"] == 1.0
+    assert wide["estimated_accuracy"] == pytest.approx(0.7 * 0.8 + 0.3 * 0.2 / 9)
+
+
+def test_min_accuracy_without_data_gates_on_the_estimated_lower_bound():
+    from dfkd_deploy.core.errors import UsageError
+    from dfkd_deploy.validate.gate import check_options
+
+    metrics = {"estimated_accuracy": 0.7, "estimated_accuracy_low": 0.55, "estimated_accuracy_high": 0.9}
+    [c] = run_gate(metrics, min_accuracy=0.6)
+    assert not c.passed and c.metric == "estimated_accuracy_low" and "interval" in c.message
+    [c] = run_gate(metrics, min_accuracy=0.5)
+    assert c.passed
+    with pytest.raises(UsageError, match="--teacher-accuracy"):
+        check_options(eval_data=None, min_accuracy=0.5, baseline=None, max_drop=None)
+    check_options(eval_data=None, min_accuracy=0.5, baseline=None, max_drop=None, teacher_accuracy=0.9)
+
+
+def test_cli_estimates_accuracy_from_the_teachers_own(monkeypatch, digits_teacher_onnx, student_and_recipe, tmp_path):
+    stub = Estimator(["agree.pooled"], [0.0], 0.9, 0.05, calibration={"pairs": 3, "teachers": ["x", "y"]})
+    monkeypatch.setattr(estimate_mod, "default_estimator", lambda: stub)
+    student, recipe_file = student_and_recipe
+    junit = tmp_path / "junit.xml"
+    result = CliRunner().invoke(cli, ["validate", str(student), "--teacher", str(digits_teacher_onnx), "--recipe",
+                                      str(recipe_file), "--teacher-accuracy", "0.95", "--min-accuracy", "0.9",
+                                      "--junit", str(junit)])
+    assert result.exit_code == 1, result.output           # lower bound 0.95 + 0.85 - 1 = 0.80 < 0.9
+    assert "estimated real accuracy" in result.output and "80.0%" in result.output
+    props = {p.get("name"): json.loads(p.get("value"))
+             for p in ET.parse(junit).getroot().find("testsuite").find("properties")}
+    assert props["estimated_accuracy.interval"] == pytest.approx([0.80, 1.0])
+    assert props["estimated_accuracy"] == pytest.approx(0.9 * 0.95 + 0.1 * 0.05 / 9)

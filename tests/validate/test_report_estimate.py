@@ -27,3 +27,11 @@ def test_section_has_estimate_interval_and_sources(monkeypatch, digits_teacher):
     assert "Real data, estimated without it" in md and "90% interval" in md
     assert "Independent probes: fresh" in md
     assert "Raw agreement on synthetic probes is not real agreement" in md
+    assert "estimated_accuracy" not in section                       # no teacher accuracy given
+
+    known = quick_recipe(**{"teacher.accuracy": 0.95})
+    with_acc = estimated_agreement_section(digits_teacher, student, known, probes, "cpu", show_progress=False)
+    acc = with_acc["estimated_accuracy"]
+    lo, hi = with_acc["interval"]
+    assert acc["bounds"][0] == pytest.approx(max(0.0, 0.95 + lo - 1)) and acc["bounds"][0] <= acc["value"] <= acc["bounds"][1]
+    assert "Student accuracy, estimated without data" in render_report_md({"agreement": {"probe_top1": 0.9, **with_acc}})
