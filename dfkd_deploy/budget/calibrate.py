@@ -16,7 +16,15 @@ from dfkd_deploy.budget.planner import Costs
 
 KD_STEPS_TIMED = 3        # after one untimed warm-up step; the median is taken
 LATENCY_RUNS = 7 * 3      # (2 warm-up + 5 timed) runs of teacher, student and INT8 student, per batch size
-REPORT_SECONDS = 3.0      # reports, manifest, bundle copies: small files
+REPORT_SECONDS = 8.0      # reports (HTML figures), gallery, manifest, bundle copies
+# Converting the student for the edge runtimes, seconds = fixed + per Conv/Linear layer (both
+# precisions of each, NNCF / XNNPACK quantization included). Measured on this project's 2-core
+# CPU: ExecuTorch 31 / 34 / 58 / 144 s for 4 / 8 / 20 / 56 layers (tiny_cnn, cifar_resnet8/20/56);
+# OpenVINO (fp32, fp16, int8) 8 s for cifar_resnet20.
+EDGE_CONVERT_S = {"executorch": (22.0, 2.2), "openvino": (3.0, 0.25)}
+EDGE_FILES = {"executorch": 2, "openvino": 3}
+# In a budgeted run every back end is compared on at most this many real images (run.compare_images).
+BUDGET_COMPARE_IMAGES = 2000
 
 
 def _timed(fn) -> float:
@@ -51,14 +59,57 @@ def calibrate(teacher, recipe, student, device, *, eval_images: int = 0) -> Cost
     student.train()
     kd_step()
     kd_s = statistics.median(_timed(kd_step) for _ in range(KD_STEPS_TIMED))
+    teacher_img_s, student_img_s = _forward_seconds(teacher.module, student, norm(pixels))
     overhead_s, export_s = _bookkeeping(student.cpu(), teacher.spec.input_shape)
-    probe_rounds = math.ceil(recipe.validation.probe_images / s.batch_size)
-    forward_s = kd_s / 3                                   # a forward pass is about a third of a step
-    finish_s = (probe_rounds * round_s * 0.7              # probes: no adversarial term, no meta update
-                + 4 * export_s                            # export + parity, INT8 quantisation and checks
-                + forward_s * math.ceil((eval_images + recipe.deploy.calibration_images) / d.batch_size) * 3
-                + _latency_seconds(student) + REPORT_SECONDS)
-    return Costs(round_s, kd_s, overhead_s, finish_s)
+    return Costs(round_s, kd_s, overhead_s, finish_seconds(
+        recipe, round_s=round_s, export_s=export_s, teacher_img_s=teacher_img_s, student_img_s=student_img_s,
+        eval_images=eval_images, layers=_layers(student), latency_s=_latency_seconds(student)))
+
+
+def finish_seconds(recipe, *, round_s: float, export_s: float, teacher_img_s: float, student_img_s: float,
+                   eval_images: int, layers: int, latency_s: float, installed=None) -> float:
+    """The end of the run, estimated from measured per-image forward costs: held-out probes,
+    export and INT8, the evaluation (teacher, torch student, ONNX student on every eval image),
+    the back-end comparison (every back end on the probes and up to BUDGET_COMPARE_IMAGES real
+    images; ORT INT8 counted twice, it is slower here), the edge runtimes' conversion, latency
+    and the reports."""
+    s = recipe.synthesis
+    probes = recipe.validation.probe_images
+    runtimes = [r for r in recipe.deploy.edge_runtimes if (installed or _installed)(r)]
+    backends = 3 + sum(EDGE_FILES[r] for r in runtimes)          # ORT fp32, ORT int8 (x2), edge files
+    compare = min(eval_images, BUDGET_COMPARE_IMAGES)
+    return (math.ceil(probes / s.batch_size) * round_s * 0.7      # probes: no adversarial term, no meta update
+            + 4 * export_s                                        # export + parity, INT8 quantisation and checks
+            + eval_images * (teacher_img_s + 2 * student_img_s)
+            + (recipe.deploy.calibration_images + probes) * student_img_s * 2
+            + (compare + probes) * student_img_s * backends
+            + sum(EDGE_CONVERT_S[r][0] + EDGE_CONVERT_S[r][1] * layers for r in runtimes)
+            + latency_s * (1 + len(runtimes)) + REPORT_SECONDS)
+
+
+def _installed(runtime: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(runtime) is not None
+
+
+def _layers(model) -> int:
+    from torch import nn
+
+    return sum(1 for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+
+
+def _forward_seconds(teacher_module, student, x) -> tuple[float, float]:
+    """Seconds per image of one no-grad forward of the teacher and of the student (eval mode)."""
+    was_training = student.training
+    student.eval()
+    with torch.no_grad():
+        teacher_module(x)          # warm-up
+        t = _timed(lambda: teacher_module(x))
+        student(x)
+        st = _timed(lambda: student(x))
+    student.train(was_training)
+    return t / len(x), st / len(x)
 
 
 def _bookkeeping(student, input_shape) -> tuple[float, float]:

@@ -70,22 +70,27 @@ def write_gallery(run_dir: str | Path, teacher, probes: torch.Tensor, *, seed: i
 
 @torch.no_grad()
 def confusion(teacher, student, data: Optional[EvalData], *, device="cpu", batch_size: int = 256,
-              measured_on: Optional[str] = None) -> Optional[dict]:
+              measured_on: Optional[str] = None, predictions=None) -> Optional[dict]:
     """Teacher class (rows) x student class (columns) counts on ``data``; None without data, and a
-    reason instead of the matrix for more than :data:`CONFUSION_MAX_CLASSES` classes."""
+    reason instead of the matrix for more than :data:`CONFUSION_MAX_CLASSES` classes.
+    ``predictions``: (teacher, student) top-1 classes already computed on ``data`` (the run's
+    evaluation), so the models need not run again."""
     if data is None or not len(data):
         return None
     k = teacher.spec.num_classes
     if k > CONFUSION_MAX_CLASSES:
         return {"matrix": None, "measured_on": measured_on,
                 "reason": f"{k} classes: more than {CONFUSION_MAX_CLASSES}, not tabulated"}
-    norm = teacher.normalizer()
-    t_all, s_all = [], []
-    for i in range(0, len(data), batch_size):
-        pixels = to_pixels(data.images[i:i + batch_size])
-        t_all.append(predict(teacher.module, pixels, normalizer=norm, device=device).argmax(1))
-        s_all.append(predict(student, pixels, normalizer=norm, device=device).argmax(1))
-    t, s = torch.cat(t_all).numpy(), torch.cat(s_all).numpy()
+    if predictions is not None and predictions[1] is not None and len(predictions[0]) == len(data):
+        t, s = np.asarray(predictions[0]), np.asarray(predictions[1])
+    else:
+        norm = teacher.normalizer()
+        t_all, s_all = [], []
+        for i in range(0, len(data), batch_size):
+            pixels = to_pixels(data.images[i:i + batch_size])
+            t_all.append(predict(teacher.module, pixels, normalizer=norm, device=device).argmax(1))
+            s_all.append(predict(student, pixels, normalizer=norm, device=device).argmax(1))
+        t, s = torch.cat(t_all).numpy(), torch.cat(s_all).numpy()
     matrix = np.zeros((k, k), np.int64)
     np.add.at(matrix, (t, s), 1)
     return {"matrix": matrix.tolist(), "rows": "teacher class", "columns": "student class",

@@ -75,7 +75,7 @@ def top1_agreement(logits_a: torch.Tensor | np.ndarray, logits_b: torch.Tensor |
 
 def evaluate(teacher_module: nn.Module, student: Optional[nn.Module], normalizer: nn.Module,
              data: EvalData, *, batch_size: int = 256, device: str | torch.device = "cpu",
-             onnx_path: str | Path | None = None, onnx_layout: str = "NCHW") -> dict:
+             onnx_path: str | Path | None = None, onnx_layout: str = "NCHW", keep_predictions: bool = False) -> dict:
     """Teacher and student accuracy (top-1, and top-5 beside it in ``*_top5``; None for five
     classes or fewer) and their top-1 agreement on real labelled data.
 
@@ -119,4 +119,6 @@ def evaluate(teacher_module: nn.Module, student: Optional[nn.Module], normalizer
         o = torch.cat(onnx_logits)
         result["onnx_accuracy"] = top1_accuracy(o, labels)
         result["onnx_top5"] = topk_accuracy(o, labels, TOP_K)
+    if keep_predictions:   # top-1 classes (teacher, student), e.g. for the confusion matrix
+        result["predictions"] = (t.argmax(1).numpy(), s.argmax(1).numpy() if student is not None else None)
     return result
