@@ -12,7 +12,8 @@ of the real test set (``--real-images``, default 1000; all 540 held-out digits).
 today's figure, agreement on held-out probes of the generator that trained the student; only
 distilled students have one (null elsewhere).
 
-Students: random-init (near chance), KD snapshots of one short data-free run at several epochs,
+Students: finished ``compress`` runs of the ResNet-56 (``--derived-runs``: scratch, depth and
+prune students of benchmarks/time_to_accuracy.py), random-init (near chance), KD snapshots of one short data-free run at several epochs,
 students trained on real data (digits: the teacher's train split; Fashion-MNIST: half of the test
 set, the other half evaluates), the shared real-data-trained ResNet-20 and ResNet-56 / ResNet-8
 as each other's students, and ResNet-20 with Gaussian weight noise (quality between the two).
@@ -175,6 +176,19 @@ def _distilled_snapshots(teacher, recipe, snapshot_epochs) -> tuple[dict[str, St
     return snaps, probes, pool
 
 
+def _run_student(run_dir: Path, teacher) -> StudentFn:
+    """The student of a finished ``compress`` run (e.g. a time_to_accuracy run: scratch, depth or
+    prune from the shared ResNet-56), loaded from its student.pt without pickle."""
+    from dfkd_deploy import load_student
+
+    student, meta = load_student(run_dir / "student.pt")
+    spec = meta.get("teacher_spec") or {}
+    for key in ("mean", "std"):   # the student takes the teacher's model space: it must be this one
+        if spec.get(key) is not None and not np.allclose(spec[key], getattr(teacher.spec, key)):
+            raise SystemExit(f"{run_dir}: its teacher's {key} {spec[key]} is not {getattr(teacher.spec, key)}")
+    return _module_fn(student.eval(), teacher.normalizer())
+
+
 def _noisy(module, sigma: float, seed: int):
     noisy = copy.deepcopy(module)
     g = torch.Generator().manual_seed(seed)
@@ -218,6 +232,8 @@ def students_for(name: str, teacher, recipe, real_pixels, real_labels):
                  load_teacher(SHARED / "teachers/cifar10-resnet8-mlperftiny.onnx",
                               TeacherOptions(mean=CIFAR_MEAN, std=CIFAR_STD)))
         yield ("resnet56" if name == "resnet8" else "resnet8"), lambda: (_module_fn(other.module, other.normalizer()), None)
+    for run in (ARGS.derived_runs or []) if name == "resnet56" else []:
+        yield f"run:{Path(run).name}", (lambda r=run: (_run_student(Path(r), teacher), None))
     if not ARGS.no_kd:
         epochs = recipe.distillation.epochs
         marks = sorted({max(recipe.distillation.warmup + 1, epochs // 3), max(2, 2 * epochs // 3), epochs})
@@ -473,6 +489,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-kd", action="store_true", help="skip the distilled snapshots (the slow part)")
     ap.add_argument("--user-data", type=Path, help="unlabelled images (folder or .npz) measured as the `user` source "
                     "(also added to pairs already measured)")
+    ap.add_argument("--derived-runs", nargs="*", help="finished compress run directories whose students (of the shared "
+                    "ResNet-56) join the resnet56 pairs, e.g. runs/time_to_accuracy/*resnet56-state_dict-*")
     ap.add_argument("--features", default=None, help="comma-separated feature names (default: the estimator's)")
     ap.add_argument("--coverage", type=float, default=0.9)
     ap.add_argument("--shared", type=Path, default=SHARED, help="the shared real material (default ../shared)")
