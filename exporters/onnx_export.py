@@ -107,17 +107,22 @@ def export_student_onnx(student: nn.Module, path: str | Path, *, input_shape: tu
         runner = OrtRunner(tmp, layout=layout)   # one session for every check
         got = runner.predict(probes.numpy())
         max_diff, agreement = _compare(got, expected)
-        if not np.isfinite(max_diff) or max_diff > tolerance:
+        allowed = _allowed(tolerance, expected)
+        if not np.isfinite(max_diff) or max_diff > allowed:
             raise ExportError(
                 f"ONNX export disagrees with the torch student: max abs diff {max_diff:.3g} > tolerance "
-                f"{tolerance:.3g} over {len(probes)} probes (top-1 agreement {agreement:.4f})")
+                f"{allowed:.3g} over {len(probes)} probes (top-1 agreement {agreement:.4f})")
+        if allowed > tolerance:
+            notes.append(f"the student's logits reach {np.abs(expected).max():.3g}: the parity tolerance "
+                         f"{tolerance:g} was scaled to {allowed:.3g} (float32 rounding grows with them); logits "
+                         "this large usually mean an unstable student")
         for x, want in zip(extra_inputs, extra_expected):
             out = runner.predict(x)
             if out.shape != tuple(want.shape):
                 raise ExportError(f"ONNX export does not take a dynamic batch: batch {len(x)} gave "
                                   f"output shape {out.shape}, expected {want.shape}")
             diff = _compare(out, want)[0]
-            if not np.isfinite(diff) or diff > tolerance:
+            if not np.isfinite(diff) or diff > _allowed(tolerance, want):
                 raise ExportError(f"ONNX export disagrees with the torch student at batch {len(x)}: "
                                   f"max abs diff {diff:.3g} > tolerance {tolerance:.3g}")
 
@@ -368,6 +373,14 @@ def _count_batchnorm(graph) -> tuple[int, int]:
     bns = [n for n in graph.node if n.op_type == "BatchNormalization"]
     after_conv = sum(1 for n in bns if producer.get(n.input[0]) == "Conv")
     return len(bns), after_conv
+
+
+def _allowed(tolerance: float, want: np.ndarray) -> float:
+    """The parity tolerance, relative once the logits exceed 1 in magnitude: float32 rounding in a
+    differently fused graph grows with the values (a student whose logits reach 3e7 differed by 18,
+    6e-7 of them, with top-1 agreement 1.0)."""
+    scale = float(np.abs(want).max()) if want.size else 0.0
+    return tolerance * max(1.0, scale) if np.isfinite(scale) else tolerance
 
 
 def _compare(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:

@@ -68,6 +68,13 @@ def seed_everything(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def kd_lr(recipe: Recipe) -> float:
+    """The KD learning rate: distillation.lr, times student.derived.lr_scale for a student derived
+    from the teacher (prune, depth), which is fine-tuned rather than trained from scratch."""
+    lr = recipe.distillation.lr
+    return lr * recipe.student.derived.lr_scale if recipe.student.init in ("prune", "depth") else lr
+
+
 class Distiller:
     def __init__(self, teacher: nn.Module, normalizer: nn.Module, student: nn.Module,
                  synthesizer: Synthesizer | None, pool: ImagePool, recipe: Recipe,
@@ -84,7 +91,7 @@ class Distiller:
         d = recipe.distillation
         self.precision = resolve_precision(d.precision, self.device)
         self._autocast = autocast_factory(self.precision, self.device)
-        self.optimizer = torch.optim.SGD(self.student.parameters(), lr=d.lr, momentum=d.momentum,
+        self.optimizer = torch.optim.SGD(self.student.parameters(), lr=kd_lr(recipe), momentum=d.momentum,
                                          weight_decay=d.weight_decay)
         kd_epochs = max(1, d.epochs - d.warmup)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, kd_epochs, eta_min=d.eta_min)
