@@ -1,0 +1,82 @@
+"""KD settings for budgeted runs, at equal wall time (issue 13 item 4): budgeted ``compress`` runs
+of the shared ResNet-56 (state_dict) into a student of ResNet-20 size, one recipe change per
+variant against the time_to_accuracy run with the same init and budget (same code, same machine,
+run one after the other), real top-1 of the student ONNX on all 10,000 CIFAR-10 test images.
+
+    python benchmarks/budget_settings.py --shared ../shared --init prune --minutes 10 --variants synth_batch_64
+
+Variants (recipe overrides):
+- ``synth_batch_64``: synthesis rounds of 64 images instead of 256: four times as many generator
+  (meta) updates for the same number of images, which FastDFKD's few-step synthesis relies on.
+Resumable: results/budget_settings.json, finished (init, minutes, variant) records are skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+VARIANTS = {"synth_batch_64": {"synthesis.batch_size": 64}}
+
+
+def main(argv=None) -> int:
+    import time_to_accuracy as tta
+    from dfkd_deploy import compress, load_recipe
+    from dfkd_deploy.core.io import write_json
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shared", default=str(REPO.parent / "shared"))
+    ap.add_argument("--init", default="prune", choices=tta.INITS)
+    ap.add_argument("--minutes", type=int, default=10)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "budget_settings.json"))
+    ap.add_argument("--work", default=str(REPO / "runs" / "budget_settings"))
+    args = ap.parse_args(argv)
+    shared, work, out = Path(args.shared), Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    t = tta.teachers(shared, work)["resnet56/state_dict"]
+    runs = json.loads(out.read_text())["runs"] if out.is_file() else []
+    for name in args.variants.split(","):
+        if any((r["init"], r["budget_min"], r["variant"]) == (args.init, args.minutes, name) for r in runs):
+            continue
+        base = tta.recipe_for(t, args.init, args.minutes).model_dump(mode="json")
+        recipe = load_recipe(None, {**_flat(base), **VARIANTS[name]})
+        run_dir = work / f"{args.init}-{args.minutes}m-{name}"
+        if run_dir.exists():
+            import shutil
+            shutil.rmtree(run_dir)
+        print(f"run {args.init} {args.minutes} min {name} ...", flush=True)
+        t0 = time.time()
+        r = compress(t.path, recipe, run_dir, eval_data=t.eval_data, show_progress=False).report
+        plan = (r.get("budget") or {}).get("plan") or {}
+        runs.append({"teacher": t.name, "teacher_form": t.form, "init": args.init, "budget_min": args.minutes,
+                     "variant": name, "overrides": VARIANTS[name], "wall_min": round((time.time() - t0) / 60, 3),
+                     "top1": r["student"].get("onnx_accuracy"), "params": r["student"]["params"], "plan": plan,
+                     "final": (r.get("distillation") or {}).get("final"),
+                     "loadavg": [round(v, 2) for v in os.getloadavg()]})
+        write_json(out, {"setting": "budgeted compress, shared ResNet-56 state_dict, CIFAR-10 test set",
+                         "baseline": "benchmarks/results/time_to_accuracy.json, same init and budget",
+                         "machine": f"{os.cpu_count()} CPU cores", "runs": runs})
+        print(json.dumps({k: runs[-1][k] for k in ("variant", "wall_min", "top1")}), flush=True)
+    return 0
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k not in ("target",):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
