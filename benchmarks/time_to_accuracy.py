@@ -139,8 +139,15 @@ def run_one(t: Teacher, init: str, minutes: int, work: Path) -> dict:
     if out.exists():
         import shutil
         shutil.rmtree(out)       # an unfinished run of an earlier session: start it again
+    from dfkd_deploy import DfkdError
+
     t0 = time.time()
-    result = compress(t.path, recipe_for(t, init, minutes), out, eval_data=t.eval_data, show_progress=False)
+    try:
+        result = compress(t.path, recipe_for(t, init, minutes), out, eval_data=t.eval_data, show_progress=False)
+    except DfkdError as exc:   # e.g. a budget too short for this init: the table says so
+        return {"teacher": t.name, "teacher_form": t.form, "init": init, "budget_min": minutes,
+                "wall_min": round((time.time() - t0) / 60, 3), "top1": None, "error": str(exc).splitlines()[0],
+                "loadavg": [round(v, 2) for v in os.getloadavg()]}
     wall = time.time() - t0
     r = result.report
     lat = (r.get("latency") or {}).get("student") or {}
@@ -151,6 +158,7 @@ def run_one(t: Teacher, init: str, minutes: int, work: Path) -> dict:
             "latency_b32_ms": lat.get("batch_32_ms"), "latency_b1_ms": lat.get("batch_1_ms"),
             "budget_used_s": (r.get("budget") or {}).get("used_s"), "plan": (r.get("budget") or {}).get("plan"),
             "warnings": r["student"].get("warnings"), "eval_images": (r.get("eval_data") or {}).get("images"),
+            "budget_notes": (r.get("budget") or {}).get("notes"),
             "loadavg": [round(v, 2) for v in os.getloadavg()]}
 
 
@@ -240,8 +248,8 @@ def main(argv=None) -> int:
         new += 1
         save_results(out, runs, setting)          # atomic rewrite after every finished run
         plot(out.with_suffix(".png"), runs)
-        print(json.dumps({k: record[k] for k in ("teacher", "teacher_form", "init", "budget_min", "wall_min", "top1",
-                                                  "params", "latency_b32_ms")}), flush=True)
+        print(json.dumps({k: record.get(k) for k in ("teacher", "teacher_form", "init", "budget_min", "wall_min",
+                                                      "top1", "params", "latency_b32_ms", "error")}), flush=True)
     return 0
 
 

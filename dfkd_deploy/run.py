@@ -35,7 +35,7 @@ from dfkd_deploy.core.device import resolve_device
 from dfkd_deploy.distill.trainer import Distiller, seed_everything
 from dfkd_deploy.models import build_model
 from dfkd_deploy.models.heads import apply_head_config
-from dfkd_deploy.core.progress import console, task
+from dfkd_deploy.core.progress import console, task, warn
 from dfkd_deploy.core.errors import UsageError
 from dfkd_deploy.recipe import Recipe
 from dfkd_deploy.report.report import count_parameters
@@ -251,6 +251,8 @@ def start_budget(teacher: Teacher, recipe: Recipe, run_dir: Path, device, *, ent
                     eval_images=eval_images)
     planned = session.plan.apply(recipe)
     p = session.plan
+    for note in session.notes:
+        warn(note)
     console.print(f"budget {session.requested_s:.0f} s: {p.epochs} epochs ({p.warmup} warm-up) x {p.rounds_per_epoch} "
                   f"round(s), {p.pool_images:,} pool images, {p.kd_steps} KD steps per epoch; estimated "
                   f"{p.estimated_s:.0f} s")

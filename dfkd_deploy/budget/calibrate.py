@@ -61,9 +61,12 @@ def calibrate(teacher, recipe, student, device, *, eval_images: int = 0) -> Cost
     kd_s = statistics.median(_timed(kd_step) for _ in range(KD_STEPS_TIMED))
     teacher_img_s, student_img_s = _forward_seconds(teacher.module, student, norm(pixels))
     overhead_s, export_s = _bookkeeping(student.cpu(), teacher.spec.input_shape)
-    return Costs(round_s, kd_s, overhead_s, finish_seconds(
-        recipe, round_s=round_s, export_s=export_s, teacher_img_s=teacher_img_s, student_img_s=student_img_s,
-        eval_images=eval_images, layers=_layers(student), latency_s=_latency_seconds(student)))
+    kw = dict(round_s=round_s, export_s=export_s, teacher_img_s=teacher_img_s, student_img_s=student_img_s,
+              eval_images=eval_images, layers=_layers(student), latency_s=_latency_seconds(student))
+    finish = finish_seconds(recipe, **kw)
+    without_edge = finish_seconds(recipe.model_copy(update={"deploy": recipe.deploy.model_copy(
+        update={"edge_runtimes": []})}), **kw)
+    return Costs(round_s, kd_s, overhead_s, finish, edge_s=finish - without_edge)
 
 
 def finish_seconds(recipe, *, round_s: float, export_s: float, teacher_img_s: float, student_img_s: float,

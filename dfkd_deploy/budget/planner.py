@@ -24,6 +24,7 @@ class Costs:
     kd_step_s: float          # one KD step (distillation.batch_size images)
     epoch_overhead_s: float   # checkpoint and pool bookkeeping, per epoch
     finish_s: float           # probes, export, INT8, validation, bundle, reports
+    edge_s: float = 0.0       # the part of finish_s that converts, compares and times the edge runtimes
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class Plan:
     pool_images: int
     estimated_s: float        # the whole run, spent_s included
     costs: Costs
+    edge_runtimes_dropped: bool = False   # the budget could not fit them: the run leaves them out
 
     @property
     def rounds(self) -> int:
@@ -58,7 +60,10 @@ class Plan:
                                                    "kd_steps": self.kd_steps})
         if s.reset_l0_after is not None and self.warmup + s.reset_l0_after > self.epochs:
             s = s.model_copy(update={"reset_l0_after": None})   # would never happen inside this plan
-        return recipe.model_copy(update={"synthesis": s, "distillation": d})
+        update = {"synthesis": s, "distillation": d}
+        if self.edge_runtimes_dropped:
+            update["deploy"] = recipe.deploy.model_copy(update={"edge_runtimes": []})
+        return recipe.model_copy(update=update)
 
 
 def estimate(costs: Costs, *, spent_s: float, epochs: int, warmup: int, rounds_per_epoch: int, kd_steps: int) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dfkd_deploy.budget.calibrate import calibrate
@@ -36,11 +36,21 @@ class BudgetSession:
 
 
 def plan_for(teacher, recipe, student, device, *, spent_s: float, eval_images: int = 0) -> Plan:
-    """Calibrate, then plan; the calibration's own time counts as spent."""
+    """Calibrate, then plan; the calibration's own time counts as spent. When the budget is too
+    short for the run with its edge runtimes but not without them, the plan leaves them out
+    (``edge_runtimes_dropped``; the caller says so) rather than refusing the run."""
     t0 = time.perf_counter()
     costs = calibrate(teacher, recipe, student, device, eval_images=eval_images)
-    return plan_budget(parse_duration(recipe.budget), costs, spent_s=spent_s + time.perf_counter() - t0,
-                       synth_batch=recipe.synthesis.batch_size)
+    spent = spent_s + time.perf_counter() - t0
+    kw = dict(spent_s=spent, synth_batch=recipe.synthesis.batch_size)
+    try:
+        return plan_budget(parse_duration(recipe.budget), costs, **kw)
+    except UsageError:
+        if costs.edge_s <= 0:
+            raise
+    lean = replace(costs, finish_s=costs.finish_s - costs.edge_s, edge_s=0.0)
+    plan = plan_budget(parse_duration(recipe.budget), lean, **kw)   # still too short: the error says so
+    return replace(plan, costs=costs, edge_runtimes_dropped=True)
 
 
 def start(teacher, recipe, student, run_dir: Path, device, *, started: float, resume: bool,
@@ -55,13 +65,18 @@ def start(teacher, recipe, student, run_dir: Path, device, *, started: float, re
         saved = json.loads(path.read_text(encoding="utf-8"))
         ckpt = Path(run_dir) / "checkpoints" / "last.pt"
         used = saved["used_before_s"] + max(0.0, ckpt.stat().st_mtime - saved["session_started"])
-        plan = Plan(**{**{k: saved["plan"][k] for k in Plan.__dataclass_fields__ if k != "costs"},
+        plan = Plan(**{**{k: saved["plan"][k] for k in Plan.__dataclass_fields__ if k != "costs" and k in saved["plan"]},
                        "costs": Costs(**saved["plan"]["costs"])})
         session = BudgetSession(requested, plan, started, used,
                                 [f"resumed with {max(0.0, requested - used):.0f} s of the budget left"])
     else:
         plan = plan_for(teacher, recipe, student, device, spent_s=time.time() - started, eval_images=eval_images)
-        session = BudgetSession(requested, plan, started)
+        notes = []
+        if plan.edge_runtimes_dropped:
+            notes.append(f"the budget cannot also fit the edge runtimes ({', '.join(recipe.deploy.edge_runtimes)}: "
+                         f"about {plan.costs.edge_s:.0f} s to convert, compare and time): this run leaves them out; "
+                         "a longer budget keeps them, deploy.edge_runtimes: [] says so in the recipe")
+        session = BudgetSession(requested, plan, started, notes=notes)
     write_json(path, {"requested_s": requested, "plan": plan.to_dict(), "session_started": started,
                       "used_before_s": session.used_before_s})
     return session

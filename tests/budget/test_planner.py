@@ -96,3 +96,26 @@ def test_finish_estimate_counts_eval_comparison_and_edge_runtimes():
                                + 2 * 0.001 * 512 + 2.0, rel=1e-6)   # conversion, 2 files compared on the probes, latency
     assert est(0, ["executorch"], layers=56) > est(0, ["executorch"], layers=20)
     assert est(0, ["executorch", "openvino"], installed=lambda r: False) == base
+
+
+def test_a_budget_too_short_for_the_edge_runtimes_leaves_them_out(monkeypatch):
+    """With stubbed costs: the run fits only without the edge runtimes' conversion, so the plan
+    drops them (and the recipe it yields has none); too short even without them still refuses."""
+    from dfkd_deploy.budget import session
+    from dfkd_deploy.recipe import load_recipe
+
+    recipe = load_recipe(None, {"budget": "60s", "deploy.edge_runtimes": ["openvino", "executorch"]})
+    heavy = Costs(synth_round_s=1.0, kd_step_s=0.1, epoch_overhead_s=0.0, finish_s=70.0, edge_s=40.0)
+    monkeypatch.setattr(session, "calibrate", lambda *a, **k: heavy)
+    plan = session.plan_for(None, recipe, None, "cpu", spent_s=0.0)
+    assert plan.edge_runtimes_dropped and plan.estimated_s <= 60
+    assert plan.costs.finish_s == 70.0                        # the measured costs are what is reported
+    assert plan.apply(recipe).deploy.edge_runtimes == []
+    light = Costs(synth_round_s=1.0, kd_step_s=0.1, epoch_overhead_s=0.0, finish_s=20.0, edge_s=10.0)
+    monkeypatch.setattr(session, "calibrate", lambda *a, **k: light)
+    kept = session.plan_for(None, recipe, None, "cpu", spent_s=0.0)
+    assert not kept.edge_runtimes_dropped and kept.apply(recipe).deploy.edge_runtimes == ["openvino", "executorch"]
+    hopeless = Costs(synth_round_s=1.0, kd_step_s=0.1, epoch_overhead_s=0.0, finish_s=100.0, edge_s=10.0)
+    monkeypatch.setattr(session, "calibrate", lambda *a, **k: hopeless)
+    with pytest.raises(UsageError, match="too short"):
+        session.plan_for(None, recipe, None, "cpu", spent_s=0.0)
