@@ -324,7 +324,7 @@ def _user_source(teacher):
 # --- fit: leave-one-teacher-out estimates, the shipped estimator, the figure --------------------
 
 def fit() -> None:
-    from dfkd_deploy.validate.estimate import DEFAULT_FILE, DEFAULT_FEATURES, Estimator
+    from dfkd_deploy.validate.estimate import DEFAULT_FEATURES, DEFAULT_FILE, USER_FEATURES, USER_FILE, Estimator
 
     results = _load_results()
     pairs = results["pairs"]
@@ -370,6 +370,15 @@ def fit() -> None:
                               "coverage_loto": results["summary"]["interval_coverage"],
                               "probe_budget_images": ARGS.probe_images, "source": "benchmarks/probe_calibration.py"})
     final.save(DEFAULT_FILE)
+    user_pairs = [p for p in pairs if "agree.user" in p["stats"]]
+    if len({p["teacher"] for p in user_pairs}) >= 2:   # the estimator used when --probe-data is given
+        user = Estimator.fit([p["stats"] for p in user_pairs], [p["real"] for p in user_pairs],
+                             [p["teacher"] for p in user_pairs], features=list(USER_FEATURES), coverage=ARGS.coverage)
+        res = np.asarray(user.calibration["loto_abs_residuals"])
+        user.calibration.update({"within_0.10_loto": float((res <= 0.10).mean()),
+                                 "user_images": "the ImageNet sample folder at the teacher's input size (--user-data)",
+                                 "source": "benchmarks/probe_calibration.py"})
+        user.save(USER_FILE)
     _plot(pairs)
     _table(results)
     print(json.dumps(results["summary"], indent=1))

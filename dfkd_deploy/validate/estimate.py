@@ -26,6 +26,10 @@ from dfkd_deploy.core.errors import DataError
 
 DEFAULT_FILE = Path(__file__).with_name("estimator.json")
 DEFAULT_FEATURES = ("agree.fresh", "agree.deepinversion", "agree.boundary")
+# When the user passes unlabelled natural images (--probe-data), the estimate rests on their
+# agreement instead: calibrated apart, on the pairs measured with such images (estimator_user.json).
+USER_FILE = Path(__file__).with_name("estimator_user.json")
+USER_FEATURES = ("agree.user",)
 CONFIDENCE_BINS = ((0.0, 0.5, "low"), (0.5, 0.9, "mid"), (0.9, 1.01, "high"))
 NOT_POOLED = ("held_out", "user")   # kept apart: the run's own generator, and data only some users have
 
@@ -96,6 +100,8 @@ def estimate_agreement(teacher, student_logits, synthesis_options, device, *, se
     out = {"probe_sources": {name: {"agreement": _finite(stats[f"agree.{name}"]), "images": stats[f"images.{name}"]}
                              for name in t_logits},
            "probe_kl": stats.get("kl")}
+    if estimator is None and probe_data is not None and stats.get("images.user"):
+        estimator = default_estimator(user=True)   # natural images track real agreement far better
     estimator = estimator if estimator is not None else default_estimator()
     if estimator is None:
         warn("no agreement estimator is installed: the real agreement cannot be estimated")
@@ -190,7 +196,9 @@ class Estimator:
         v = self.predict(stats)
         lo, hi = self.interval(stats)
         cal = self.calibration
-        based = (f"linear model on {', '.join(self.features)} of probes the student never trained on; "
+        what = ("unlabelled images passed with --probe-data" if list(self.features) == list(USER_FEATURES)
+                else "probes the student never trained on")
+        based = (f"linear model on {', '.join(self.features)} of {what}; "
                  f"{int(cal.get('pairs', 0))} calibration pairs on {len(cal.get('teachers', []))} teachers; "
                  f"{100 * self.coverage:.0f}% interval from leave-one-teacher-out residuals "
                  f"(+/- {100 * self.half_width:.1f} pts)")
@@ -278,6 +286,8 @@ def conformal_half_width(abs_residuals: Sequence[float], coverage: float) -> flo
     return 1.0 if k > len(r) or len(r) == 0 else float(r[k - 1])
 
 
-def default_estimator() -> Optional[Estimator]:
-    """The estimator shipped with the package, or None when it is absent."""
-    return Estimator.load(DEFAULT_FILE) if DEFAULT_FILE.is_file() else None
+def default_estimator(user: bool = False) -> Optional[Estimator]:
+    """The estimator shipped with the package (``user``: the one on unlabelled user images), or
+    None when it is absent."""
+    path = USER_FILE if user else DEFAULT_FILE
+    return Estimator.load(path) if path.is_file() else None

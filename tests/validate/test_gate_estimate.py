@@ -138,3 +138,39 @@ def test_cli_estimates_accuracy_from_the_teachers_own(monkeypatch, digits_teache
              for p in ET.parse(junit).getroot().find("testsuite").find("properties")}
     assert props["estimated_accuracy.interval"] == pytest.approx([0.80, 1.0])
     assert props["estimated_accuracy"] == pytest.approx(0.9 * 0.95 + 0.1 * 0.05 / 9)
+
+
+def test_unlabelled_user_images_switch_to_their_own_estimator(monkeypatch):
+    """With --probe-data the estimate rests on the user images' agreement, through the estimator
+    calibrated on them; without, on the synthetic sources."""
+    from dfkd_deploy.validate.estimate import USER_FEATURES, default_estimator
+
+    user = default_estimator(user=True)
+    assert user is not None and user.features == list(USER_FEATURES) and all(c >= 0 for c in user.coef)
+    assert user.half_width < default_estimator().half_width        # measured: far tighter
+    seen = []
+    monkeypatch.setattr(estimate_mod, "default_estimator", lambda user=False: seen.append(user) or None)
+    from dfkd_deploy.validate import probes as probes_mod
+
+    class Src:
+        def __init__(self, name):
+            self.name, self.pixels = name, torch.rand(4, 1, 8, 8)
+
+        def __len__(self):
+            return 4
+
+    monkeypatch.setattr(probes_mod, "independent_sources", lambda *a, **k: [Src("fresh")])
+    monkeypatch.setattr(probes_mod, "user_images", lambda *a, **k: Src("user"))
+
+    class T:
+        module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+        spec = None
+
+        @staticmethod
+        def normalizer():
+            return torch.nn.Identity()
+
+    fn = lambda px: T.module(px)   # noqa: E731
+    estimate_mod.estimate_agreement(T, fn, None, "cpu", seed=0, probe_data="imgs", show_progress=False)
+    estimate_mod.estimate_agreement(T, fn, None, "cpu", seed=0, show_progress=False)
+    assert seen == [True, False, False]
