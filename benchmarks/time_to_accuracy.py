@@ -200,6 +200,20 @@ def plot(path: Path, runs: list[dict]) -> None:
     plt.close(fig)
 
 
+def markdown(runs: list[dict]) -> str:
+    """The table as markdown (results/time_to_accuracy.md), one row per run in the order run."""
+    lines = ["| teacher | form | init | budget | wall | student top-1 | params | ORT b32 ms | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        top1 = "-" if r.get("top1") is None else f"{100 * r['top1']:.1f}%"
+        note = r.get("error") or "; ".join((r.get("warnings") or []) + (r.get("budget_notes") or []))
+        lat, params = r.get("latency_b32_ms"), r.get("params")
+        lines.append(f"| {r['teacher']} | {r['teacher_form']} | {r['init']} | {r['budget_min']} min | "
+                     f"{r['wall_min']:.1f} min | {top1} | {'-' if params is None else f'{params:,}'} | "
+                     f"{'-' if lat is None else f'{lat:.1f}'} | {note[:160]} |")
+    return "\n".join(lines) + "\n"
+
+
 def ensure_dynamo(shared: Path, work: Path) -> None:
     from dfkd_deploy import stages
     from dfkd_deploy import load_recipe
@@ -248,6 +262,7 @@ def main(argv=None) -> int:
         new += 1
         save_results(out, runs, setting)          # atomic rewrite after every finished run
         plot(out.with_suffix(".png"), runs)
+        out.with_suffix(".md").write_text(markdown(runs), encoding="utf-8")
         print(json.dumps({k: record.get(k) for k in ("teacher", "teacher_form", "init", "budget_min", "wall_min",
                                                       "top1", "params", "latency_b32_ms", "error")}), flush=True)
     return 0
