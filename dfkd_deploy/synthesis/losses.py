@@ -343,21 +343,15 @@ def activation_l1(features: torch.Tensor) -> torch.Tensor:
 _CLASSIFIER_TYPES = ("OnnxGemm", "OnnxMatMul")
 
 
-class PenultimateFeatures:
-    """Captures the input of the teacher's classifier layer: the last Linear / onnx2torch Gemm or
-    MatMul module to run in a forward pass (the last convolution when there is none, e.g. a
-    1x1-conv head). "Last to run" rather than "last registered" copes with converted graphs whose
-    module order says nothing about execution order; a teacher run in chunks (fixed batch) gets
-    the chunks concatenated. ``available`` is False when no such module can be hooked
-    (TorchScript modules refuse hooks)."""
+class _TeacherHooks:
+    """Forward pre-hooks on some of the teacher's modules, recording only inside :meth:`capture`.
+    ``available`` is False when none could be hooked (TorchScript modules refuse hooks)."""
 
-    def __init__(self, teacher: nn.Module):
+    def __init__(self, modules):
         self.active = False
-        self.fired: list[tuple[int, torch.Tensor]] = []
         self.handles = []
-        linear = [m for m in teacher.modules() if isinstance(m, nn.Linear) or type(m).__name__ in _CLASSIFIER_TYPES]
-        candidates = linear or [m for m in teacher.modules() if isinstance(m, nn.modules.conv._ConvNd)]
-        for m in candidates:
+        self._reset()
+        for m in modules:
             try:
                 self.handles.append(m.register_forward_pre_hook(self._hook))
             except Exception:  # noqa: BLE001 - script modules refuse hooks: the term is unavailable
@@ -365,18 +359,44 @@ class PenultimateFeatures:
                 break
         self.available = bool(self.handles)
 
+    def _reset(self) -> None:
+        raise NotImplementedError
+
     def _hook(self, module, args):
-        if self.active and args and isinstance(args[0], torch.Tensor):
-            self.fired.append((id(module), args[0]))
+        raise NotImplementedError
 
     @contextmanager
     def capture(self) -> Iterator[None]:
-        self.fired = []
+        self._reset()
         self.active = True
         try:
             yield
         finally:
             self.active = False
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+class PenultimateFeatures(_TeacherHooks):
+    """Captures the input of the teacher's classifier layer: the last Linear / onnx2torch Gemm or
+    MatMul module to run in a forward pass (the last convolution when there is none, e.g. a
+    1x1-conv head). "Last to run" rather than "last registered" copes with converted graphs whose
+    module order says nothing about execution order; a teacher run in chunks (fixed batch) gets
+    the chunks concatenated."""
+
+    def __init__(self, teacher: nn.Module):
+        linear = [m for m in teacher.modules() if isinstance(m, nn.Linear) or type(m).__name__ in _CLASSIFIER_TYPES]
+        super().__init__(linear or [m for m in teacher.modules() if isinstance(m, nn.modules.conv._ConvNd)])
+
+    def _reset(self) -> None:
+        self.fired: list[tuple[int, torch.Tensor]] = []
+
+    def _hook(self, module, args):
+        if self.active and args and isinstance(args[0], torch.Tensor):
+            self.fired.append((id(module), args[0]))
 
     def features(self) -> Optional[torch.Tensor]:
         if not self.fired:
@@ -386,29 +406,17 @@ class PenultimateFeatures:
         out = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         return out.flatten(1)
 
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
 
-
-class ActivationRanges:
-    """The range prior of an int8 teacher: forward pre-hooks on its FakeQuant modules (the
-    quantized activations of :mod:`dfkd_deploy.teachers.quantized`), each input measured in
-    integer units q = x / scale + zero_point. ``available`` is False when there are none."""
+class ActivationRanges(_TeacherHooks):
+    """The range prior of an int8 teacher: pre-hooks on its FakeQuant modules (the quantized
+    activations of :mod:`dfkd_deploy.teachers.quantized`), each input measured in integer units
+    q = x / scale + zero_point."""
 
     def __init__(self, teacher: nn.Module):
-        self.active = False
+        super().__init__([m for m in teacher.modules() if type(m).__name__ == "FakeQuant" and hasattr(m, "qmax")])
+
+    def _reset(self) -> None:
         self.terms: list[torch.Tensor] = []
-        self.handles = []
-        for m in teacher.modules():
-            if type(m).__name__ == "FakeQuant" and hasattr(m, "qmax"):
-                try:
-                    self.handles.append(m.register_forward_pre_hook(self._hook))
-                except Exception:  # noqa: BLE001 - script modules refuse hooks: the term is unavailable
-                    self.remove()
-                    break
-        self.available = bool(self.handles)
 
     def _hook(self, module, args):
         if not (self.active and args and isinstance(args[0], torch.Tensor)):
@@ -428,22 +436,8 @@ class ActivationRanges:
             reach = reach + (F.relu(q.amin() - qmin) / span) ** 2
         self.terms.append(outside + reach)
 
-    @contextmanager
-    def capture(self) -> Iterator[None]:
-        self.terms = []
-        self.active = True
-        try:
-            yield
-        finally:
-            self.active = False
-
     def loss(self) -> Optional[torch.Tensor]:
         return torch.stack(self.terms).mean() if self.terms else None
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
 
 
 # --------------------------------------------------------------------------- the total

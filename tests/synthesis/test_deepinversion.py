@@ -10,7 +10,7 @@ from dfkd_deploy.core.errors import UsageError
 from dfkd_deploy.models import build_model
 from dfkd_deploy.synthesis.deepinversion import DeepInversionSynthesizer
 from dfkd_deploy.synthesis.fast import FastSynthesizer
-from dfkd_deploy.synthesis.priors import BN_FREE_PRIORS
+from dfkd_deploy.synthesis.priors import BN_FREE_PRIORS, PRIOR_NAMES
 from dfkd_deploy.synthesis.pool import ImagePool
 from dfkd_deploy.teachers.spec import Teacher
 
@@ -84,7 +84,7 @@ def test_distiller_runs_deepinversion_end_to_end(digits_teacher, tmp_path):
 def test_bn_free_teacher_gets_prior_defaults_unless_the_recipe_sets_them(digits_teacher):
     bn_free = Teacher(digits_teacher.module, dataclasses.replace(digits_teacher.spec, bn_layers=0))
     synth = make_synthesizer(bn_free, quick_recipe(), "cpu")
-    assert len(synth.bn_stats) == 0 and synth.loss.priors == BN_FREE_PRIORS
+    assert len(synth.bn_stats) == 0 and synth.loss.priors == {**BN_FREE_PRIORS, "ranges": 0.0}   # not int8
     assert BN_FREE_PRIORS["tv"] > 0 and BN_FREE_PRIORS["l2"] > 0          # the measured default: TV + L2
     assert synth.loss.features is None                                    # DAFL activation off: no hook
     images, stats = synth.synthesize(None)
@@ -95,9 +95,9 @@ def test_bn_free_teacher_gets_prior_defaults_unless_the_recipe_sets_them(digits_
     assert synth.loss.features is not None and synth.loss.features.available
     assert synth.loss.priors["entropy"] == BN_FREE_PRIORS["entropy"]
     assert synth.synthesize(None)[1].prior != 0
-    assert make_synthesizer(digits_teacher, quick_recipe(), "cpu").loss.priors == {k: 0.0 for k in BN_FREE_PRIORS}
+    assert make_synthesizer(digits_teacher, quick_recipe(), "cpu").loss.priors == {k: 0.0 for k in PRIOR_NAMES}
     di = make_synthesizer(bn_free, _di_recipe(**{"synthesis.g_steps": 2}), "cpu")
-    assert di.loss.priors == BN_FREE_PRIORS
+    assert di.loss.priors == {**BN_FREE_PRIORS, "ranges": 0.0}
     assert di.synthesize(None)[1].prior != 0
 
 
