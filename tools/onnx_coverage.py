@@ -22,10 +22,15 @@ Producers covered:
   (``onnx/backend/test/data/light``: caffe2 zoo graphs at opset 9 whose weights are constants
   made by ``ConstantOfShape``); the weights are replaced by seeded random ones, so the parity
   check compares real computations rather than constant outputs;
-- hand-built graphs that must be *refused* in one line (a quantized QDQ graph, an op nobody
-  converts, control flow).
+- hand-built graphs that must be *refused* in one line (a quantized op nothing dequantizes, an
+  op nobody converts, control flow);
+- **int8** files (a second table): the zoo ResNet-8 quantized by onnxruntime's own quantizer in
+  both formats (QOperator, QDQ) and both weight granularities (per tensor, per channel), and the
+  real int8 files in ``--shared`` when given; each row records what the loader found (format,
+  weights) and its int8 parity: top-1 agreement with onnxruntime running the int8 file.
 
-    python tools/onnx_coverage.py --out docs/teachers.md   # rewrite the table there
+    python tools/onnx_coverage.py --shared ../shared --out docs/teachers.md   # rewrite both tables
+    python tools/onnx_coverage.py --int8-only --shared ../shared --out docs/teachers.md
     python tools/onnx_coverage.py --quick                  # the subset the tests use
 """
 from __future__ import annotations
@@ -55,6 +60,8 @@ from tests.teachers.onnx_fixtures import BNFree, NHWCSoftmax, zoo_model  # noqa:
 
 TABLE_BEGIN = "<!-- coverage-table:begin (python tools/onnx_coverage.py --out docs/teachers.md) -->"
 TABLE_END = "<!-- coverage-table:end -->"
+INT8_BEGIN = "<!-- int8-table:begin (python tools/onnx_coverage.py --int8-only --shared ../shared --out docs/teachers.md) -->"
+INT8_END = "<!-- int8-table:end -->"
 
 ZOO = {"cifar_resnet8": (3, 32, 32), "tiny_cnn": (3, 32, 32), "small_cnn": (3, 32, 32),
        "mobilenet_v2": (3, 64, 64), "resnet18": (3, 64, 64)}
@@ -89,6 +96,7 @@ class Row:
     expect_refusal: bool = False
     seconds: float = 0.0
     not_written: bool = False              # the producer itself could not write this file
+    int8: Optional[dict] = None            # int8 files: TeacherSpec.int8 (format, weights, parity figures)
 
     @property
     def as_expected(self) -> bool:
@@ -378,6 +386,58 @@ def light_cases(names=LIGHT) -> list[Case]:
                  lambda d, n=n: write(d, n)) for n in names]
 
 
+class _Calibration:
+    """onnxruntime's CalibrationDataReader protocol over seeded Gaussian batches."""
+
+    def __init__(self, name: str, shape, batches: int = 8, seed: int = 0):
+        gen = np.random.default_rng(seed)
+        self.name = name
+        self.batches = iter([gen.standard_normal((4, *shape)).astype(np.float32) for _ in range(batches)])
+
+    def get_next(self):
+        batch = next(self.batches, None)
+        return None if batch is None else {self.name: batch}
+
+
+def write_ort_int8(model: nn.Module, shape, path: Path, fmt: str, per_channel: bool, reduce_range: bool) -> Path:
+    """A float legacy export (BN folded), quantized statically by onnxruntime's own quantizer."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    float_path = write_legacy(model, shape, 13, path.with_name("float.onnx"), fold=True)
+    with _quiet():
+        quantize_static(str(float_path), str(path), _Calibration("input", shape),
+                        quant_format=QuantFormat.QDQ if fmt == "QDQ" else QuantFormat.QOperator,
+                        per_channel=per_channel, reduce_range=reduce_range)
+    return path
+
+
+# The real int8 files in ../shared, with the normalisation ../shared/README.md gives for each.
+SHARED_INT8 = {
+    "cifar10-resnet8-mlperftiny-int8.onnx": ("MLPerf Tiny ResNet-8 (Intel Neural Compressor)",
+                                             (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "imagenet-mobilenetv2-12-int8.onnx": ("ONNX model zoo MobileNetV2-12 int8, 224 px",
+                                          (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+def int8_cases(shared: Optional[Path] = None, quick: bool = False) -> list[Case]:
+    name, shape = "cifar_resnet8", ZOO["cifar_resnet8"]
+    grid = [("QOperator", True, True), ("QDQ", False, True)] if quick else \
+        [(f, pc, True) for f in ("QOperator", "QDQ") for pc in (False, True)] + [("QOperator", True, False)]
+    cases = []
+    for fmt, per_channel, reduce_range in grid:
+        what = f"onnxruntime quantize_static, {fmt}, {'per-channel' if per_channel else 'per-tensor'}" + \
+            ("" if reduce_range else ", reduce_range off (u8s8 saturation on CPUs without VNNI)")
+        cases.append(Case(name, what, 13, lambda d, fmt=fmt, pc=per_channel, rr=reduce_range:
+                          write_ort_int8(zoo_model(name, shape), shape, d / "t.onnx", fmt, pc, rr)))
+    for file, (what, mean, std) in SHARED_INT8.items():
+        path = None if shared is None else Path(shared) / "teachers" / file
+        if path is not None and path.is_file():
+            cases.append(Case(f"`{file}`", what, None, lambda d, p=path: p,
+                              options=TeacherOptions(mean=mean, std=std)))
+    return cases
+
+
 def run_case(case: Case, workdir: Path) -> Row:
     import onnx
 
@@ -409,6 +469,7 @@ def run_case(case: Case, workdir: Path) -> Row:
         row.converted = True
         row.bn_layers, row.max_abs_diff, row.layout = s.bn_layers, s.converter_max_abs_diff, s.layout
         row.value_range, row.output, row.input_shape = s.value_range, s.output, s.input_shape
+        row.int8 = s.int8
     row.seconds = time.perf_counter() - t0
     return row
 
@@ -446,49 +507,82 @@ def markdown_table(rows: list[Row]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def write_into(doc: Path, table: str, footer: str) -> None:
+def int8_table(rows: list[Row]) -> str:
+    head = ("| file | producer | opset | result | format | weight scales | top-1 agreement with onnxruntime "
+            "(random probes / smooth images) | max abs logit diff | notes |\n|---|---|---:|---|---|---|---|---:|---|\n")
+    lines = []
+    for r in rows:
+        q = r.int8 or {}
+        if r.converted and q:
+            agree = f"{q['agreement_probes']:.1%} / {q['agreement_smooth']:.1%} ({q['images']} each)"
+            lines.append(f"| {r.model} | {r.producer} | {r.opset} | converted | {q['format']} | "
+                         f"{'per channel' if q['per_channel'] else 'per tensor'} | {agree} | {r.max_abs_diff:.3g} | "
+                         f"surrogate activations: {q['activations']} |")
+        else:
+            verdict = "not written" if r.not_written else ("refused (expected)" if r.expect_refusal else "**refused**")
+            lines.append(f"| {r.model} | {r.producer} | {r.opset or ''} | {verdict} | | | | | "
+                         f"{r.message.replace('|', '/')} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def write_into(doc: Path, table: str, footer: str, begin: str = TABLE_BEGIN, end: str = TABLE_END) -> None:
     """Replace the text between the table markers in ``doc`` (appending them if absent)."""
     from dfkd_deploy.core.io import write_text
 
     text = doc.read_text() if doc.exists() else ""
-    block = f"{TABLE_BEGIN}\n{table}\n{footer}\n{TABLE_END}"
-    if TABLE_BEGIN in text and TABLE_END in text:
-        before, rest = text.split(TABLE_BEGIN, 1)
-        text = before + block + rest.split(TABLE_END, 1)[1]
+    block = f"{begin}\n{table}\n{footer}\n{end}"
+    if begin in text and end in text:
+        before, rest = text.split(begin, 1)
+        text = before + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     write_text(doc, text)
+
+
+def _footer(command: str, seconds: float, rows: list[Row]) -> str:
+    import onnx
+    import onnxruntime
+
+    from importlib.metadata import version
+
+    return (f"Generated by `{command}` in {seconds:.0f} s (load average {os.getloadavg()[0]:.1f}): torch "
+            f"{torch.__version__}, onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, onnx2torch "
+            f"{version('onnx2torch')}. {sum(r.converted for r in rows)} of {len(rows)} files converted; "
+            f"{sum(not r.as_expected for r in rows)} unexpected results.")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tools/onnx_coverage.py", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the subset the tests run")
     parser.add_argument("--no-light", action="store_true", help="skip the onnx package's light models")
-    parser.add_argument("--out", type=Path, help="markdown file whose coverage table to rewrite")
+    parser.add_argument("--int8-only", action="store_true", help="only the int8 table")
+    parser.add_argument("--shared", type=Path, help="../shared: adds its real int8 files to the int8 table")
+    parser.add_argument("--out", type=Path, help="markdown file whose coverage tables to rewrite")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    cases = zoo_cases(args.quick) + extra_cases(args.quick)
-    if not args.no_light:
-        cases += light_cases(LIGHT if not args.quick else ("light_squeezenet", "light_shufflenet"))
+    flags = "".join(f" {f}" for f, on in (("--quick", args.quick), ("--no-light", args.no_light)) if on)
+    tables = []
+    if not args.int8_only:
+        cases = zoo_cases(args.quick) + extra_cases(args.quick)
+        if not args.no_light:
+            cases += light_cases(LIGHT if not args.quick else ("light_squeezenet", "light_shufflenet"))
+        t0 = time.perf_counter()
+        rows = run(cases, progress=True)
+        tables.append((markdown_table(rows), _footer(f"python tools/onnx_coverage.py{flags}",
+                                                     time.perf_counter() - t0, rows), TABLE_BEGIN, TABLE_END, rows))
     t0 = time.perf_counter()
-    rows = run(cases, progress=True)
-    table = markdown_table(rows)
-    import onnx
-    import onnxruntime
-
-    from importlib.metadata import version
-
-    footer = (f"Generated by `python tools/onnx_coverage.py{' --quick' if args.quick else ''}` in "
-              f"{time.perf_counter() - t0:.0f} s (load average {os.getloadavg()[0]:.1f}): torch {torch.__version__}, "
-              f"onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, "
-              f"onnx2torch {version('onnx2torch')}. {sum(r.converted for r in rows)} of {len(rows)} "
-              f"files converted; {sum(not r.as_expected for r in rows)} unexpected results.")
+    rows = run(int8_cases(args.shared, args.quick), progress=True)
+    shared = " --shared ../shared" if args.shared else ""
+    tables.append((int8_table(rows), _footer(f"python tools/onnx_coverage.py --int8-only{flags}{shared}",
+                                             time.perf_counter() - t0, rows), INT8_BEGIN, INT8_END, rows))
+    for table, footer, begin, end, _ in tables:
+        if args.out:
+            write_into(args.out, table, footer, begin, end)
+        else:
+            print(table + "\n" + footer)
     if args.out:
-        write_into(args.out, table, footer)
-        print(f"table written into {args.out}")
-    else:
-        print(table + "\n" + footer)
-    return 0 if all(r.as_expected for r in rows) else 1
+        print(f"tables written into {args.out}")
+    return 0 if all(r.as_expected for *_, rows in tables for r in rows) else 1
 
 
 if __name__ == "__main__":

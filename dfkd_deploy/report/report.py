@@ -223,7 +223,7 @@ def render_report_md(report: Mapping[str, Any]) -> str:
             ("ONNX vs torch student, top-1 agreement", _pct(g("fidelity.onnx_top1_agreement"))),
             ("BatchNorm nodes left in ONNX", _text(g("fidelity.bn_nodes_remaining"))),
             ("Teacher converter max abs diff", _sci(g("fidelity.teacher_converter_max_abs_diff"))),
-        ]),
+        ] + _int8_rows(g("teacher.int8"))),
         "",
         "## Timings",
         "",
@@ -266,6 +266,17 @@ def _student_rows(g) -> list[tuple[str, str]]:
 # --- formatting ----------------------------------------------------------------------------------
 
 NOT_MEASURED = "not measured"
+
+
+def _int8_rows(int8) -> list:
+    """An int8 teacher's parity is top-1 agreement with onnxruntime on the int8 file, not a max abs diff."""
+    if not int8:
+        return []
+    return [("Teacher int8 file", f"{int8.get('format')}, {'per-channel' if int8.get('per_channel') else 'per-tensor'} "
+                                  f"weights, surrogate activations {int8.get('activations')}"),
+            ("Teacher vs onnxruntime on the int8 file, top-1 agreement",
+             f"{_pct(int8.get('agreement_probes'))} on random probes, {_pct(int8.get('agreement_smooth'))} on smooth "
+             f"images ({_text(int8.get('images'))} each)")]
 
 
 def _table(rows, header=("Item", "Value")) -> str:

@@ -38,6 +38,7 @@ class Detected:
     bn_layers: Optional[int] = None         # None: count nn.BatchNorm / OnnxBatchNorm modules
     bn_reason: Optional[str] = None         # why there are none, when the format can tell
     activation_ranges: int = 0              # int8 ONNX: quantized activations (FakeQuant modules) in the surrogate
+    int8: Optional[dict] = None             # int8 ONNX: format, weights, surrogate, parity figures (see spec.py)
     notes: list[str] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)   # convention -> where its value came from
     graph_normalisation: Optional[object] = None            # conventions.GraphNormalisation (ONNX)

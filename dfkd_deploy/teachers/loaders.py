@@ -187,7 +187,8 @@ def finish(det: Detected, path: Path, options: TeacherOptions) -> Teacher:
                        layout=layout, num_classes=num_classes, output=output, mean=mean, std=std,
                        value_range=value_range, channel_order=channel_order,
                        bn_layers=bn, activation_ranges=det.activation_ranges, arch=det.arch,
-                       converter_max_abs_diff=det.converter_max_abs_diff, notes=notes, sources=sources)
+                       converter_max_abs_diff=det.converter_max_abs_diff, int8=det.int8, notes=notes,
+                       sources=sources)
     return Teacher(module=module, spec=spec)
 
 

@@ -103,6 +103,8 @@ def load_onnx(path: Path, options: TeacherOptions) -> Detected:
     if summary is not None:
         det.sources["quantization"] = f"detected: {summary.format}, activations {summary.activations}"
         det.activation_ranges = summary.activation_ranges
+        det.int8 = {"format": summary.format, "per_channel": summary.per_channel, "ops": dict(summary.ops),
+                    "activations": summary.activations}
         _check_int8_parity(module, model, inp, file_batch or 8, file_dims, layout == "NCHW", options, det, path)
         return det
     det.converter_max_abs_diff = _parity(module, model, inp, file_batch or 2, file_dims)
@@ -407,6 +409,8 @@ def _check_int8_parity(module, model, inp, batch: int, file_dims, nchw: bool, op
     logit difference beside it."""
     figures = int8_parity(module, model, inp, batch, file_dims, nchw, options.mean, options.std)
     det.converter_max_abs_diff = figures["max_abs_diff"]
+    if det.int8 is not None:
+        det.int8.update(figures)
     det.notes.append(f"int8 parity against onnxruntime running the int8 file: top-1 agreement "
                      f"{figures['agreement_probes']:.1%} on {figures['images']} random probes, "
                      f"{figures['agreement_smooth']:.1%} on {figures['images']} smooth images; max abs logit "

@@ -27,3 +27,18 @@ def test_top5_not_measured_without_eval_data():
     r = build_report(_spec())
     assert get_path(r, "teacher.top5") is None and get_path(r, "student.top5") is None
     assert "| Student | not measured | not measured |" in render_report_md(r)
+
+
+def test_int8_teacher_parity_is_in_report_json_and_md():
+    from dfkd_deploy.teachers.spec import TeacherSpec
+
+    int8 = {"format": "QOperator", "per_channel": True, "ops": {"QLinearConv": 3}, "activations": "fake_quant",
+            "images": 64, "agreement_probes": 0.969, "agreement_smooth": 1.0, "max_abs_diff": 0.31}
+    spec = TeacherSpec(format="onnx", source="q.onnx", input_shape=(3, 32, 32), num_classes=10, int8=int8)
+    report = build_report(spec)
+    assert get_path(report, "teacher.int8.agreement_probes") == 0.969
+    md = render_report_md(report)
+    assert "QOperator, per-channel weights, surrogate activations fake_quant" in md
+    assert "96.90 % on random probes, 100.00 % on smooth images (64 each)" in md
+    assert "int8" not in render_report_md(build_report(TeacherSpec(format="onnx", source="f.onnx",
+                                                                   input_shape=(3, 32, 32))))

@@ -73,6 +73,9 @@ def test_quantized_by_onnxruntime_loads_and_agrees(float_onnx, tmp_path, fmt, pe
     assert ("per-channel" in summary) == per_channel
     parity = next(n for n in teacher.spec.notes if n.startswith("int8 parity"))
     assert "top-1 agreement" in parity and teacher.spec.converter_max_abs_diff is not None
+    record = teacher.spec.int8          # the same facts as plain data, for the coverage table and report.json
+    assert record["format"].startswith(fmt) and record["per_channel"] == per_channel
+    assert record["agreement_probes"] >= 0.95 and record["agreement_smooth"] >= 0.95
     x = torch.randn(2, 3, 12, 12, requires_grad=True)
     teacher.module(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0

@@ -94,3 +94,30 @@ def test_docs_table_covers_every_producer_and_light_model():
     assert not any("**refused**" in ln for ln in lines)
     footer = re.search(r"(\d+) unexpected results", table)
     assert footer and footer.group(1) == "0"
+
+
+def test_int8_rows_record_format_weights_and_agreement(tmp_path):
+    """onnxruntime's own quantizer, QOperator per channel and QDQ per tensor: the rows say what
+    the loader found and the int8 parity (top-1 agreement with the int8 session)."""
+    rows = [coverage.run_case(c, tmp_path / str(i)) for i, c in enumerate(coverage.int8_cases(quick=True))]
+    assert [(r.int8["format"], r.int8["per_channel"]) for r in rows] == [("QOperator", True), ("QDQ", False)]
+    for r in rows:
+        assert r.converted, r.message
+        assert r.int8["agreement_probes"] >= 0.95 and r.int8["agreement_smooth"] >= 0.95
+        assert r.int8["images"] > 0 and r.max_abs_diff is not None
+    table = coverage.int8_table(rows)
+    assert table.count("| converted | QOperator | per channel |") == 1 and "| converted | QDQ | per tensor |" in table
+
+
+def test_docs_int8_table_is_generated_and_covers_both_formats_and_the_shared_files():
+    text = DOC.read_text()
+    assert coverage.INT8_BEGIN in text and coverage.INT8_END in text
+    table = text.split(coverage.INT8_BEGIN, 1)[1].split(coverage.INT8_END, 1)[0]
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ") and not ln.startswith("| file")]
+    for fmt in ("QOperator", "QDQ"):
+        for weights in ("per tensor", "per channel"):
+            assert any(f"| converted | {fmt} | {weights} |" in ln for ln in lines), (fmt, weights)
+    for name in coverage.SHARED_INT8:
+        assert any(ln.startswith(f"| `{name}` |") and "| converted |" in ln for ln in lines), name
+    footer = re.search(r"(\d+) unexpected results", table)
+    assert footer and footer.group(1) == "0"
