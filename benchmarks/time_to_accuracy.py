@@ -12,6 +12,7 @@ Top-1 is the exported student ONNX on every image of the teacher's real test set
 
     python benchmarks/time_to_accuracy.py                 # the table -> results/time_to_accuracy.json
     python benchmarks/time_to_accuracy.py --smoke         # digits teacher, 2 minutes: a check of the script
+    python benchmarks/time_to_accuracy.py --only resnet8/onnx_folded --budgets 10   # some rows now
 
 Resumable: the JSON is read first, finished records (teacher, teacher_form, init, budget_min) are
 skipped, each new record is appended and the file rewritten atomically; the PNG (top-1 against
@@ -232,7 +233,12 @@ def main(argv=None) -> int:
     ap.add_argument("--max-runs", type=int, default=None,
                     help="stop after this many new runs (the table resumes on the next call)")
     ap.add_argument("--work", default=str(REPO / "runs" / "time_to_accuracy"), help="run directories")
+    ap.add_argument("--only", default=None, help="comma-separated teacher keys of the table to run now, e.g. "
+                                                 "resnet8/onnx_folded,fashion_mlp/onnx (the rest stays to do)")
+    ap.add_argument("--budgets", default=None, help="comma-separated budgets in minutes to run now, e.g. 10")
     args = ap.parse_args(argv)
+    only = set(args.only.split(",")) if args.only else None
+    budgets = {int(b) for b in args.budgets.split(",")} if args.budgets else None
     shared, work = Path(args.shared), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / ("time_to_accuracy_smoke.json" if args.smoke else
@@ -244,7 +250,8 @@ def main(argv=None) -> int:
     new = 0
     while args.max_runs is None or new < args.max_runs:
         todo = [(k, i, m) for k, i, m in (smoke_table() if args.smoke else table(runs))
-                if (known[k].name, known[k].form, i, m) not in done]
+                if (known[k].name, known[k].form, i, m) not in done
+                and (only is None or k in only) and (budgets is None or m in budgets)]
         if not todo:
             break
         key, init, minutes = todo[0]

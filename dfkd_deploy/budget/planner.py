@@ -114,3 +114,48 @@ def _candidate(costs: Costs, train_s: float, rounds: int, epochs: int, warmup_sh
     left = train_s - epochs * (rpe * costs.synth_round_s + costs.epoch_overhead_s)
     kd_steps = int(left // ((epochs - warmup) * costs.kd_step_s)) if left > 0 else 0
     return (epochs, warmup, rpe, kd_steps) if kd_steps >= 1 else None
+
+
+def remaining_seconds(plan: Plan, done_epochs: int, *, rounds_per_epoch: int | None = None,
+                      kd_steps: int | None = None) -> float:
+    """What the epochs after ``done_epochs`` and the end of the run cost (optionally with other
+    per-epoch counts)."""
+    c = plan.costs
+    rpe = plan.rounds_per_epoch if rounds_per_epoch is None else rounds_per_epoch
+    kd = plan.kd_steps if kd_steps is None else kd_steps
+    left = max(0, plan.epochs - done_epochs)
+    kd_epochs = max(0, plan.epochs - max(done_epochs, plan.warmup))
+    return left * (rpe * c.synth_round_s + c.epoch_overhead_s) + kd_epochs * kd * c.kd_step_s + c.finish_s
+
+
+def replan_remaining(plan: Plan, done_epochs: int, left_s: float, *,
+                     margin: float = MARGIN) -> tuple[Plan, str | None]:
+    """A resumed budgeted run: the saved plan when its remaining epochs fit the time left, else the
+    same epochs (so the cosine schedule the checkpoint is on stays as it is) with fewer synthesis
+    rounds and KD steps per epoch, cut in the same proportion, so that the rest ends inside the
+    budget. (plan, a note for report.json, or None when nothing changed.)"""
+    target = left_s * (1 - margin)
+    need = remaining_seconds(plan, done_epochs)
+    if need <= target or done_epochs >= plan.epochs:
+        return plan, None
+    best = (1, 1)
+    lo, hi = 0.0, 1.0
+    for _ in range(30):          # the largest common scale of both counts that fits
+        mid = (lo + hi) / 2
+        rpe, kd = max(1, int(plan.rounds_per_epoch * mid)), max(1, int(plan.kd_steps * mid))
+        if remaining_seconds(plan, done_epochs, rounds_per_epoch=rpe, kd_steps=kd) <= target:
+            lo, best = mid, (rpe, kd)
+        else:
+            hi = mid
+    rpe, kd = best
+    after = remaining_seconds(plan, done_epochs, rounds_per_epoch=rpe, kd_steps=kd)
+    batch = plan.pool_images // max(1, plan.rounds)           # images per synthesis round
+    pool = (done_epochs * plan.rounds_per_epoch + (plan.epochs - done_epochs) * rpe) * batch
+    new = Plan(plan.budget_s, plan.spent_s, plan.epochs, plan.warmup, rpe, kd, pool,
+               plan.estimated_s - need + after, plan.costs, plan.edge_runtimes_dropped)
+    note = (f"resumed at epoch {done_epochs} of {plan.epochs} with {left_s:.0f} s left, but the saved plan's rest "
+            f"needs about {need:.0f} s: the remaining epochs run {rpe} synthesis round(s) (was "
+            f"{plan.rounds_per_epoch}) and {kd} KD steps (was {plan.kd_steps}) each, about {after:.0f} s")
+    if after > target:
+        note += f"; even so the run overruns what is left by about {after - left_s:.0f} s"
+    return new, note

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dfkd_deploy.budget.calibrate import calibrate
-from dfkd_deploy.budget.planner import Costs, Plan, plan_budget
+from dfkd_deploy.budget.planner import Costs, Plan, plan_budget, replan_remaining
 from dfkd_deploy.core.units import parse_duration
 from dfkd_deploy.core.errors import UsageError
 from dfkd_deploy.core.io import write_json
@@ -53,6 +53,16 @@ def plan_for(teacher, recipe, student, device, *, spent_s: float, eval_images: i
     return replace(plan, costs=costs, edge_runtimes_dropped=True)
 
 
+def _checkpoint_epoch(path: Path) -> int:
+    """The epochs a checkpoint has finished (0 when it cannot say)."""
+    from dfkd_deploy.distill.checkpoint import load_checkpoint
+
+    try:
+        return int(load_checkpoint(path).get("epoch", 0))
+    except Exception:  # noqa: BLE001 - the trainer's own resume reports a bad checkpoint in its words
+        return 0
+
+
 def start(teacher, recipe, student, run_dir: Path, device, *, started: float, resume: bool,
           eval_images: int = 0) -> BudgetSession:
     """A fresh run: calibrate and plan (the calibration's own time counts as spent). A resumed
@@ -67,8 +77,11 @@ def start(teacher, recipe, student, run_dir: Path, device, *, started: float, re
         used = saved["used_before_s"] + max(0.0, ckpt.stat().st_mtime - saved["session_started"])
         plan = Plan(**{**{k: saved["plan"][k] for k in Plan.__dataclass_fields__ if k != "costs" and k in saved["plan"]},
                        "costs": Costs(**saved["plan"]["costs"])})
+        left = max(0.0, requested - used - (time.time() - started))
+        plan, replanned = replan_remaining(plan, _checkpoint_epoch(ckpt), left)
         session = BudgetSession(requested, plan, started, used,
-                                [f"resumed with {max(0.0, requested - used):.0f} s of the budget left"])
+                                [f"resumed with {max(0.0, requested - used):.0f} s of the budget left"]
+                                + ([replanned] if replanned else []))
     else:
         plan = plan_for(teacher, recipe, student, device, spent_s=time.time() - started, eval_images=eval_images)
         notes = []

@@ -83,9 +83,12 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
-# Recipe keys a resumed run may change (dotted prefixes): the epoch count, to extend a run, and
-# what only happens after training. Everything else must match the checkpoint's recipe.
-RESUMABLE_CHANGES = ("distillation.epochs", "validation.", "export.", "deploy.")
+# Recipe keys a resumed run may change (dotted prefixes): the epoch count, to extend a run; the
+# per-epoch counts, which a budgeted resume cuts to fit the time left (budget/planner.py:
+# replan_remaining); and what only happens after training. Everything else must match the
+# checkpoint's recipe.
+RESUMABLE_CHANGES = ("distillation.epochs", "distillation.kd_steps", "synthesis.rounds_per_epoch", "validation.",
+                     "export.", "deploy.")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -116,5 +119,6 @@ def check_resume_recipe(saved: dict | None, current: dict) -> None:
         shown = ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in changed[:5])
         more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
         raise UsageError(f"--resume: the recipe differs from the checkpoint's in {shown}{more}; only "
-                         "distillation.epochs, validation.*, export.* and deploy.* may change when resuming: "
+                         "distillation.epochs, distillation.kd_steps, synthesis.rounds_per_epoch, validation.*, export.* "
+                         "and deploy.* may change when resuming: "
                          "restore the others, or start a new run in another --out")

@@ -14,6 +14,7 @@ Two modes:
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -95,10 +96,27 @@ def _taylor_gradients(model: nn.Module, teacher: nn.Module, images: torch.Tensor
     loss.backward()
 
 
+def _rounded_ratios(model: nn.Module, ignored: list, ratio: float, round_to: int) -> dict:
+    """Per-layer ratios that keep a multiple of ``round_to`` channels, rounded *up* and never
+    under ``round_to`` (Torch-Pruning's own ``round_to`` rounds the kept channels down, so at high
+    ratios a thin layer would keep none and the pruner then skips it: the size is not monotone in
+    the ratio and the bisection breaks). CPU conv kernels run whole channel blocks of 8 (ONNX
+    Runtime's NCHWc on AVX2, oneDNN): odd widths are slow out of proportion to their MACs."""
+    skip = set(map(id, ignored))
+    out = {}
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in skip:
+            c = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+            keep = min(c, max(round_to, round_to * math.ceil(c * (1 - ratio) / round_to)))
+            out[m] = 1 - (keep + 0.5) / c if keep < c else 0.0   # +0.5: Torch-Pruning keeps int(c * (1 - r))
+    return out
+
+
 def prune_once(model: nn.Module, ratio: float, *, example: torch.Tensor, num_classes: int, mode: str,
                importance: str = "magnitude", teacher: nn.Module | None = None,
-               images: torch.Tensor | None = None) -> PruneResult:
-    """A pruned copy of ``model`` with ``ratio`` of each prunable layer's channels removed."""
+               images: torch.Tensor | None = None, round_to: int | None = None) -> PruneResult:
+    """A pruned copy of ``model`` with ``ratio`` of each prunable layer's channels removed (with
+    ``round_to``, each layer keeps the next multiple of it)."""
     tp = import_torch_pruning()
 
     model = copy.deepcopy(model).cpu().eval()
@@ -112,8 +130,10 @@ def prune_once(model: nn.Module, ratio: float, *, example: torch.Tensor, num_cla
         ignored = head
     has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     try:
+        per_layer = _rounded_ratios(model, ignored, ratio, round_to) if round_to else None
         pruner = tp.pruner.MetaPruner(model, example, importance=_importance(importance, has_bn),
-                                      pruning_ratio=ratio, ignored_layers=ignored, round_to=None)
+                                      pruning_ratio=ratio, pruning_ratio_dict=per_layer, ignored_layers=ignored,
+                                      round_to=None)
     except Exception as exc:  # noqa: BLE001 - a graph the dependency tracer cannot follow
         raise PruneError(f"Torch-Pruning cannot trace this teacher ({type(exc).__name__}: {_line(exc)}); "
                          "use student.init: scratch") from None
@@ -201,7 +221,8 @@ def check_forward(model: nn.Module, example: torch.Tensor, num_classes: int) -> 
 def prune_to_target(model: nn.Module, target: Target, *, example: torch.Tensor, num_classes: int,
                     teacher_value: float, measure: Callable[[nn.Module], Optional[float]] | None = None,
                     importance: str = "magnitude", teacher: nn.Module | None = None,
-                    images: torch.Tensor | None = None, mode: str | None = None) -> PruneResult:
+                    images: torch.Tensor | None = None, mode: str | None = None,
+                    round_to: int | None = None) -> PruneResult:
     """The smallest channel ratio whose pruned model is within ``target`` (bisection: the pruned
     size falls monotonically with the ratio). ``measure`` returns the target's figure for a model
     (defaults: parameters, MACs); ``teacher_value`` is the teacher's."""
@@ -210,7 +231,8 @@ def prune_to_target(model: nn.Module, target: Target, *, example: torch.Tensor, 
     if measure is None:
         measure = (lambda m: count_params(m)) if target.metric == "params" else \
                   (lambda m: count_macs(m, tuple(example.shape[1:])))
-    kw = dict(example=example, num_classes=num_classes, mode=mode, importance=importance, teacher=teacher, images=images)
+    kw = dict(example=example, num_classes=num_classes, mode=mode, importance=importance, teacher=teacher, images=images,
+              round_to=round_to)
 
     def fits(result: PruneResult) -> bool:
         value = measure(result.model)

@@ -119,3 +119,70 @@ def test_a_budget_too_short_for_the_edge_runtimes_leaves_them_out(monkeypatch):
     monkeypatch.setattr(session, "calibrate", lambda *a, **k: hopeless)
     with pytest.raises(UsageError, match="too short"):
         session.plan_for(None, recipe, None, "cpu", spent_s=0.0)
+
+
+@pytest.mark.parametrize("done", [0, 3, 7, 11])
+@pytest.mark.parametrize("left_fraction", [1.0, 0.5, 0.2, 0.02])
+def test_a_resumed_run_fits_what_is_left_with_the_same_epochs(done, left_fraction):
+    """A run stopped at epoch ``done`` and resumed when only part of the time its plan needs is
+    left: the epochs (and so the cosine schedule in the checkpoint) stay, the per-epoch counts
+    shrink until the rest fits, or the note says by how much it cannot."""
+    from dfkd_deploy.budget.planner import remaining_seconds, replan_remaining
+
+    costs = Costs(synth_round_s=8.0, kd_step_s=1.2, epoch_overhead_s=0.5, finish_s=60.0)
+    plan = plan_budget(1800, costs, spent_s=10, synth_batch=64)
+    assert plan.epochs > 11
+    need = remaining_seconds(plan, done)
+    new, note = replan_remaining(plan, done, left_fraction * need / (1 - MARGIN))
+    assert (new.epochs, new.warmup) == (plan.epochs, plan.warmup)
+    if left_fraction == 1.0:
+        assert new == plan and note is None
+        return
+    assert note and f"resumed at epoch {done} of {plan.epochs}" in note
+    assert 1 <= new.rounds_per_epoch <= plan.rounds_per_epoch and 1 <= new.kd_steps <= plan.kd_steps
+    after = remaining_seconds(new, done)
+    shortest = remaining_seconds(plan, done, rounds_per_epoch=1, kd_steps=1)
+    if shortest <= left_fraction * need:
+        assert after <= left_fraction * need + 1e-6 and "overruns" not in note
+    else:
+        assert (new.rounds_per_epoch, new.kd_steps) == (1, 1) and "overruns" in note
+    assert new.pool_images == (done * plan.rounds_per_epoch + (plan.epochs - done) * new.rounds_per_epoch) * 64
+
+
+def test_a_replanned_resume_passes_the_recipe_check():
+    from dfkd_deploy.distill.checkpoint import recipe_changes
+    from dfkd_deploy.recipe import load_recipe
+
+    saved = load_recipe(None, {"distillation.kd_steps": 40, "synthesis.rounds_per_epoch": 3}).model_dump(mode="json")
+    now = load_recipe(None, {"distillation.kd_steps": 12, "synthesis.rounds_per_epoch": 1}).model_dump(mode="json")
+    assert recipe_changes(saved, now) == []
+    lr = load_recipe(None, {"distillation.lr": 0.5}).model_dump(mode="json")
+    assert recipe_changes(saved, lr) != []
+
+
+def test_resume_with_little_budget_left_replans_and_says_so(tmp_path):
+    """session.start(resume=True) reads the saved plan and the checkpoint's epoch, and cuts the
+    remaining epochs' counts to the time left (here: an earlier session used most of the budget)."""
+    import json
+    import time
+
+    from dfkd_deploy.budget import session as budget_session
+    from dfkd_deploy.distill.checkpoint import REQUIRED_KEYS, save_checkpoint
+    from dfkd_deploy.recipe import load_recipe
+
+    costs = Costs(synth_round_s=8.0, kd_step_s=1.2, epoch_overhead_s=0.5, finish_s=60.0)
+    plan = plan_budget(1800, costs, spent_s=10, synth_batch=64)
+    now = time.time()
+    (tmp_path / "checkpoints").mkdir()
+    state = {k: {} for k in REQUIRED_KEYS}
+    state.update(epoch=4, world_size=1, ranks=[{"rng": {}, "pool_shards": 0, "pool_files": [], "synthesizer": {}}])
+    save_checkpoint(tmp_path / "checkpoints" / "last.pt", state)
+    json.dump({"requested_s": 1800, "plan": plan.to_dict(), "session_started": now - 60,
+               "used_before_s": 1500.0}, (tmp_path / budget_session.BUDGET_FILE).open("w"))
+    recipe = load_recipe(None, {"budget": "30m"})
+    s = budget_session.start(None, recipe, None, tmp_path, "cpu", started=now, resume=True)
+    assert s.used_before_s >= 1500
+    assert (s.plan.epochs, s.plan.warmup) == (plan.epochs, plan.warmup)
+    assert s.plan.kd_steps < plan.kd_steps and any("resumed at epoch 4" in n for n in s.notes)
+    saved = json.loads((tmp_path / budget_session.BUDGET_FILE).read_text())
+    assert saved["plan"]["kd_steps"] == s.plan.kd_steps      # a second resume starts from the cut plan
