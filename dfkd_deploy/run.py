@@ -36,7 +36,6 @@ from dfkd_deploy.distill.trainer import Distiller, seed_everything
 from dfkd_deploy.models import build_model
 from dfkd_deploy.models.heads import apply_head_config
 from dfkd_deploy.core.progress import console, task, warn
-from dfkd_deploy.core.errors import UsageError
 from dfkd_deploy.recipe import Recipe
 from dfkd_deploy.report.report import count_parameters
 from dfkd_deploy.synthesis import Priors, Synthesizer, make_synthesizer
@@ -238,24 +237,25 @@ def start_budget(teacher: Teacher, recipe: Recipe, run_dir: Path, device, *, ent
     from dfkd_deploy.budget.session import start
 
     ctx = ctx or distributed.current()
-    if ctx.enabled:
-        raise UsageError("--budget under torchrun is not supported yet: the ranks would plan apart; "
-                         "run without a budget, or on one process")
+    if ctx.enabled:   # the wall time of the whole job: from the first rank's start, as rank 0 saw it
+        entered = ctx.broadcast(min(entered, distributed.process_started()))
     seed_everything(recipe.seed)
-    student = build_student(recipe, teacher, device=device, announce=not resume, measure_latency=True)
+    student = build_student(recipe, teacher, device=device, announce=not resume and ctx.is_main,
+                            measure_latency=True)
     eval_images = 0
     if eval_data is not None:
         eval_images = len(load_eval_data(eval_data, input_shape=teacher.spec.input_shape,
                                          num_classes=teacher.spec.num_classes))
     session = start(teacher, recipe, student, run_dir, device, started=entered, resume=resume,
-                    eval_images=eval_images)
+                    eval_images=eval_images, ctx=ctx)
     planned = session.plan.apply(recipe)
     p = session.plan
-    for note in session.notes:
-        warn(note)
-    console.print(f"budget {session.requested_s:.0f} s: {p.epochs} epochs ({p.warmup} warm-up) x {p.rounds_per_epoch} "
-                  f"round(s), {p.pool_images:,} pool images, {p.kd_steps} KD steps per epoch; estimated "
-                  f"{p.estimated_s:.0f} s")
+    if ctx.is_main:
+        for note in session.notes:
+            warn(note)
+        console.print(f"budget {session.requested_s:.0f} s: {p.epochs} epochs ({p.warmup} warm-up) x "
+                      f"{p.rounds_per_epoch} round(s), {p.pool_images:,} pool images, {p.kd_steps} KD steps per "
+                      f"epoch; estimated {p.estimated_s:.0f} s")
     return session, planned, student
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from dfkd_deploy.budget.calibrate import calibrate
@@ -35,22 +35,55 @@ class BudgetSession:
                            "sessions_before_s": round(self.used_before_s, 2), "notes": self.notes}}
 
 
-def plan_for(teacher, recipe, student, device, *, spent_s: float, eval_images: int = 0) -> Plan:
+def plan_for(teacher, recipe, student, device, *, spent_s: float, eval_images: int = 0, ctx=None) -> Plan:
     """Calibrate, then plan; the calibration's own time counts as spent. When the budget is too
     short for the run with its edge runtimes but not without them, the plan leaves them out
-    (``edge_runtimes_dropped``; the caller says so) rather than refusing the run."""
+    (``edge_runtimes_dropped``; the caller says so) rather than refusing the run.
+
+    Under torchrun every rank calibrates its own share (its part of each synthesis round and KD
+    batch, side by side as they will train), rank 0 plans with the slowest rank's costs and every
+    rank takes rank 0's plan, so the ranks run one schedule."""
+    from dfkd_deploy.core import distributed
+
+    ctx = ctx or distributed.current()
     t0 = time.perf_counter()
-    costs = calibrate(teacher, recipe, student, device, eval_images=eval_images)
+    costs = calibrate(teacher, rank_share(recipe, ctx), student, device, eval_images=eval_images)
+    if ctx.enabled:
+        everyone = ctx.gather(asdict(costs))
+        costs = ctx.broadcast(slowest(everyone) if ctx.is_main else None)
     spent = spent_s + time.perf_counter() - t0
-    kw = dict(spent_s=spent, synth_batch=recipe.synthesis.batch_size)
-    try:
-        return plan_budget(parse_duration(recipe.budget), costs, **kw)
-    except UsageError:
-        if costs.edge_s <= 0:
-            raise
-    lean = replace(costs, finish_s=costs.finish_s - costs.edge_s, edge_s=0.0)
-    plan = plan_budget(parse_duration(recipe.budget), lean, **kw)   # still too short: the error says so
-    return replace(plan, costs=costs, edge_runtimes_dropped=True)
+    if ctx.enabled:
+        spent = ctx.broadcast(spent)
+
+    def plan() -> Plan:
+        kw = dict(spent_s=spent, synth_batch=recipe.synthesis.batch_size)
+        try:
+            return plan_budget(parse_duration(recipe.budget), costs, **kw)
+        except UsageError:
+            if costs.edge_s <= 0:
+                raise
+        lean = replace(costs, finish_s=costs.finish_s - costs.edge_s, edge_s=0.0)
+        chosen = plan_budget(parse_duration(recipe.budget), lean, **kw)   # still too short: the error says so
+        return replace(chosen, costs=costs, edge_runtimes_dropped=True)
+
+    return ctx.on_main(plan)      # (an error there, "too short", reaches every rank)
+
+
+def rank_share(recipe, ctx):
+    """The recipe one rank calibrates with: its share of each synthesis round and KD batch."""
+    from dfkd_deploy.core import distributed
+
+    if not ctx.enabled:
+        return recipe
+    local = distributed.rank_recipe(recipe, ctx)
+    local.distillation.batch_size = distributed.per_rank(recipe.distillation.batch_size, ctx,
+                                                         "distillation.batch_size")
+    return local
+
+
+def slowest(costs: list[dict]) -> Costs:
+    """Each cost at its largest over the ranks (the ranks wait for each other every step)."""
+    return Costs(**{k: max(c[k] for c in costs) for k in costs[0]})
 
 
 def _checkpoint_epoch(path: Path) -> int:
@@ -64,7 +97,7 @@ def _checkpoint_epoch(path: Path) -> int:
 
 
 def start(teacher, recipe, student, run_dir: Path, device, *, started: float, resume: bool,
-          eval_images: int = 0) -> BudgetSession:
+          eval_images: int = 0, ctx=None) -> BudgetSession:
     """A fresh run: calibrate and plan (the calibration's own time counts as spent). A resumed
     run: the saved plan, and the time the earlier sessions used up to their last checkpoint."""
     requested = parse_duration(recipe.budget)
@@ -77,19 +110,27 @@ def start(teacher, recipe, student, run_dir: Path, device, *, started: float, re
         used = saved["used_before_s"] + max(0.0, ckpt.stat().st_mtime - saved["session_started"])
         plan = Plan(**{**{k: saved["plan"][k] for k in Plan.__dataclass_fields__ if k != "costs" and k in saved["plan"]},
                        "costs": Costs(**saved["plan"]["costs"])})
-        left = max(0.0, requested - used - (time.time() - started))
-        plan, replanned = replan_remaining(plan, _checkpoint_epoch(ckpt), left)
+        def replan():      # on rank 0 alone under torchrun: the ranks must not cut differently
+            left = max(0.0, requested - used - (time.time() - started))
+            return replan_remaining(plan, _checkpoint_epoch(ckpt), left)
+
+        plan, replanned = replan() if ctx is None else ctx.on_main(replan)
         session = BudgetSession(requested, plan, started, used,
                                 [f"resumed with {max(0.0, requested - used):.0f} s of the budget left"]
                                 + ([replanned] if replanned else []))
     else:
-        plan = plan_for(teacher, recipe, student, device, spent_s=time.time() - started, eval_images=eval_images)
+        plan = plan_for(teacher, recipe, student, device, spent_s=time.time() - started, eval_images=eval_images,
+                        ctx=ctx)
         notes = []
         if plan.edge_runtimes_dropped:
             notes.append(f"the budget cannot also fit the edge runtimes ({', '.join(recipe.deploy.edge_runtimes)}: "
                          f"about {plan.costs.edge_s:.0f} s to convert, compare and time): this run leaves them out; "
                          "a longer budget keeps them, deploy.edge_runtimes: [] says so in the recipe")
         session = BudgetSession(requested, plan, started, notes=notes)
-    write_json(path, {"requested_s": requested, "plan": plan.to_dict(), "session_started": started,
-                      "used_before_s": session.used_before_s})
+    record = {"requested_s": requested, "plan": plan.to_dict(), "session_started": started,
+              "used_before_s": session.used_before_s}
+    if ctx is None or ctx.is_main:
+        write_json(path, record)
+    if ctx is not None and ctx.enabled:
+        ctx.barrier()
     return session

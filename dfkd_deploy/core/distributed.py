@@ -176,6 +176,22 @@ def current() -> DistContext:
     return DistContext()
 
 
+def process_started() -> float:
+    """When this process started (time.time() scale): /proc on Linux, else now. A budget under
+    torchrun counts from there, the interpreter's and torch's start-up included."""
+    import time
+
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])      # field 22: starttime, after comm
+        with open("/proc/stat", encoding="ascii") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        started = boot + ticks / os.sysconf("SC_CLK_TCK")
+        return started if started <= time.time() else time.time()
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 

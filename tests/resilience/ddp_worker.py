@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -97,6 +98,29 @@ def full_loop(run_dir: Path, ctx, *, stop=None, resume=False) -> Distiller:
     return d
 
 
+def budget_plan(run_dir: Path, ctx) -> dict:
+    """A budget under torchrun: each rank calibrates its share (stubbed here with rank-dependent
+    costs, so nothing is timed), rank 0 plans with the slowest rank's costs, every rank gets that
+    plan, and rank 0 alone writes budget.json."""
+    from dfkd_deploy.budget import session as budget_session
+    from dfkd_deploy.budget.planner import Costs
+
+    seen = {}
+
+    def calibrate(teacher, recipe, student, device, *, eval_images=0):
+        seen.update(synthesis_batch=recipe.synthesis.batch_size, kd_batch=recipe.distillation.batch_size)
+        return Costs(synth_round_s=2.0 + ctx.rank, kd_step_s=0.2 - 0.1 * ctx.rank, epoch_overhead_s=0.1,
+                     finish_s=30.0)
+
+    budget_session.calibrate = calibrate
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recipe = kd_recipe(**{"synthesis.batch_size": 16, "budget": "10m"})
+    s = budget_session.start(None, recipe, None, run_dir, "cpu", started=time.time(), resume=False,
+                             ctx=ctx)
+    return {"plan": s.plan.to_dict(), "calibrated_with": seen,
+            "budget_json": (run_dir / budget_session.BUDGET_FILE).is_file()}
+
+
 # Long enough for a loaded 2-core machine, short enough that a rank whose peer died fails
 # with an error instead of waiting for the library's default (two hours).
 COLLECTIVE_TIMEOUT = timedelta(minutes=4)
@@ -146,6 +170,8 @@ def run_checks(out: Path, pool_dir: Path) -> None:
         loop_resumed = full_loop(out / "loop_half", ctx, resume=True)
         results["pool_images"] = len(loop_full.pool)
         results["own_shards"] = [s["file"] for s in loop_full.pool.own]
+
+        results["budget"] = budget_plan(out / "budget", ctx)
 
         torch.save({"kd_full": full.state_dict(), "kd_resumed": resumed.state_dict(),
                     "loop_full": loop_full.student.state_dict(), "loop_resumed": loop_resumed.student.state_dict(),

@@ -141,6 +141,19 @@ def test_ranks_write_their_own_shards_and_stay_in_step(two_ranks):
     assert ckpt["ranks"][0]["rng"]["torch"].ne(ckpt["ranks"][1]["rng"]["torch"]).any()   # distinct streams
 
 
+def test_a_budget_is_planned_once_for_every_rank(two_ranks):
+    """Each rank calibrated its own share of the batches; rank 0 planned with the slowest rank's
+    cost of each step, and both ranks run that one plan."""
+    _, _, ranks, _ = two_ranks
+    b0, b1 = ranks[0]["budget"], ranks[1]["budget"]
+    assert b0["plan"] == b1["plan"]
+    assert b0["calibrated_with"] == b1["calibrated_with"] == {"synthesis_batch": 8, "kd_batch": 16}
+    costs = b0["plan"]["costs"]
+    assert (costs["synth_round_s"], costs["kd_step_s"]) == (3.0, 0.2)      # rank 1's round, rank 0's KD step
+    assert b0["plan"]["pool_images"] == b0["plan"]["rounds"] * 16          # rounds of the global batch
+    assert b0["budget_json"]
+
+
 # -- the real command under torchrun ------------------------------------------------------------
 
 # |agreement difference| allowed between the 2-process and the 1-process run on the held-out
