@@ -186,7 +186,7 @@ def _prune(recipe, teacher, target: Target, t_fig: SizeFigures, images) -> Built
     result = prune.prune_to_target(source, target, example=_example(spec), num_classes=spec.num_classes,
                                    teacher_value=teacher_value, measure=measure_fn,
                                    importance=d.prune_importance, teacher=teacher.module,
-                                   images=calib[:64] if calib is not None else None)
+                                   images=calib[:64] if calib is not None else None, round_to=d.round_to)
     model = architecture.trainable(result.model)
     if d.recalibrate_bn and calib is not None:
         depth.recalibrate_bn(model, calib)
@@ -194,6 +194,7 @@ def _prune(recipe, teacher, target: Target, t_fig: SizeFigures, images) -> Built
     description = architecture.describe(model, base, base_module, init="prune")
     return BuiltStudent(model, label, "prune", description,
                         info={"prune": {"ratio": round(result.ratio, 4), "mode": result.mode,
+                                        "round_to": d.round_to,
                                         "importance": result.importance, "layers": result.prunable_layers,
                                         "bn_recalibrated": bool(d.recalibrate_bn and calib is not None)}})
 

@@ -89,3 +89,15 @@ def test_prune_refuses_an_arch(digits_teacher):
     r = load_recipe(None, {"student.init": "prune", "student.arch": "tiny_cnn"})
     with pytest.raises(UsageError, match="leave student.arch unset"):
         build(r, digits_teacher, measure_latency=False)
+
+
+def test_prune_round_to_keeps_multiples_of_eight_and_meets_the_target(zoo_teacher):
+    """round_to rounds each pruned layer's kept channels *up* to a multiple (Torch-Pruning's own
+    rounds down, which at high ratios leaves thin layers unpruned): the target is still met."""
+    built = build(_prune_recipe("params=0.5", round_to=8), zoo_teacher, measure_latency=False)
+    _check(built, zoo_teacher, 0.5)
+    assert built.info["prune"]["round_to"] == 8
+    teacher_convs = dict(zoo_teacher.module.model.named_modules())
+    pruned = [(n, m.out_channels) for n, m in built.module.named_modules()
+              if isinstance(m, torch.nn.Conv2d) and n.startswith("layer") and n.endswith("conv1")]
+    assert pruned and all(c % 8 == 0 and 8 <= c < teacher_convs[n].out_channels for n, c in pruned), pruned
