@@ -27,7 +27,9 @@ Producers covered:
 - **int8** files (a second table): the zoo ResNet-8 quantized by onnxruntime's own quantizer in
   both formats (QOperator, QDQ) and both weight granularities (per tensor, per channel), and the
   real int8 files in ``--shared`` when given; each row records what the loader found (format,
-  weights) and its int8 parity: top-1 agreement with onnxruntime running the int8 file.
+  weights) and its int8 parity: top-1 agreement with onnxruntime running the int8 file, and how
+  many classes onnxruntime predicted on those inputs (the random ResNet-8's last layer is
+  re-centred first, ``spread_logits``: as initialised it gives every input the same class).
 
     python tools/onnx_coverage.py --shared ../shared --out docs/teachers.md   # rewrite both tables
     python tools/onnx_coverage.py --int8-only --shared ../shared --out docs/teachers.md
@@ -56,7 +58,7 @@ sys.path.insert(0, str(REPO))   # this checkout's dfkd_deploy and its test fixtu
 
 from dfkd_deploy.core.errors import DfkdError  # noqa: E402
 from dfkd_deploy.recipe import TeacherOptions  # noqa: E402
-from tests.teachers.onnx_fixtures import BNFree, NHWCSoftmax, zoo_model  # noqa: E402
+from tests.teachers.onnx_fixtures import BNFree, NHWCSoftmax, spread_logits, zoo_model  # noqa: E402
 
 TABLE_BEGIN = "<!-- coverage-table:begin (python tools/onnx_coverage.py --out docs/teachers.md) -->"
 TABLE_END = "<!-- coverage-table:end -->"
@@ -429,7 +431,8 @@ def int8_cases(shared: Optional[Path] = None, quick: bool = False) -> list[Case]
         what = f"onnxruntime quantize_static, {fmt}, {'per-channel' if per_channel else 'per-tensor'}" + \
             ("" if reduce_range else ", reduce_range off (u8s8 saturation on CPUs without VNNI)")
         cases.append(Case(name, what, 13, lambda d, fmt=fmt, pc=per_channel, rr=reduce_range:
-                          write_ort_int8(zoo_model(name, shape), shape, d / "t.onnx", fmt, pc, rr)))
+                          write_ort_int8(spread_logits(zoo_model(name, shape), shape), shape, d / "t.onnx",
+                                         fmt, pc, rr)))
     for file, (what, mean, std) in SHARED_INT8.items():
         path = None if shared is None else Path(shared) / "teachers" / file
         if path is not None and path.is_file():
@@ -514,7 +517,8 @@ def int8_table(rows: list[Row]) -> str:
     for r in rows:
         q = r.int8 or {}
         if r.converted and q:
-            agree = f"{q['agreement_probes']:.1%} / {q['agreement_smooth']:.1%} ({q['images']} each)"
+            agree = (f"{q['agreement_probes']:.1%} / {q['agreement_smooth']:.1%} ({q['images']} each; onnxruntime "
+                     f"predicted {q['classes_probes']} / {q['classes_smooth']} classes)")
             lines.append(f"| {r.model} | {r.producer} | {r.opset} | converted | {q['format']} | "
                          f"{'per channel' if q['per_channel'] else 'per tensor'} | {agree} | {r.max_abs_diff:.3g} | "
                          f"surrogate activations: {q['activations']} |")

@@ -20,6 +20,27 @@ def randomise_bn(model: nn.Module, seed: int = 0, mean_scale: float = 0.2) -> nn
     return model.eval()
 
 
+def spread_logits(model: nn.Module, shape, seed: int = 0, spread: float = 3.0) -> nn.Module:
+    """A random network predicts one class for nearly every input (64 of 64 Gaussian probes for
+    a random ResNet-8), so any other model "agrees" with it. Re-centre and re-scale its last
+    Linear so that each class logit has mean 0 and standard deviation ``spread`` within Gaussian,
+    uniform and smooth [0,1] inputs: the predictions then spread over the classes, and agreement
+    means something."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    gen = torch.Generator().manual_seed(seed)
+    c, h, w = shape
+    coarse = torch.rand(128, c, max(2, h // 8), max(2, w // 8), generator=gen)    # smooth image-like inputs,
+    smooth = nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)   # as parity's
+    kinds = [torch.randn(128, *shape, generator=gen), torch.rand(128, *shape, generator=gen), smooth]
+    with torch.no_grad():   # statistics within each kind of input, averaged: each kind gets spread out
+        ys = [model.eval()(x) for x in kinds]
+        mean = torch.stack([y.mean(0) for y in ys]).mean(0)
+        std = torch.stack([y.std(0) for y in ys]).mean(0).clamp_min(1e-6)
+        last.weight.mul_((spread / std)[:, None])
+        last.bias.copy_((last.bias - mean) * spread / std)
+    return model
+
+
 def zoo_model(name: str, shape, seed: int = 0) -> nn.Module:
     from dfkd_deploy.models import build_model
 

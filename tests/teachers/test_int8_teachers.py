@@ -15,21 +15,24 @@ from dfkd_deploy.core.errors import TeacherError
 from dfkd_deploy.recipe import TeacherOptions
 from dfkd_deploy.teachers import load_teacher, quantized
 from tests.conftest import shared_path
+from tests.teachers.onnx_fixtures import spread_logits
 
 
 class SmallNet(nn.Module):
-    """Conv-ReLU, a residual Add, average pooling and a Linear head: the ops a quantizer rewrites."""
+    """Conv-ReLU, a residual Add, average pooling and a Linear head: the ops a quantizer rewrites.
+    (A 4x4 average pool, not a global one: pooled over the whole image, iid probes all give the
+    same features and so the same class, and agreement on them would mean nothing.)"""
 
     def __init__(self):
         super().__init__()
         self.c1 = nn.Conv2d(3, 8, 3, padding=1)
         self.c2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 5)
+        self.fc = nn.Linear(8 * 3 * 3, 5)
 
     def forward(self, x):
         h = torch.relu(self.c1(x))
         h = h + self.c2(h)
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+        return self.fc(torch.flatten(nn.functional.avg_pool2d(h, 4), 1))
 
 
 class _Reader:
@@ -45,7 +48,7 @@ class _Reader:
 def float_onnx(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("int8") / "small.onnx"
-    torch.onnx.export(SmallNet().eval(), (torch.randn(1, 3, 12, 12),), str(path), dynamo=False, opset_version=13,
+    torch.onnx.export(spread_logits(SmallNet(), (3, 12, 12)), (torch.randn(1, 3, 12, 12),), str(path), dynamo=False, opset_version=13,
                       input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
     return path
 
@@ -76,6 +79,7 @@ def test_quantized_by_onnxruntime_loads_and_agrees(float_onnx, tmp_path, fmt, pe
     record = teacher.spec.int8          # the same facts as plain data, for the coverage table and report.json
     assert record["format"].startswith(fmt) and record["per_channel"] == per_channel
     assert record["agreement_probes"] >= 0.95 and record["agreement_smooth"] >= 0.95
+    assert record["classes_probes"] >= 3          # the probes are not all one class: the agreement means something
     x = torch.randn(2, 3, 12, 12, requires_grad=True)
     teacher.module(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0

@@ -105,6 +105,7 @@ def test_int8_rows_record_format_weights_and_agreement(tmp_path):
         assert r.converted, r.message
         assert r.int8["agreement_probes"] >= 0.95 and r.int8["agreement_smooth"] >= 0.95
         assert r.int8["images"] > 0 and r.max_abs_diff is not None
+        assert r.int8["classes_probes"] >= 3 and r.int8["classes_smooth"] >= 1   # agreement that means something
     table = coverage.int8_table(rows)
     assert table.count("| converted | QOperator | per channel |") == 1 and "| converted | QDQ | per tensor |" in table
 
