@@ -1,6 +1,5 @@
 """The command line: every subcommand, exit codes (0 ok, 2 usage/input error), one-line errors."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -3,7 +3,6 @@ not do. Each test names the item it keeps fixed. The real CLI in-process (CliRun
 process suffices, subprocesses where a signal or a second process is the point."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

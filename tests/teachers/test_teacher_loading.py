@@ -428,7 +428,6 @@ def _evil_pickled_weight(name, data, marker):
 def _evil_opaque_constant(name, data, marker):
     """A constant stored as an 'opaque object': torch unpickles it with plain pickle.loads."""
     import json
-    import pickle
 
     if name.endswith("model_constants_config.json"):
         return json.dumps({"config": {"c": {"path_name": "opaque_obj_0", "is_param": False,
