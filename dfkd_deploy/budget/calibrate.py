@@ -23,6 +23,9 @@ REPORT_SECONDS = 8.0      # reports (HTML figures), gallery, manifest, bundle co
 # OpenVINO (fp32, fp16, int8) 8 s for cifar_resnet20.
 EDGE_CONVERT_S = {"executorch": (22.0, 2.2), "openvino": (3.0, 0.25)}
 EDGE_FILES = {"executorch": 2, "openvino": 3}
+# A batch of held-out probes costs this fraction of a synthesis round (no adversarial term, no
+# meta update).
+PROBE_ROUND = 0.7
 # In a budgeted run every back end is compared on at most this many real images (run.compare_images).
 BUDGET_COMPARE_IMAGES = 2000
 
@@ -66,7 +69,7 @@ def calibrate(teacher, recipe, student, device, *, eval_images: int = 0) -> Cost
     finish = finish_seconds(recipe, **kw)
     without_edge = finish_seconds(recipe.model_copy(update={"deploy": recipe.deploy.model_copy(
         update={"edge_runtimes": []})}), **kw)
-    return Costs(round_s, kd_s, overhead_s, finish, edge_s=finish - without_edge)
+    return Costs(round_s, kd_s, overhead_s, finish, edge_s=finish - without_edge, probe_batch_s=round_s * PROBE_ROUND)
 
 
 def finish_seconds(recipe, *, round_s: float, export_s: float, teacher_img_s: float, student_img_s: float,
@@ -81,7 +84,7 @@ def finish_seconds(recipe, *, round_s: float, export_s: float, teacher_img_s: fl
     runtimes = [r for r in recipe.deploy.edge_runtimes if (installed or _installed)(r)]
     backends = 3 + sum(EDGE_FILES[r] for r in runtimes)          # ORT fp32, ORT int8 (x2), edge files
     compare = min(eval_images, BUDGET_COMPARE_IMAGES)
-    return (math.ceil(probes / s.batch_size) * round_s * 0.7      # probes: no adversarial term, no meta update
+    return (math.ceil(probes / s.batch_size) * round_s * PROBE_ROUND   # probes: no adversarial term, no meta update
             + 4 * export_s                                        # export + parity, INT8 quantisation and checks
             + eval_images * (teacher_img_s + 2 * student_img_s)
             + (recipe.deploy.calibration_images + probes) * student_img_s * 2

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from dfkd_deploy.budget.calibrate import calibrate
-from dfkd_deploy.budget.planner import Costs, Plan, plan_budget, replan_remaining
+from dfkd_deploy.budget.planner import PROBE_SHARE, Costs, Plan, cap_probes, plan_budget, replan_remaining
 from dfkd_deploy.core.units import parse_duration
 from dfkd_deploy.core.errors import UsageError
 from dfkd_deploy.core.io import write_json
@@ -54,17 +54,21 @@ def plan_for(teacher, recipe, student, device, *, spent_s: float, eval_images: i
     spent = spent_s + time.perf_counter() - t0
     if ctx.enabled:
         spent = ctx.broadcast(spent)
+    budget_s = parse_duration(recipe.budget)
+    probes, saved = cap_probes(budget_s, costs, recipe.validation.probe_images, recipe.synthesis.batch_size)
+    costs = replace(costs, finish_s=costs.finish_s - saved)   # (what the plan and a resume count on)
 
     def plan() -> Plan:
         kw = dict(spent_s=spent, synth_batch=recipe.synthesis.batch_size)
+        cut = {"costs": costs, "probe_images": probes if probes < recipe.validation.probe_images else None}
         try:
-            return plan_budget(parse_duration(recipe.budget), costs, **kw)
+            return replace(plan_budget(budget_s, costs, **kw), **cut)
         except UsageError:
             if costs.edge_s <= 0:
                 raise
         lean = replace(costs, finish_s=costs.finish_s - costs.edge_s, edge_s=0.0)
-        chosen = plan_budget(parse_duration(recipe.budget), lean, **kw)   # still too short: the error says so
-        return replace(chosen, costs=costs, edge_runtimes_dropped=True)
+        chosen = plan_budget(budget_s, lean, **kw)   # still too short: the error says so
+        return replace(chosen, edge_runtimes_dropped=True, **cut)
 
     return ctx.on_main(plan)      # (an error there, "too short", reaches every rank)
 
@@ -122,6 +126,12 @@ def start(teacher, recipe, student, run_dir: Path, device, *, started: float, re
         plan = plan_for(teacher, recipe, student, device, spent_s=time.time() - started, eval_images=eval_images,
                         ctx=ctx)
         notes = []
+        if plan.probe_images is not None:
+            asked = recipe.validation.probe_images
+            all_s = -(-asked // recipe.synthesis.batch_size) * plan.costs.probe_batch_s
+            notes.append(f"held-out probes cut from {asked} to {plan.probe_images}: synthesizing them all would "
+                         f"take about {all_s:.0f} s, over {PROBE_SHARE:.0%} of the budget (the data-free "
+                         "estimate's interval is wider)")
         if plan.edge_runtimes_dropped:
             notes.append(f"the budget cannot also fit the edge runtimes ({', '.join(recipe.deploy.edge_runtimes)}: "
                          f"about {plan.costs.edge_s:.0f} s to convert, compare and time): this run leaves them out; "

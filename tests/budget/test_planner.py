@@ -186,3 +186,42 @@ def test_resume_with_little_budget_left_replans_and_says_so(tmp_path):
     assert s.plan.kd_steps < plan.kd_steps and any("resumed at epoch 4" in n for n in s.notes)
     saved = json.loads((tmp_path / budget_session.BUDGET_FILE).read_text())
     assert saved["plan"]["kd_steps"] == s.plan.kd_steps      # a second resume starts from the cut plan
+
+
+@pytest.mark.parametrize("budget_s", [600, 1800, 3600])
+@pytest.mark.parametrize("probe_batch_s", [0.0, 5.0, 127.0, 400.0])
+def test_probes_are_cut_to_a_share_of_the_budget(budget_s, probe_batch_s):
+    from dfkd_deploy.budget.planner import PROBE_SHARE, cap_probes
+
+    costs = Costs(synth_round_s=1.0, kd_step_s=0.1, epoch_overhead_s=0.0, finish_s=50.0, probe_batch_s=probe_batch_s)
+    n, saved = cap_probes(budget_s, costs, 512, 64)
+    batches = n // 64
+    assert n % 64 == 0 and 64 <= n <= 512
+    if 8 * probe_batch_s <= PROBE_SHARE * budget_s:
+        assert (n, saved) == (512, 0.0)
+    else:
+        assert batches == 1 or batches * probe_batch_s <= PROBE_SHARE * budget_s   # one batch always stays
+        assert saved == pytest.approx((8 - batches) * probe_batch_s)
+
+
+def test_a_budgeted_plan_cuts_probes_that_would_eat_the_budget(monkeypatch):
+    """The ImageNet case: 512 probes at 224 px, 127 s a batch of 64, in an hour."""
+    from dfkd_deploy.budget import session
+    from dfkd_deploy.recipe import load_recipe
+
+    recipe = load_recipe(None, {"budget": "60m", "synthesis.batch_size": 64, "validation.probe_images": 512,
+                                "deploy.edge_runtimes": []})
+    costs = Costs(synth_round_s=181.0, kd_step_s=20.0, epoch_overhead_s=0.1, finish_s=1500.0, probe_batch_s=127.0)
+    monkeypatch.setattr(session, "calibrate", lambda *a, **k: costs)
+    plan = session.plan_for(None, recipe, None, "cpu", spent_s=300.0)
+    assert plan.probe_images == 128 and plan.apply(recipe).validation.probe_images == 128
+    assert plan.costs.finish_s == pytest.approx(1500.0 - 6 * 127.0)      # the time saved goes to training
+    uncut = replace_probe(costs)
+    monkeypatch.setattr(session, "calibrate", lambda *a, **k: uncut)
+    assert session.plan_for(None, recipe, None, "cpu", spent_s=300.0).probe_images is None
+
+
+def replace_probe(costs):
+    from dataclasses import replace
+
+    return replace(costs, probe_batch_s=10.0)
