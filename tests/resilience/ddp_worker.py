@@ -118,6 +118,7 @@ def budget_plan(run_dir: Path, ctx) -> dict:
     s = budget_session.start(None, recipe, None, run_dir, "cpu", started=time.time(), resume=False,
                              ctx=ctx)
     return {"plan": s.plan.to_dict(), "calibrated_with": seen,
+            "collective_s": budget_session.collective_seconds(make_student(), ctx),
             "budget_json": (run_dir / budget_session.BUDGET_FILE).is_file()}
 
 

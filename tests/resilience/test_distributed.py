@@ -152,6 +152,7 @@ def test_a_budget_is_planned_once_for_every_rank(two_ranks):
     assert (costs["synth_round_s"], costs["kd_step_s"]) == (3.0, 0.2)      # rank 1's round, rank 0's KD step
     assert b0["plan"]["pool_images"] == b0["plan"]["rounds"] * 16          # rounds of the global batch
     assert b0["budget_json"]
+    assert b0["collective_s"] == b1["collective_s"] > 0          # the all-reduce a KD step adds, one figure
 
 
 # -- the real command under torchrun ------------------------------------------------------------
