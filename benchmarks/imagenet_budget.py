@@ -43,7 +43,7 @@ def peak_rss_kb(time_log: Path | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def summarise(run: Path, cmd: str, peak_kb: int | None, loadavg) -> dict:
+def summarise(run: Path, cmd: str, peak_kb: int | None, loadavg, when: str = "at the end") -> dict:
     r = json.loads((run / "report.json").read_text())
     syn, dist, st, te = r["synthesis"], r["distillation"], r["student"], r["teacher"]
     budget = r.get("budget") or {}
@@ -56,7 +56,7 @@ def summarise(run: Path, cmd: str, peak_kb: int | None, loadavg) -> dict:
         "what": __doc__.split("\n")[0],
         "command": cmd,
         "machine": f"{os.cpu_count()} CPU cores; load average {loadavg[0]:.2f} / {loadavg[1]:.2f} / {loadavg[2]:.2f} "
-                   "(1/5/15 min) at the end",
+                   f"(1/5/15 min) {when}",
         "budget": {k: budget.get(k) for k in ("requested_s", "used_s", "used_fraction", "notes")},
         "plan": plan,
         "teacher_top1": te.get("accuracy"), "teacher_top5": te.get("top5"),
@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--collect", type=Path, help="summarise this finished run instead of running one")
     ap.add_argument("--time-log", type=Path, help="/usr/bin/time -v output of the run (peak memory)")
     ap.add_argument("--command", help="the command the collected run was made with (recorded as given)")
+    ap.add_argument("--note", help="what else the reader should know about the run (recorded as given)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "imagenet_int8_budget.json"))
     args = ap.parse_args(argv)
     if args.collect:
@@ -101,7 +102,10 @@ def main(argv=None) -> int:
         compress(shared / TEACHER, recipe, run, eval_data=shared / DATA, show_progress=False)
         print(f"compress took {time.time() - t0:.0f} s", flush=True)
         cmd = command(args.minutes, "RUN")
-    record = summarise(run, cmd, peak_rss_kb(args.time_log) if args.collect else peak_rss_kb(None), os.getloadavg())
+    record = summarise(run, cmd, peak_rss_kb(args.time_log) if args.collect else peak_rss_kb(None), os.getloadavg(),
+                       "when collected, not during the run" if args.collect else "at the end")
+    if args.note:
+        record["note"] = args.note
     from dfkd_deploy.core.io import write_json
 
     out = Path(args.out)
