@@ -35,17 +35,17 @@ CONFIGS = {
 }
 
 
-def run_one(teacher: Path, eval_data, name: str, minutes: float, work: Path) -> dict:
+def run_one(teacher: Path, eval_data, name: str, minutes: float, work: Path, seed: int = 0) -> dict:
     from dfkd_deploy import compress, load_recipe
 
-    out = work / f"int8-resnet8-{name.replace('+', '-')}-{minutes:g}m"
+    out = work / f"int8-resnet8-{name.replace('+', '-')}-{minutes:g}m-s{seed}"
     if out.exists():
         shutil.rmtree(out)              # an unfinished run of an earlier call: start it again
-    recipe = load_recipe(None, {**CIFAR_MLPERF, **CONFIGS[name], "budget": f"{minutes:g}m"})
+    recipe = load_recipe(None, {**CIFAR_MLPERF, **CONFIGS[name], "budget": f"{minutes:g}m", "seed": seed})
     t0 = time.time()
     r = compress(teacher, recipe, out, eval_data=eval_data, show_progress=False).report
     lat = (r.get("latency") or {}).get("student") or {}
-    return {"config": name, "budget_min": minutes, "wall_min": round((time.time() - t0) / 60, 3),
+    return {"config": name, "budget_min": minutes, "seed": seed, "wall_min": round((time.time() - t0) / 60, 3),
             "top1": r["student"].get("onnx_accuracy", r["student"].get("accuracy")),
             "teacher_top1": r["teacher"].get("accuracy"), "student_arch": r["student"]["arch"],
             "params": r["student"]["params"], "latency_b32_ms": lat.get("batch_32_ms"),
@@ -58,6 +58,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shared", default=str(REPO.parent / "shared"))
     ap.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of each run")
+    ap.add_argument("--seed", type=int, default=0, help="the recipe seed (a second seed repeats the table)")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated configurations to run")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "int8_teacher_study.json"))
     ap.add_argument("--work", default=str(REPO / "runs" / "int8_teacher_study"))
     args = ap.parse_args(argv)
@@ -71,11 +73,12 @@ def main(argv=None) -> int:
     from dfkd_deploy.core.io import write_json
 
     runs = json.loads(out.read_text())["runs"] if out.is_file() else []
-    for name in CONFIGS:
-        if any(r["config"] == name and r["budget_min"] == args.minutes for r in runs):
+    for name in args.configs.split(","):
+        if any(r["config"] == name and r["budget_min"] == args.minutes and r.get("seed", 0) == args.seed
+               for r in runs):
             continue
         print(f"run {name} {args.minutes:g} min ...", flush=True)
-        runs.append(run_one(teacher, eval_data, name, args.minutes, work))
+        runs.append(run_one(teacher, eval_data, name, args.minutes, work, args.seed))
         write_json(out, {"setting": "int8 MLPerf-Tiny ResNet-8, CIFAR-10 test set, budgeted compress",
                          "machine": f"{os.cpu_count()} CPU cores", "runs": runs})
         print(json.dumps({k: runs[-1][k] for k in ("config", "wall_min", "top1", "student_arch")}), flush=True)
