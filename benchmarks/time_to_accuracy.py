@@ -147,7 +147,7 @@ def run_one(t: Teacher, init: str, minutes: int, work: Path) -> dict:
         result = compress(t.path, recipe_for(t, init, minutes), out, eval_data=t.eval_data, show_progress=False)
     except DfkdError as exc:   # e.g. a budget too short for this init: the table says so
         return {"teacher": t.name, "teacher_form": t.form, "init": init, "budget_min": minutes,
-                "wall_min": round((time.time() - t0) / 60, 3), "top1": None, "error": str(exc).splitlines()[0],
+                "wall_min": round((time.time() - t0) / 60, 3), "top1": None, "error": str(exc).splitlines()[0].replace(f"{REPO}/", ""),
                 "loadavg": [round(v, 2) for v in os.getloadavg()]}
     wall = time.time() - t0
     r = result.report
