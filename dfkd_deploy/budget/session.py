@@ -132,6 +132,9 @@ def start(teacher, recipe, student, run_dir: Path, device, *, started: float, re
           eval_images: int = 0, ctx=None) -> BudgetSession:
     """A fresh run: calibrate and plan (the calibration's own time counts as spent). A resumed
     run: the saved plan, and the time the earlier sessions used up to their last checkpoint."""
+    from dfkd_deploy.core import distributed
+
+    ctx = ctx or distributed.current()
     requested = parse_duration(recipe.budget)
     path = Path(run_dir) / BUDGET_FILE
     if resume:
@@ -146,7 +149,7 @@ def start(teacher, recipe, student, run_dir: Path, device, *, started: float, re
             left = max(0.0, requested - used - (time.time() - started))
             return replan_remaining(plan, _checkpoint_epoch(ckpt), left)
 
-        plan, replanned = replan() if ctx is None else ctx.on_main(replan)
+        plan, replanned = ctx.on_main(replan)
         session = BudgetSession(requested, plan, started, used,
                                 [f"resumed with {max(0.0, requested - used):.0f} s of the budget left"]
                                 + ([replanned] if replanned else []))
@@ -167,8 +170,7 @@ def start(teacher, recipe, student, run_dir: Path, device, *, started: float, re
         session = BudgetSession(requested, plan, started, notes=notes)
     record = {"requested_s": requested, "plan": plan.to_dict(), "session_started": started,
               "used_before_s": session.used_before_s}
-    if ctx is None or ctx.is_main:
+    if ctx.is_main:
         write_json(path, record)
-    if ctx is not None and ctx.enabled:
-        ctx.barrier()
+    ctx.barrier()     # (a no-op in one process)
     return session

@@ -409,8 +409,7 @@ def _check_int8_parity(module, model, inp, batch: int, file_dims, nchw: bool, op
     logit difference beside it."""
     figures = int8_parity(module, model, inp, batch, file_dims, nchw, options.mean, options.std)
     det.converter_max_abs_diff = figures["max_abs_diff"]
-    if det.int8 is not None:
-        det.int8.update(figures)
+    det.int8.update(figures)          # (load_onnx put the file's format there)
     det.notes.append(f"int8 parity against onnxruntime running the int8 file: top-1 agreement "
                      f"{figures['agreement_probes']:.1%} on {figures['images']} random probes "
                      f"({figures['classes_probes']} classes predicted), {figures['agreement_smooth']:.1%} on "

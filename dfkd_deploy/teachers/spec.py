@@ -39,8 +39,9 @@ class TeacherSpec:
     arch: Optional[str] = None
     converter_max_abs_diff: Optional[float] = None   # onnx only: torch vs onnxruntime
     # int8 ONNX only: {"format": QOperator|QDQ|QOperator+QDQ, "per_channel": bool, "ops": {op: count},
-    # "activations": fake_quant|float, "images": n, "agreement_probes": f, "agreement_smooth": f}, the
-    # agreements being top-1 agreement with onnxruntime running the int8 file itself.
+    # "activations": fake_quant|float, "images": n, "agreement_probes": f, "agreement_smooth": f,
+    # "classes_probes": k, "classes_smooth": k, "max_abs_diff": f}: top-1 agreement with onnxruntime
+    # running the int8 file itself, and how many classes onnxruntime predicted on those inputs.
     int8: Optional[dict] = None
     notes: list[str] = field(default_factory=list)    # what was assumed rather than read
     # Where each input/output convention came from, for `inspect` (keys: layout, input_shape,
