@@ -27,7 +27,7 @@ from dfkd_deploy.core import distributed
 from dfkd_deploy.core.errors import TrainingError, UsageError, one_line
 from dfkd_deploy.core.io import OutputError
 from dfkd_deploy.core.progress import task
-from dfkd_deploy.recipe import Recipe
+from dfkd_deploy.recipe import AUTO_GRAD_CLIP, Recipe
 from dfkd_deploy.core.augment import crop_flip
 from dfkd_deploy.core.precision import autocast_factory, resolve_precision
 from dfkd_deploy.distill.kd import kd_kl
@@ -68,6 +68,20 @@ def seed_everything(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def has_normalization(model: nn.Module) -> bool:
+    return any(isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) for m in model.modules())
+
+
+def kd_grad_clip(recipe: Recipe, student: nn.Module) -> float | None:
+    """The largest gradient norm of a KD step (distillation.grad_clip), None for no clipping. auto
+    clips only a student without normalisation layers: nothing rescales its activations, so at
+    temperature 20 the first steps' gradients are in the thousands (recipe.AUTO_GRAD_CLIP)."""
+    c = recipe.distillation.grad_clip
+    if c == "auto":
+        return None if has_normalization(student) else AUTO_GRAD_CLIP
+    return float(c) or None
+
+
 def kd_lr(recipe: Recipe) -> float:
     """The KD learning rate: distillation.lr, times student.derived.lr_scale for a student derived
     from the teacher (prune, depth), which is fine-tuned rather than trained from scratch."""
@@ -93,6 +107,7 @@ class Distiller:
         self._autocast = autocast_factory(self.precision, self.device)
         self.optimizer = torch.optim.SGD(self.student.parameters(), lr=kd_lr(recipe), momentum=d.momentum,
                                          weight_decay=d.weight_decay)
+        self.grad_clip = kd_grad_clip(recipe, self.student)
         kd_epochs = max(1, d.epochs - d.warmup)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, kd_epochs, eta_min=d.eta_min)
         # torch/python streams (latents, labels, crops) are per rank; the numpy stream that draws
@@ -161,7 +176,7 @@ class Distiller:
         d, a = self.recipe.distillation, self.recipe.synthesis.augment
         model = self._kd_model()
         self.student.train()
-        total, agree, seen = 0.0, 0, 0
+        total, agree, seen, clipped = 0.0, 0, 0, 0
         t0 = time.perf_counter()
         for step in range(d.kd_steps):
             pixels = self._kd_batch().to(self.device)
@@ -179,6 +194,9 @@ class Distiller:
                 raise TrainingError(f"{what}; {self._kept()}; lower distillation.lr")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.grad_clip is not None:   # after DDP's all-reduce: every rank clips the same gradients
+                norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
+                clipped += int(norm > self.grad_clip)
             self.optimizer.step()
             total += loss.item()
             agree += int((s_out.argmax(1) == t_out.argmax(1)).sum())
@@ -190,8 +208,11 @@ class Distiller:
             self.ctx.broadcast_module(self.student)
             total, agree, seen = self.ctx.sum([total / self.ctx.world_size, agree, seen])
         self.distillation_seconds += time.perf_counter() - t0
-        return {"kd_loss": total / d.kd_steps, "train_agreement": agree / max(seen, 1),
-                "lr": self.optimizer.param_groups[0]["lr"]}
+        row = {"kd_loss": total / d.kd_steps, "train_agreement": agree / max(seen, 1),
+               "lr": self.optimizer.param_groups[0]["lr"]}
+        if self.grad_clip is not None:   # the share of this epoch's steps whose gradient was clipped
+            row["kd_clipped"] = clipped / d.kd_steps
+        return row
 
     @torch.no_grad()
     def _new_batch_agreement(self) -> dict:

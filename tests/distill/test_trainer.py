@@ -123,3 +123,64 @@ def test_kd_precision_auto_follows_the_device(digits_teacher, tmp_path):
 
     d = _distiller(digits_teacher, quick_recipe(**{"distillation.precision": "auto"}), tmp_path)
     assert d.precision == ("bf16" if bf16_native(torch.device("cpu")) else "fp32")
+
+
+def _bn_free_student(teacher, scale: float) -> torch.nn.Module:
+    """An MLP with no normalisation layer and weights ``scale`` times too large: at temperature 20
+    its first KD gradients are huge, as a pruned BN-folded teacher's were."""
+    c, h, w = teacher.spec.input_shape
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(c * h * w, 32), torch.nn.ReLU(),
+                              torch.nn.Linear(32, teacher.spec.num_classes))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(scale)
+    return net
+
+
+def test_grad_clip_auto_clips_only_students_without_normalization(digits_teacher):
+    from dfkd_deploy.distill.trainer import kd_grad_clip
+    from dfkd_deploy.recipe import AUTO_GRAD_CLIP
+
+    recipe = quick_recipe()
+    assert recipe.distillation.grad_clip == "auto"
+    assert kd_grad_clip(recipe, build_student(recipe, digits_teacher)) is None       # the zoo student has BN
+    assert kd_grad_clip(recipe, _bn_free_student(digits_teacher, 1.0)) == AUTO_GRAD_CLIP
+    assert kd_grad_clip(quick_recipe(**{"distillation.grad_clip": 0}), _bn_free_student(digits_teacher, 1.0)) is None
+    assert kd_grad_clip(quick_recipe(**{"distillation.grad_clip": 2.5}), build_student(recipe, digits_teacher)) == 2.5
+    with pytest.raises(Exception, match="grad_clip"):
+        quick_recipe(**{"distillation.grad_clip": -1})
+
+
+def test_clipped_kd_step_moves_weights_at_most_lr_times_the_clip(digits_teacher, tmp_path):
+    lr, clip = 0.05, 1.0
+    recipe = quick_recipe(**{"distillation.epochs": 2, "distillation.warmup": 1, "distillation.kd_steps": 1,
+                             "distillation.lr": lr, "distillation.momentum": 0.0,
+                             "distillation.weight_decay": 0.0, "distillation.grad_clip": clip})
+    seed_everything(recipe.seed)
+    student = _bn_free_student(digits_teacher, 20.0)
+    before = torch.cat([p.detach().flatten().clone() for p in student.parameters()])
+    d = Distiller(digits_teacher.module, digits_teacher.normalizer(), student,
+                  make_synthesizer(digits_teacher, recipe, "cpu"), ImagePool(tmp_path / "pool"), recipe, tmp_path,
+                  "cpu", show_progress=False)
+    result = d.run()
+    after = torch.cat([p.detach().flatten() for p in student.parameters()])
+    assert result.history[-1]["kd_clipped"] == 1.0          # the one step's gradient was over the clip
+    assert float((after - before).norm()) <= lr * clip * (1 + 1e-4)
+
+
+def _bn_free_run(teacher, run_dir, **over):
+    recipe = quick_recipe(**{"distillation.epochs": 3, "distillation.kd_steps": 5, "distillation.lr": 1.0, **over})
+    seed_everything(recipe.seed)
+    d = Distiller(teacher.module, teacher.normalizer(), _bn_free_student(teacher, 20.0),
+                  make_synthesizer(teacher, recipe, "cpu"), ImagePool(run_dir / "pool"), recipe, run_dir, "cpu",
+                  show_progress=False)
+    return [r for r in d.run().history if "kd_loss" in r]
+
+
+def test_auto_clip_tames_a_bn_free_students_first_kd_steps(digits_teacher, tmp_path):
+    clipped = _bn_free_run(digits_teacher, tmp_path / "auto")
+    unclipped = _bn_free_run(digits_teacher, tmp_path / "off", **{"distillation.grad_clip": 0})
+    assert clipped[0]["kd_clipped"] > 0 and "kd_clipped" not in unclipped[0]
+    assert all(math.isfinite(r["kd_loss"]) for r in clipped)
+    # unclipped, the first KD epoch's steps overshoot: its mean loss is ~40x the clipped run's
+    assert clipped[0]["kd_loss"] * 5 < unclipped[0]["kd_loss"]

@@ -61,3 +61,20 @@ def test_the_default_student_is_smaller_than_the_teacher(zoo_teacher):
     r = student.dfkd_info["size"]["ratio"]
     assert r["params"] <= 0.5 and r["macs"] <= 0.5
     assert student.dfkd_info["choice"]   # says which architecture and why
+
+
+def test_a_fixed_batch_onnx_teacher_is_timed_through_its_converted_module(tmp_path):
+    """MLPerf-Tiny's ResNet-8 file runs at batch 16 only: ORT cannot time it at batch 1 or 32 as
+    it is, so the converted teacher is timed instead, and the figures say so."""
+    from dfkd_deploy.models import build_model
+    from dfkd_deploy.students.targets import teacher_figures
+    from dfkd_deploy.teachers import load_teacher
+
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn", num_classes=10, in_channels=1, input_size=(8, 8)).eval()
+    path = tmp_path / "fixed16.onnx"
+    torch.onnx.export(model, (torch.randn(16, 1, 8, 8),), str(path), input_names=["x"], dynamo=False)
+    figures = teacher_figures(load_teacher(path))
+    assert set(figures.latency_ms) == {"batch_1_ms", "batch_32_ms"}
+    assert figures.latency_reason is None
+    assert "could not be timed as it is" in figures.to_dict()["latency_note"]
