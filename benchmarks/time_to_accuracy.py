@@ -81,12 +81,13 @@ def applicable(t: Teacher, init: str) -> str | None:
     return None
 
 
-def table(results: list[dict]) -> list[tuple[str, str, int]]:
-    """(teacher key, init, budget minutes) of the full table; phase 2 follows phase 1's winner."""
+def table(results: list[dict], phase2_init: str | None = None) -> list[tuple[str, str, int]]:
+    """(teacher key, init, budget minutes) of the full table; phase 2 follows phase 1's winner, or
+    ``phase2_init`` while phase 1 is not complete (the README says which rows were chosen that way)."""
     # The derived inits first at 30 minutes: they are the candidates for the 30-minute target.
     rows = [("resnet56/state_dict", init, 10) for init in INITS]
     rows += [("resnet56/state_dict", init, 30) for init in ("prune", "depth", "scratch")]
-    best = _best_init(results, "cifar10-resnet56", "state_dict", 30)
+    best = _best_init(results, "cifar10-resnet56", "state_dict", 30) or phase2_init
     if best:
         rows += [("resnet56/state_dict", best, 60), ("resnet56/onnx_dynamo", _dynamo_init(best), 30),
                  ("resnet56/onnx_dynamo", _dynamo_init(best), 60)]
@@ -235,6 +236,11 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=str(REPO / "runs" / "time_to_accuracy"), help="run directories")
     ap.add_argument("--only", default=None, help="comma-separated teacher keys of the table to run now, e.g. "
                                                  "resnet8/onnx_folded,fashion_mlp/onnx (the rest stays to do)")
+    ap.add_argument("--phase2-init", choices=INITS, default=None,
+                    help="init of the 60-minute and dynamo rows while the 30-minute state_dict rows are not all "
+                         "done (phase 1's winner decides once they are)")
+    ap.add_argument("--redo-errors", action="store_true",
+                    help="run again the rows (of --only/--budgets, if given) whose record is an error")
     ap.add_argument("--budgets", default=None, help="comma-separated budgets in minutes to run now, e.g. 10")
     args = ap.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
@@ -246,10 +252,14 @@ def main(argv=None) -> int:
     setting = "smoke: digits teacher, 2-minute budgets" if args.smoke else "issue 13 table"
     runs = load_results(out)
     known = teachers(shared, work)
+    if args.redo_errors:   # e.g. after a fix: the rows that ended in an error are to do again
+        key_of = {(t.name, t.form): k for k, t in known.items()}
+        runs = [r for r in runs if not r.get("error") or (only and key_of[r["teacher"], r["teacher_form"]] not in only)
+                or (budgets and r["budget_min"] not in budgets)]
     done = {(r["teacher"], r["teacher_form"], r["init"], r["budget_min"]) for r in runs}
     new = 0
     while args.max_runs is None or new < args.max_runs:
-        todo = [(k, i, m) for k, i, m in (smoke_table() if args.smoke else table(runs))
+        todo = [(k, i, m) for k, i, m in (smoke_table() if args.smoke else table(runs, args.phase2_init))
                 if (known[k].name, known[k].form, i, m) not in done
                 and (only is None or k in only) and (budgets is None or m in budgets)]
         if not todo:
