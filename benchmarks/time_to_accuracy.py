@@ -204,15 +204,20 @@ def plot(path: Path, runs: list[dict]) -> None:
 
 def markdown(runs: list[dict]) -> str:
     """The table as markdown (results/time_to_accuracy.md), one row per run in the order run."""
-    lines = ["| teacher | form | init | budget | wall | student top-1 | params | ORT b32 ms | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    # The runs span sessions on 2-core hosts of different speed: the calibrated synthesis round (teacher
+    # and student in it) says how fast each run's machine was (ResNet-56 -> depth ResNet-20: 31.1 s in
+    # the 10-minute run, 11.8 s in the 30-minute one, 7.8 s in the 60-minute one).
+    lines = ["| teacher | form | init | budget | wall | student top-1 | params | ORT b32 ms | synthesis round s | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
+        round_s = ((r.get("plan") or {}).get("costs") or {}).get("synth_round_s")
         top1 = "-" if r.get("top1") is None else f"{100 * r['top1']:.1f}%"
         note = r.get("error") or "; ".join((r.get("warnings") or []) + (r.get("budget_notes") or []))
         lat, params = r.get("latency_b32_ms"), r.get("params")
         lines.append(f"| {r['teacher']} | {r['teacher_form']} | {r['init']} | {r['budget_min']} min | "
                      f"{r['wall_min']:.1f} min | {top1} | {'-' if params is None else f'{params:,}'} | "
-                     f"{'-' if lat is None else f'{lat:.1f}'} | {note[:160]} |")
+                     f"{'-' if lat is None else f'{lat:.1f}'} | {'-' if round_s is None else f'{round_s:.1f}'} | "
+                     f"{note[:160]} |")
     return "\n".join(lines) + "\n"
 
 
