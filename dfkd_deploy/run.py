@@ -153,8 +153,11 @@ def make_probes(synth: Synthesizer, count: int, batch_size: int, seed: int) -> t
 def distill(teacher: Teacher, recipe: Recipe, run_dir: Path, device: torch.device, *,
             resume: bool = False, show_progress: bool = True, synthesize_more: bool = True,
             pool: ImagePool | None = None, tensorboard_dir: str | Path | None = None,
-            student: nn.Module | None = None):
+            student: nn.Module | None = None, budget=None):
     """Synthesis interleaved with KD; returns (student, synthesizer, distiller result).
+
+    ``budget`` (a :class:`~dfkd_deploy.budget.session.BudgetSession`): the run re-tunes its
+    per-epoch counts to the costs it measures (:class:`~dfkd_deploy.budget.session.Retuner`).
 
     ``pool`` defaults to ``run_dir/pool``; with ``synthesize_more=False`` the student is trained
     on the given pool only. Under torch.distributed (torchrun) every rank calls this; each
@@ -175,6 +178,10 @@ def distill(teacher: Teacher, recipe: Recipe, run_dir: Path, device: torch.devic
     log = MetricsLog(run_dir, start_epoch=distiller.epoch, tensorboard_dir=tensorboard_dir) if ctx.is_main else None
     if log is not None:
         distiller.epoch_hooks.append(log)
+    if budget is not None:
+        from dfkd_deploy.budget.session import Retuner
+
+        distiller.epoch_hooks.append(Retuner(budget, distiller, run_dir, ctx))
     try:
         return student, synth, distiller.run()
     finally:
@@ -203,7 +210,9 @@ def compress(teacher_path: str | Path, recipe: Recipe, out: str | Path, *, devic
                                                        resume=resume, eval_data=eval_data, ctx=ctx)
             student, synth, result = distill(teacher, recipe, run_dir, dev, resume=resume,
                                              show_progress=show_progress, tensorboard_dir=tensorboard_dir,
-                                             student=student)
+                                             student=student, budget=budget)
+            if budget:   # the per-epoch counts the run ended with (a re-tune changes them)
+                recipe = budget.plan.apply(recipe)
 
             def finish() -> dict:
                 with task("held-out probes", 1, show_progress) as bar:

@@ -10,7 +10,7 @@ budget, not over a long schedule cut short.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from dfkd_deploy.core.errors import UsageError
 
@@ -19,6 +19,10 @@ WARMUP_SHARE = 0.1        # of the epochs: synthesis only, the pool fills before
 MAX_EPOCHS = 200          # rounds beyond this go several to an epoch (fewer checkpoints)
 MARGIN = 0.04             # of the budget, kept back for what the estimates miss
 PROBE_SHARE = 0.1         # of the budget, the most the held-out probes' synthesis may take
+# Mid-run re-tuning (see retune): a plan whose remaining epochs, at the costs measured so far, miss
+# what is left of the budget by more than this share of it gets new per-epoch counts.
+RETUNE_TOLERANCE = 0.05
+RETUNE_MAX_SCALE = 8.0    # the most the per-epoch counts may grow in one re-tune
 
 @dataclass(frozen=True)
 class Costs:
@@ -144,21 +148,9 @@ def replan_remaining(plan: Plan, done_epochs: int, left_s: float, *,
     need = remaining_seconds(plan, done_epochs)
     if need <= target or done_epochs >= plan.epochs:
         return plan, None
-    best = (1, 1)
-    lo, hi = 0.0, 1.0
-    for _ in range(30):          # the largest common scale of both counts that fits
-        mid = (lo + hi) / 2
-        rpe, kd = max(1, int(plan.rounds_per_epoch * mid)), max(1, int(plan.kd_steps * mid))
-        if remaining_seconds(plan, done_epochs, rounds_per_epoch=rpe, kd_steps=kd) <= target:
-            lo, best = mid, (rpe, kd)
-        else:
-            hi = mid
-    rpe, kd = best
-    after = remaining_seconds(plan, done_epochs, rounds_per_epoch=rpe, kd_steps=kd)
-    batch = plan.pool_images // max(1, plan.rounds)           # images per synthesis round
-    pool = (done_epochs * plan.rounds_per_epoch + (plan.epochs - done_epochs) * rpe) * batch
-    new = Plan(plan.budget_s, plan.spent_s, plan.epochs, plan.warmup, rpe, kd, pool,
-               plan.estimated_s - need + after, plan.costs, plan.edge_runtimes_dropped)
+    rpe, kd = _fit_counts(plan, done_epochs, target, 1.0)   # the largest common cut of both counts that fits
+    new = _with_counts(plan, done_epochs, rpe, kd, plan.costs, need)
+    after = remaining_seconds(new, done_epochs)
     note = (f"resumed at epoch {done_epochs} of {plan.epochs} with {left_s:.0f} s left, but the saved plan's rest "
             f"needs about {need:.0f} s: the remaining epochs run {rpe} synthesis round(s) (was "
             f"{plan.rounds_per_epoch}) and {kd} KD steps (was {plan.kd_steps}) each, about {after:.0f} s")
@@ -177,3 +169,70 @@ def cap_probes(budget_s: float, costs: Costs, probes: int, batch: int,
         return probes, 0.0
     allowed = max(1, int(share * budget_s // costs.probe_batch_s))
     return allowed * batch, (batches - allowed) * costs.probe_batch_s
+
+
+def _fit_counts(plan: Plan, done_epochs: int, target_s: float, max_scale: float) -> tuple[int, int]:
+    """(rounds per epoch, KD steps per epoch) for the epochs after ``done_epochs``: the largest
+    common scale of the plan's counts (at most ``max_scale``) whose rest fits ``target_s``, then
+    the KD steps that the time still left pays for. (1, 1) when nothing fits."""
+    best = (1, 1)
+    lo, hi = 0.0, max_scale
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        rpe, kd = max(1, int(plan.rounds_per_epoch * mid)), max(1, int(plan.kd_steps * mid))
+        if remaining_seconds(plan, done_epochs, rounds_per_epoch=rpe, kd_steps=kd) <= target_s:
+            lo, best = mid, (rpe, kd)
+        else:
+            hi = mid
+    rpe, kd = best
+    kd_epochs = max(0, plan.epochs - max(done_epochs, plan.warmup))
+    if kd_epochs:
+        spare = target_s - remaining_seconds(plan, done_epochs, rounds_per_epoch=rpe, kd_steps=kd)
+        if spare > 0:
+            kd = min(int(plan.kd_steps * max_scale) or 1,
+                     kd + int(spare // (kd_epochs * plan.costs.kd_step_s)))
+    return rpe, kd
+
+
+def _with_counts(plan: Plan, done_epochs: int, rpe: int, kd: int, costs: Costs, before_s: float) -> Plan:
+    """``plan`` from epoch ``done_epochs`` on with these counts and costs (``before_s``: what its
+    rest was estimated to cost)."""
+    rest = replace(plan, costs=costs)
+    after = remaining_seconds(rest, done_epochs, rounds_per_epoch=rpe, kd_steps=kd)
+    batch = plan.pool_images // max(1, plan.rounds)           # images per synthesis round
+    pool = (done_epochs * plan.rounds_per_epoch + (plan.epochs - done_epochs) * rpe) * batch
+    return replace(plan, rounds_per_epoch=rpe, kd_steps=kd, pool_images=pool, costs=costs,
+                   estimated_s=plan.estimated_s - before_s + after)
+
+
+def retune(plan: Plan, done_epochs: int, left_s: float, measured: Costs, *, margin: float = MARGIN,
+           tolerance: float = RETUNE_TOLERANCE, max_scale: float = RETUNE_MAX_SCALE) -> tuple[Plan, str | None]:
+    """Mid-run, with the synthesis round and KD step as measured over the epochs so far: the same
+    epochs (the cosine schedule stays as it is) with the synthesis rounds and KD steps per remaining
+    epoch that end the run inside what is left of the budget. More of both where the short
+    calibration overestimated them (it timed a cold KD step at 0.74 s that ran at 0.35 s in the
+    run, leaving 30% of an hour unused), fewer where the machine got slower (another job beside
+    the run). (plan, a note for report.json, or None when the rest already fits within
+    ``tolerance`` of the budget.)"""
+    if done_epochs >= plan.epochs:
+        return plan, None
+    target = left_s - margin * plan.budget_s
+    rest = replace(plan, costs=measured)
+    need = remaining_seconds(rest, done_epochs)
+    if abs(need - target) <= tolerance * plan.budget_s:
+        return plan, None
+    rpe, kd = _fit_counts(rest, done_epochs, target, max_scale)
+    if (rpe, kd) == (plan.rounds_per_epoch, plan.kd_steps):
+        return plan, None
+    before = remaining_seconds(plan, done_epochs)
+    new = _with_counts(plan, done_epochs, rpe, kd, measured, before)
+    after = remaining_seconds(new, done_epochs)
+    c = plan.costs
+    note = (f"re-tuned at epoch {done_epochs} of {plan.epochs} with {left_s:.0f} s left: a synthesis round took "
+            f"{measured.synth_round_s:.2f} s (calibrated {c.synth_round_s:.2f}) and a KD step "
+            f"{measured.kd_step_s:.3f} s (calibrated {c.kd_step_s:.3f}), so the remaining epochs run {rpe} "
+            f"synthesis round(s) (was {plan.rounds_per_epoch}) and {kd} KD steps (was {plan.kd_steps}) each, "
+            f"about {after:.0f} s")
+    if after > left_s:
+        note += f"; even so the run overruns what is left by about {after - left_s:.0f} s"
+    return new, note

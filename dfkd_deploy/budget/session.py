@@ -8,12 +8,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from dfkd_deploy.budget.calibrate import calibrate
-from dfkd_deploy.budget.planner import PROBE_SHARE, Costs, Plan, cap_probes, plan_budget, replan_remaining
+from dfkd_deploy.budget.planner import PROBE_SHARE, Costs, Plan, cap_probes, plan_budget, replan_remaining, retune
 from dfkd_deploy.core.units import parse_duration
 from dfkd_deploy.core.errors import UsageError
 from dfkd_deploy.core.io import write_json
 
 BUDGET_FILE = "budget.json"
+# A budgeted run re-tunes its per-epoch counts with the costs it measured (planner.retune) after
+# this many KD epochs, and again halfway through its KD epochs.
+RETUNE_AFTER_KD_EPOCHS = 2
 
 
 @dataclass
@@ -168,9 +171,59 @@ def start(teacher, recipe, student, run_dir: Path, device, *, started: float, re
                          f"about {plan.costs.edge_s:.0f} s to convert, compare and time): this run leaves them out; "
                          "a longer budget keeps them, deploy.edge_runtimes: [] says so in the recipe")
         session = BudgetSession(requested, plan, started, notes=notes)
-    record = {"requested_s": requested, "plan": plan.to_dict(), "session_started": started,
-              "used_before_s": session.used_before_s}
     if ctx.is_main:
-        write_json(path, record)
+        save(session, run_dir)
     ctx.barrier()     # (a no-op in one process)
     return session
+
+
+def save(session: BudgetSession, run_dir: Path) -> None:
+    """RUN/budget.json: what --resume continues from."""
+    write_json(Path(run_dir) / BUDGET_FILE, {"requested_s": session.requested_s, "plan": session.plan.to_dict(),
+                                             "session_started": session.started,
+                                             "used_before_s": session.used_before_s})
+
+
+class Retuner:
+    """An epoch hook of a budgeted run (every rank): after RETUNE_AFTER_KD_EPOCHS KD epochs and
+    again halfway through them, the synthesis round and KD step as this session measured them go
+    to :func:`planner.retune`; new per-epoch counts go into the distiller's recipe, the session's
+    plan, budget.json and report.json's budget notes. Under torchrun each cost is the slowest
+    rank's and rank 0 alone decides."""
+
+    def __init__(self, session: BudgetSession, distiller, run_dir: Path, ctx=None):
+        from dfkd_deploy.core import distributed
+
+        self.session, self.distiller, self.run_dir = session, distiller, Path(run_dir)
+        self.ctx = ctx or distributed.current()
+        self.synth_s0, self.kd_s0 = distiller.synthesis_seconds, distiller.distillation_seconds
+        self.rounds = self.steps = 0
+        p = session.plan
+        self.at = {p.warmup + RETUNE_AFTER_KD_EPOCHS, p.warmup + (p.epochs - p.warmup) // 2}
+
+    def __call__(self, row: dict, _batch) -> None:
+        d = self.distiller
+        if d.synth is not None:
+            self.rounds += d.recipe.synthesis.rounds_per_epoch
+        if "kd_loss" in row:
+            self.steps += d.recipe.distillation.kd_steps
+        plan = self.session.plan
+        if d.epoch not in self.at or d.epoch >= plan.epochs - 1 or not self.steps:
+            return
+        synth = (d.synthesis_seconds - self.synth_s0) / self.rounds if self.rounds else plan.costs.synth_round_s
+        kd = (d.distillation_seconds - self.kd_s0) / self.steps
+        if self.ctx.enabled:
+            synth, kd = _slowest(self.ctx, synth), _slowest(self.ctx, kd)
+        measured = replace(plan.costs, synth_round_s=synth, kd_step_s=kd)
+        left = self.session.requested_s - self.session.used_s()
+        new, note = self.ctx.on_main(lambda: retune(plan, d.epoch, left, measured))
+        if note is None:
+            return
+        self.session.plan = new
+        self.session.notes.append(note)
+        d.recipe = new.apply(d.recipe)
+        if self.ctx.is_main:
+            save(self.session, self.run_dir)
+            from dfkd_deploy.core.progress import console
+
+            console.print(f"budget: {note}")

@@ -225,3 +225,70 @@ def replace_probe(costs):
     from dataclasses import replace
 
     return replace(costs, probe_batch_s=10.0)
+
+
+@pytest.mark.parametrize("kd_ratio,synth_ratio", [(0.47, 0.96), (0.5, 0.5), (1.0, 1.0), (1.6, 1.3), (3.0, 1.0)])
+@pytest.mark.parametrize("done", [4, 20, 40])
+def test_retune_fits_the_rest_to_the_measured_costs(kd_ratio, synth_ratio, done):
+    """After some epochs the measured KD step and synthesis round (here ``kd_ratio`` and
+    ``synth_ratio`` times the calibration's: 0.47/0.96 is what the 60-minute ResNet-56 run saw)
+    give new per-epoch counts: the epochs stay, the rest at the measured costs ends inside what is
+    left of the budget, using all but the margin and tolerance of it."""
+    from dataclasses import replace
+
+    from dfkd_deploy.budget.planner import RETUNE_TOLERANCE, remaining_seconds, retune
+
+    costs = Costs(synth_round_s=7.8, kd_step_s=0.74, epoch_overhead_s=0.02, finish_s=127.0)
+    plan = plan_budget(3600, costs, spent_s=24, synth_batch=256)
+    measured = replace(costs, synth_round_s=7.8 * synth_ratio, kd_step_s=0.74 * kd_ratio)
+    left = 3600 - 24 - done * (plan.rounds_per_epoch * measured.synth_round_s) \
+        - max(0, done - plan.warmup) * plan.kd_steps * measured.kd_step_s
+    new, note = retune(plan, done, left, measured)
+    assert (new.epochs, new.warmup) == (plan.epochs, plan.warmup)
+    rest = remaining_seconds(new if note else replace(plan, costs=measured), done)
+    target = left - MARGIN * 3600
+    if note is None:
+        assert (kd_ratio, synth_ratio) == (1.0, 1.0) or abs(rest - target) <= RETUNE_TOLERANCE * 3600
+        return
+    assert f"re-tuned at epoch {done} of {plan.epochs}" in note and new.costs == measured
+    assert rest <= target + 1e-6
+    # the budget is used, not left idle: one more KD step in each remaining epoch would not fit
+    assert remaining_seconds(new, done, kd_steps=new.kd_steps + 1) > target
+    if kd_ratio < 1 and synth_ratio <= 1:
+        assert new.kd_steps > plan.kd_steps
+    if kd_ratio > 1:
+        assert new.kd_steps < plan.kd_steps
+
+
+def test_retune_hook_changes_the_distillers_counts_and_budget_json(tmp_path):
+    """The Retuner, called as the distiller's epoch hook, re-tunes once the warm-up and two KD
+    epochs are done: the distiller's recipe, the session's plan and budget.json get the new counts."""
+    import json
+    import time
+    from types import SimpleNamespace
+
+    from dfkd_deploy.budget import session as budget_session
+    from dfkd_deploy.recipe import load_recipe
+
+    costs = Costs(synth_round_s=8.0, kd_step_s=1.0, epoch_overhead_s=0.0, finish_s=60.0)
+    plan = plan_budget(1800, costs, spent_s=10, synth_batch=64)
+    s = budget_session.BudgetSession(1800.0, plan, started=time.time() - 10)
+    recipe = plan.apply(load_recipe(None, {"budget": "30m"}))
+    distiller = SimpleNamespace(recipe=recipe, synth=object(), epoch=0, synthesis_seconds=0.0,
+                                distillation_seconds=0.0)
+    hook = budget_session.Retuner(s, distiller, tmp_path)
+    for epoch in range(1, plan.warmup + budget_session.RETUNE_AFTER_KD_EPOCHS + 1):
+        distiller.epoch = epoch
+        distiller.synthesis_seconds += 8.0 * plan.rounds_per_epoch            # as calibrated
+        row = {}
+        if epoch > plan.warmup:
+            distiller.distillation_seconds += 0.4 * distiller.recipe.distillation.kd_steps   # 2.5x faster
+            row["kd_loss"] = 1.0
+        s.started -= 8.0 * plan.rounds_per_epoch + ("kd_loss" in row) * 0.4 * plan.kd_steps   # the time passes
+        hook(row, None)
+    assert s.plan.kd_steps > plan.kd_steps and s.plan.costs.kd_step_s == pytest.approx(0.4)
+    assert distiller.recipe.distillation.kd_steps == s.plan.kd_steps
+    assert distiller.recipe.distillation.epochs == plan.epochs
+    assert any("re-tuned at epoch" in n and "calibrated 1.000" in n for n in s.notes)
+    saved = json.loads((tmp_path / budget_session.BUDGET_FILE).read_text())
+    assert saved["plan"]["kd_steps"] == s.plan.kd_steps      # --resume continues the re-tuned plan

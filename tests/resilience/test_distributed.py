@@ -153,6 +153,12 @@ def test_a_budget_is_planned_once_for_every_rank(two_ranks):
     assert b0["plan"]["pool_images"] == b0["plan"]["rounds"] * 16          # rounds of the global batch
     assert b0["budget_json"]
     assert b0["collective_s"] == b1["collective_s"] > 0          # the all-reduce a KD step adds, one figure
+    # re-tuned mid-run with the slowest rank's measured KD step (rank 1's 0.07 s against the
+    # calibrated 0.2): one new plan, more KD steps per epoch, on both ranks
+    assert b0["retuned"] == b1["retuned"] and b0["notes"] == b1["notes"]
+    assert b0["retuned"]["costs"]["kd_step_s"] == pytest.approx(0.07)
+    assert b0["retuned"]["kd_steps"] > b0["plan"]["kd_steps"]
+    assert b0["recipe_kd_steps"] == b1["recipe_kd_steps"] == b0["retuned"]["kd_steps"]
 
 
 # -- the real command under torchrun ------------------------------------------------------------

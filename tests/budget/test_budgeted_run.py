@@ -1,0 +1,35 @@
+"""A budgeted compress end to end, with the calibration stubbed (so the plan is known, nothing is
+timed): the run re-tunes its per-epoch counts to what it measures, and report.json, budget.json
+and recipe.resolved.yaml agree on the counts it ended with."""
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from dfkd_deploy.budget.planner import Costs
+
+from ..conftest import quick_recipe
+
+
+def test_a_budgeted_run_retunes_to_its_measured_costs(digits_teacher_onnx, digits_eval_npz, tmp_path, monkeypatch):
+    from dfkd_deploy import compress
+    from dfkd_deploy.budget import session as budget_session
+
+    # A calibration that overestimates: a digits KD step of 32 images takes milliseconds here, not 0.5 s.
+    stub = Costs(synth_round_s=0.5, kd_step_s=0.5, epoch_overhead_s=0.0, finish_s=2.0)
+    monkeypatch.setattr(budget_session, "calibrate", lambda *a, **k: stub)
+    recipe = quick_recipe(budget="40s")
+    result = compress(digits_teacher_onnx, recipe, tmp_path / "run", device="cpu", eval_data=digits_eval_npz,
+                      show_progress=False)
+    budget = result.report["budget"]
+    first = budget_session.RETUNE_AFTER_KD_EPOCHS
+    retunes = [n for n in budget["notes"] if n.startswith("re-tuned at epoch")]
+    assert retunes and "calibrated 0.500" in retunes[0], budget["notes"]
+    plan = budget["plan"]
+    assert plan["costs"]["kd_step_s"] < stub.kd_step_s           # the plan now holds the measured costs
+    assert f"re-tuned at epoch {plan['warmup'] + first} of {plan['epochs']}" in retunes[0]
+    saved = json.loads((tmp_path / "run" / budget_session.BUDGET_FILE).read_text())
+    resolved = yaml.safe_load((tmp_path / "run" / "recipe.resolved.yaml").read_text())
+    assert saved["plan"]["kd_steps"] == plan["kd_steps"] == resolved["distillation"]["kd_steps"]
+    assert resolved["distillation"]["epochs"] == plan["epochs"]
