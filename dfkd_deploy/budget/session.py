@@ -14,9 +14,12 @@ from dfkd_deploy.core.errors import UsageError
 from dfkd_deploy.core.io import write_json
 
 BUDGET_FILE = "budget.json"
-# A budgeted run re-tunes its per-epoch counts with the costs it measured (planner.retune) after
-# this many KD epochs, and again halfway through its KD epochs.
+# A budgeted run re-tunes its per-epoch counts with the costs it measures (planner.retune) after
+# this many KD epochs, and again at these fractions of its KD epochs, each time with the costs
+# measured since the last check (a 10-minute run slowed by another job for a while was cut to one
+# KD step per epoch half way; the check at three quarters gives the steps back once it is quiet).
 RETUNE_AFTER_KD_EPOCHS = 2
+RETUNE_AT_FRACTIONS = (0.5, 0.75)
 
 
 @dataclass
@@ -186,8 +189,8 @@ def save(session: BudgetSession, run_dir: Path) -> None:
 
 class Retuner:
     """An epoch hook of a budgeted run (every rank): after RETUNE_AFTER_KD_EPOCHS KD epochs and
-    again halfway through them, the synthesis round and KD step as this session measured them go
-    to :func:`planner.retune`; new per-epoch counts go into the distiller's recipe, the session's
+    again at RETUNE_AT_FRACTIONS of them, the synthesis round and KD step as measured since the
+    last check go to :func:`planner.retune`; new per-epoch counts go into the distiller's recipe, the session's
     plan, budget.json and report.json's budget notes. Under torchrun each cost is the slowest
     rank's and rank 0 alone decides."""
 
@@ -199,7 +202,8 @@ class Retuner:
         self.synth_s0, self.kd_s0 = distiller.synthesis_seconds, distiller.distillation_seconds
         self.rounds = self.steps = 0
         p = session.plan
-        self.at = {p.warmup + RETUNE_AFTER_KD_EPOCHS, p.warmup + (p.epochs - p.warmup) // 2}
+        self.at = {p.warmup + RETUNE_AFTER_KD_EPOCHS} | {p.warmup + int(f * (p.epochs - p.warmup))
+                                                         for f in RETUNE_AT_FRACTIONS}
 
     def __call__(self, row: dict, _batch) -> None:
         d = self.distiller
@@ -212,6 +216,8 @@ class Retuner:
             return
         synth = (d.synthesis_seconds - self.synth_s0) / self.rounds if self.rounds else plan.costs.synth_round_s
         kd = (d.distillation_seconds - self.kd_s0) / self.steps
+        self.synth_s0, self.kd_s0 = d.synthesis_seconds, d.distillation_seconds   # the next window
+        self.rounds = self.steps = 0
         if self.ctx.enabled:
             synth, kd = _slowest(self.ctx, synth), _slowest(self.ctx, kd)
         measured = replace(plan.costs, synth_round_s=synth, kd_step_s=kd)
