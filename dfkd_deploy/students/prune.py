@@ -61,6 +61,41 @@ def inner_layers(model: nn.Module) -> list[nn.Module] | None:
     return found or None
 
 
+# Modules a conv's output may pass through, one input to one output, channel for channel, on its
+# way to the next conv inside a block.
+_PASS_THROUGH = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.BatchNorm2d, nn.Identity)
+
+
+def graph_inner_layers(model: nn.Module) -> list[nn.Module] | None:
+    """The same for a converted graph (an onnx2torch GraphModule, e.g. a dynamo export with BN
+    fused): each Conv2d whose output reaches exactly one other Conv2d through a chain of
+    single-user pass-through modules, and nothing else (no Add, Pad, Concat on the way), so its
+    output channels are that block's own; None when there is no graph or no such conv."""
+    import torch.fx
+
+    graphs = [m for m in model.modules() if isinstance(m, torch.fx.GraphModule)]
+    found = []
+    for gm in graphs:
+        def module(node):
+            return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+        for node in gm.graph.nodes:
+            if not isinstance(module(node), nn.Conv2d):
+                continue
+            cur = node
+            while len(cur.users) == 1:
+                nxt = next(iter(cur.users))
+                m = module(nxt)
+                if isinstance(m, nn.Conv2d):
+                    if len(nxt.all_input_nodes) == 1:
+                        found.append(module(node))
+                    break
+                if not isinstance(m, _PASS_THROUGH) or len(nxt.all_input_nodes) != 1:
+                    break
+                cur = nxt
+    return found or None
+
+
 def _head(model: nn.Module, num_classes: int) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
 
@@ -124,7 +159,7 @@ def prune_once(model: nn.Module, ratio: float, *, example: torch.Tensor, num_cla
         p.requires_grad_(True)
     head = _head(model, num_classes)
     if mode == "inner":
-        keep = set(map(id, inner_layers(model) or []))
+        keep = set(map(id, inner_layers(model) or graph_inner_layers(model) or []))
         ignored = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in keep]
     else:
         ignored = head
@@ -140,7 +175,12 @@ def prune_once(model: nn.Module, ratio: float, *, example: torch.Tensor, num_cla
     if importance == "taylor" and teacher is not None and images is not None:
         _taylor_gradients(model, teacher, images)
     flattens = flatten_reshapes(model, example)
-    pruner.step()
+    try:
+        pruner.step()
+    except Exception as exc:  # noqa: BLE001 - coupled channels the dependency graph got wrong
+        raise PruneError(f"Torch-Pruning failed removing channels ({mode} mode; {type(exc).__name__}: {_line(exc)}): "
+                         "the graph couples channels it cannot follow (e.g. a shortcut that pads channels); "
+                         "use student.init: scratch") from None
     refit_flattens(model, flattens, example)
     model.zero_grad(set_to_none=True)
     n = sum(1 for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m not in ignored)
@@ -241,7 +281,16 @@ def prune_to_target(model: nn.Module, target: Target, *, example: torch.Tensor, 
                              "choose another target metric")
         return value <= target.fraction * teacher_value
 
-    best = prune_once(model, MAX_RATIO, **kw)
+    try:
+        best = prune_once(model, MAX_RATIO, **kw)
+    except PruneError:
+        # e.g. the BN-fused dynamo export of a CIFAR ResNet: its option-A shortcuts (stride-2
+        # slicing, zero channel padding) break the residual stream's coupling, as in the zoo net;
+        # the channels inside its blocks can still go
+        if mode != "all" or not graph_inner_layers(model):
+            raise
+        mode = kw["mode"] = "inner"
+        best = prune_once(model, MAX_RATIO, **kw)
     check_forward(best.model, example, num_classes)
     if not fits(best):
         raise UsageError(f"pruning {MAX_RATIO:.0%} of the prunable channels ({mode} mode) does not reach "

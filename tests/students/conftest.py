@@ -34,3 +34,21 @@ def digits_teacher_fused(tmp_path_factory, digits_teacher_onnx):
     teacher = load_teacher(out)
     assert teacher.spec.bn_layers == 0
     return teacher
+
+
+@pytest.fixture(scope="session")
+def zoo_teacher_fused(tmp_path_factory, zoo_teacher):
+    """The zoo CIFAR ResNet-14 exported by the dynamo exporter: BN folded into the convs, its
+    option-A shortcuts (stride-2 slicing, zero channel padding) as ONNX Slice/Pad nodes."""
+    from dfkd_deploy import stages
+    from dfkd_deploy.recipe import load_recipe
+    from dfkd_deploy.teachers import load_teacher
+
+    src = tmp_path_factory.mktemp("zoo-fused") / "resnet14.pt"
+    torch.save(zoo_teacher.module.model.state_dict(), src)
+    out = src.with_name("resnet14-dynamo.onnx")
+    stages.export_teacher(src, load_recipe(None, {"teacher.arch": "cifar_resnet14", "teacher.input_shape": [3, 16, 16]}),
+                          out, exporter="dynamo")
+    teacher = load_teacher(out)
+    assert teacher.spec.bn_layers == 0
+    return teacher

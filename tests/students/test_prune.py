@@ -101,3 +101,17 @@ def test_prune_round_to_keeps_multiples_of_eight_and_meets_the_target(zoo_teache
     pruned = [(n, m.out_channels) for n, m in built.module.named_modules()
               if isinstance(m, torch.nn.Conv2d) and n.startswith("layer") and n.endswith("conv1")]
     assert pruned and all(c % 8 == 0 and 8 <= c < teacher_convs[n].out_channels for n, c in pruned), pruned
+
+
+def test_prune_a_bn_fused_resnet_export_inside_its_blocks(zoo_teacher_fused):
+    """Torch-Pruning's dependency graph cannot follow the residual stream of a converted CIFAR
+    ResNet (its channel-padding shortcuts; an IndexError inside the pruner on the real ResNet-56
+    export), so the prune falls back to the convs inside the blocks, found in the fx graph."""
+    from dfkd_deploy.students.build import _prune_source
+    from dfkd_deploy.students.prune import graph_inner_layers
+
+    source, _, _ = _prune_source(zoo_teacher_fused)
+    assert len(graph_inner_layers(source)) == 6           # ResNet-14: 3 stages x 2 blocks, conv1 of each
+    built = build(_prune_recipe("params=0.5"), zoo_teacher_fused, measure_latency=False)
+    _check(built, zoo_teacher_fused, 0.5)
+    assert built.info["prune"]["mode"] == "inner"

@@ -18,9 +18,11 @@ def _saved(tmp_path, built, teacher):
                         input_shape=spec.input_shape, teacher_spec=spec.to_dict())
 
 
-@pytest.mark.parametrize("which", ["zoo", "onnx_bn", "onnx_fused"])
-def test_pruned_student_round_trip(tmp_path, which, zoo_teacher, digits_teacher, digits_teacher_fused):
-    teacher = {"zoo": zoo_teacher, "onnx_bn": digits_teacher, "onnx_fused": digits_teacher_fused}[which]
+@pytest.mark.parametrize("which", ["zoo", "onnx_bn", "onnx_fused", "onnx_fused_resnet"])
+def test_pruned_student_round_trip(tmp_path, which, request):
+    fixture = {"zoo": "zoo_teacher", "onnx_bn": "digits_teacher", "onnx_fused": "digits_teacher_fused",
+               "onnx_fused_resnet": "zoo_teacher_fused"}[which]   # the last prunes inside its blocks only
+    teacher = request.getfixturevalue(fixture)
     r = load_recipe(None, {"student.init": "prune", "student.target": "params=0.4"})
     built = build(r, teacher, measure_latency=False)
     path = _saved(tmp_path, built, teacher)
