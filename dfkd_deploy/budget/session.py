@@ -190,9 +190,9 @@ def save(session: BudgetSession, run_dir: Path) -> None:
 class Retuner:
     """An epoch hook of a budgeted run (every rank): after RETUNE_AFTER_KD_EPOCHS KD epochs and
     again at RETUNE_AT_FRACTIONS of them, the synthesis round and KD step as measured since the
-    last check go to :func:`planner.retune`; new per-epoch counts go into the distiller's recipe, the session's
-    plan, budget.json and report.json's budget notes. Under torchrun each cost is the slowest
-    rank's and rank 0 alone decides."""
+    last check go to :func:`planner.retune`; new per-epoch counts go into the distiller's recipe,
+    the session's plan, budget.json and report.json's budget notes. Under torchrun each cost is
+    the slowest rank's and rank 0 alone decides."""
 
     def __init__(self, session: BudgetSession, distiller, run_dir: Path, ctx=None):
         from dfkd_deploy.core import distributed
