@@ -186,7 +186,7 @@ def _fit_counts(plan: Plan, done_epochs: int, target_s: float, max_scale: float)
             hi = mid
     rpe, kd = best
     kd_epochs = max(0, plan.epochs - max(done_epochs, plan.warmup))
-    if kd_epochs:
+    if kd_epochs and plan.costs.kd_step_s > 0:
         spare = target_s - remaining_seconds(plan, done_epochs, rounds_per_epoch=rpe, kd_steps=kd)
         if spare > 0:
             kd = min(int(plan.kd_steps * max_scale) or 1,
