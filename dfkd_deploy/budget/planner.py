@@ -210,10 +210,10 @@ def retune(plan: Plan, done_epochs: int, left_s: float, measured: Costs, *, marg
     """Mid-run, with the synthesis round and KD step as measured over the epochs so far: the same
     epochs (the cosine schedule stays as it is) with the synthesis rounds and KD steps per remaining
     epoch that end the run inside what is left of the budget. More of both where the short
-    calibration overestimated them (in the 60-minute ResNet-56 run it timed a KD step at 0.74 s and a
-    round at 7.8 s that ran at 0.54 s and 6.5 s, leaving 23% of the hour unused), fewer where the machine got slower (another job beside
-    the run). (plan, a note for report.json, or None when the rest already fits within
-    ``tolerance`` of the budget.)"""
+    calibration overestimated them (in the 60-minute ResNet-56 run it timed a KD step at 0.74 s
+    and a round at 7.8 s that ran at 0.54 s and 6.5 s, leaving 23% of the hour unused), fewer
+    where the machine got slower (another job beside the run). (plan, a note for report.json, or
+    None when the rest already fits within ``tolerance`` of the budget.)"""
     if done_epochs >= plan.epochs:
         return plan, None
     target = left_s - margin * plan.budget_s
