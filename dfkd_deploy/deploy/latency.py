@@ -82,6 +82,7 @@ class TeacherTiming:
     source: Optional[str] = None
     reason: Optional[str] = None
     nbytes: Optional[int] = None
+    note: Optional[str] = None     # how it was timed, where not the usual way
 
 
 @dataclass
@@ -91,20 +92,33 @@ class LatencyAndSize:
 
 
 def time_teacher(teacher, *, threads: Optional[int] = None, **kw) -> TeacherTiming:
-    """The teacher on ORT CPU: its own ONNX file, or one exported here; never fatal."""
+    """The teacher on ORT CPU: its own ONNX file, or one exported here; never fatal. A file that
+    cannot be timed as it is (a batch fixed at 16, as MLPerf-Tiny's ResNet-8, cannot run at
+    batch 1 or 32) is timed through its converted module, exported with a dynamic batch."""
     spec = teacher.spec
+    file_error, nbytes = None, None
+    if spec.format == "onnx" and Path(spec.source).is_file():
+        src = Path(spec.source)
+        nbytes = src.stat().st_size
+        try:
+            runner = OrtRunner(src, layout=spec.layout, threads=threads, input_shape=spec.input_shape)
+            return TeacherTiming(time_runner(runner, **kw), "file", None, nbytes)
+        except Exception as exc:  # noqa: BLE001 - timed through the converted module below
+            file_error = _reason(exc)
     with tempfile.TemporaryDirectory(prefix="dfkd-latency-") as tmp:
         try:
-            if spec.format == "onnx" and Path(spec.source).is_file():
-                src, layout, shape, source = Path(spec.source), spec.layout, spec.input_shape, "file"
-            else:
-                module, shape = _exportable(teacher)
-                src = export_teacher_onnx(module, Path(tmp) / "teacher.onnx", input_shape=shape, fold=True)
-                layout, source = "NCHW", "exported"
-            runner = OrtRunner(src, layout=layout, threads=threads, input_shape=shape)
-            return TeacherTiming(time_runner(runner, **kw), source, None, src.stat().st_size)
+            module, shape = _exportable(teacher)
+            src = export_teacher_onnx(module, Path(tmp) / "teacher.onnx", input_shape=shape, fold=True)
+            runner = OrtRunner(src, layout="NCHW", threads=threads, input_shape=shape)
+            note = (f"the file could not be timed as it is ({file_error}); timed the converted teacher exported "
+                    "with a dynamic batch") if file_error else None
+            return TeacherTiming(time_runner(runner, **kw), "exported", None, nbytes or src.stat().st_size, note)
         except Exception as exc:  # noqa: BLE001 - timing the teacher is informative, never fatal
-            return TeacherTiming(reason=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+            return TeacherTiming(reason=file_error or _reason(exc))
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 
 
 def _exportable(teacher) -> tuple[torch.nn.Module, tuple[int, ...]]:

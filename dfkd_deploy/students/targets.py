@@ -90,20 +90,16 @@ def measure(model: nn.Module, input_shape, *, latency: bool = True, onnx_path=No
 
 
 def teacher_figures(teacher, *, latency: bool = True) -> SizeFigures:
-    """The teacher's figures: its ONNX file timed as it is (as report.json's latency does), a torch
-    teacher exported first."""
+    """The teacher's figures, timed as report.json's latency times it (deploy.latency.time_teacher:
+    its ONNX file as it is, else exported)."""
+    from dfkd_deploy.deploy.latency import time_teacher
+
     spec = teacher.spec
-    onnx_path = spec.source if spec.format == "onnx" and Path(str(spec.source)).is_file() else None
-    figures = measure(teacher.module, spec.input_shape, latency=latency, onnx_path=onnx_path, layout=spec.layout)
-    if latency and onnx_path is not None and not figures.latency_ms:
-        # e.g. a file whose batch is fixed (MLPerf-Tiny ResNet-8: 16) cannot run at batch 1 or 32;
-        # its converted module, exported with a dynamic batch, computes the same graph
-        lat, reason = measure_latency(teacher.module, spec.input_shape)
-        if lat:
-            figures.latency_ms = lat
-            figures.latency_note = (f"the file could not be timed as it is ({figures.latency_reason}); timed "
-                                    "the converted teacher exported with a dynamic batch")
-            figures.latency_reason = None
+    teacher.module.eval()
+    figures = SizeFigures(count_params(teacher.module), count_macs(teacher.module, spec.input_shape))
+    if latency:
+        t = time_teacher(teacher, batches=LATENCY_BATCHES)
+        figures.latency_ms, figures.latency_reason, figures.latency_note = dict(t.timings or {}), t.reason, t.note
     return figures
 
 

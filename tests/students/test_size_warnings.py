@@ -74,7 +74,14 @@ def test_a_fixed_batch_onnx_teacher_is_timed_through_its_converted_module(tmp_pa
     model = build_model("tiny_cnn", num_classes=10, in_channels=1, input_size=(8, 8)).eval()
     path = tmp_path / "fixed16.onnx"
     torch.onnx.export(model, (torch.randn(16, 1, 8, 8),), str(path), input_names=["x"], dynamo=False)
-    figures = teacher_figures(load_teacher(path))
+    teacher = load_teacher(path)
+    figures = teacher_figures(teacher)
     assert set(figures.latency_ms) == {"batch_1_ms", "batch_32_ms"}
     assert figures.latency_reason is None
     assert "could not be timed as it is" in figures.to_dict()["latency_note"]
+    # report.json's latency table times it the same way (one mechanism), and keeps the file's size
+    from dfkd_deploy.deploy.latency import time_teacher
+
+    t = time_teacher(teacher, batches=(1, 32))
+    assert t.source == "exported" and t.reason is None and set(t.timings) == {"batch_1_ms", "batch_32_ms"}
+    assert t.nbytes == path.stat().st_size
