@@ -85,6 +85,10 @@ def build_student(recipe: Recipe, teacher: Teacher, *, device: torch.device | st
     if announce and distributed.current().is_main:   # the size warnings print even with --quiet
         if show_progress:
             console.print(f"student: {built.arch} ({built.init}), {count_parameters(model):,} params")
+            rec = built.info.get("depth", {}).get("recognised")
+            if rec:
+                console.print(f"the teacher's graph computes a {rec['arch']} (BN {rec['bn']}; max difference "
+                              f"{rec['max_abs_diff']:.1e}): its blocks {built.info['depth']['blocks']} were copied")
         for line in built.info.get("warnings", []):
             console.print(f"[yellow]warning[/yellow]: {line}")
     return model

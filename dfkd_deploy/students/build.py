@@ -16,6 +16,7 @@ from torch import nn
 from dfkd_deploy.core.errors import UsageError
 from dfkd_deploy.models.mlp import MLP_NAMES
 from dfkd_deploy.students import architecture, depth, prune
+from dfkd_deploy.students.recognise import recognise
 from dfkd_deploy.core.units import Target, parse_target
 from dfkd_deploy.students.targets import (DEFAULT_FRACTION, SizeFigures, measure, meets, ratios,
                                                 size_warnings, teacher_figures, worst_latency_ratio)
@@ -218,12 +219,18 @@ def _prune(recipe, teacher, target: Target, t_fig: SizeFigures, images) -> Built
 
 def _depth(recipe, teacher, target, t_fig: SizeFigures, images, measure_latency: bool) -> BuiltStudent:
     s, spec = recipe.student, teacher.spec
-    t_arch = teacher_arch(teacher)
+    t_arch, source, recognised = teacher_arch(teacher), None, None
+    if t_arch is not None:
+        source = teacher.module.model
+    elif spec.format == "onnx":     # a converted graph that computes a zoo architecture
+        recognised = recognise(teacher)
+        if recognised is not None:
+            t_arch, source = recognised.arch, recognised.module
     options = depth.shallower(t_arch) if t_arch else []
     if not options:
         raise UsageError(f"student.init: depth needs a residual zoo teacher ({', '.join(f.name for f in depth.FAMILIES)}) "
-                         f"loaded as a state_dict with its arch; this teacher is {t_arch or spec.format}. "
-                         "Use student.init: prune or scratch")
+                         f"loaded as a state_dict with its arch, or an ONNX graph that computes one; this "
+                         f"teacher is {t_arch or spec.format}. Use student.init: prune or scratch")
     if s.arch:
         arch = s.arch
     else:
@@ -234,11 +241,16 @@ def _depth(recipe, teacher, target, t_fig: SizeFigures, images, measure_latency:
         if arch is None:
             raise UsageError(f"no shallower {t_arch} meets {', '.join(map(str, wanted))}; try student.init: prune")
     blocks = depth.block_map(t_arch, arch, s.derived.depth_blocks)
-    model = depth.copy_blocks(teacher.module.model, architecture.trainable(_zoo(arch, spec)), blocks)
+    model = depth.copy_blocks(source, architecture.trainable(_zoo(arch, spec)), blocks)
+    # A folded teacher's BN statistics are made up (identity): recalibrating keeps its function.
+    preserve = recognised is not None and recognised.bn != "kept"
     calibrated = False
     if s.derived.recalibrate_bn and images is not None:
-        depth.recalibrate_bn(model, images(s.derived.images))
+        depth.recalibrate_bn(model, images(s.derived.images), preserve_function=preserve)
         calibrated = True
-    return BuiltStudent(model, arch, "depth",
-                        info={"depth": {"teacher_arch": t_arch, "blocks": blocks, "choice": s.derived.depth_blocks,
-                                        "bn_recalibrated": calibrated}})
+    info = {"teacher_arch": t_arch, "blocks": blocks, "choice": s.derived.depth_blocks,
+            "bn_recalibrated": calibrated}
+    if recognised is not None:
+        info["recognised"] = recognised.to_dict()
+        info["bn_recalibration"] = "function-preserving" if preserve else "statistics"
+    return BuiltStudent(model, arch, "depth", info={"depth": info})

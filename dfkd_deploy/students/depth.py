@@ -99,12 +99,18 @@ def copy_blocks(teacher: nn.Module, student: nn.Module, blocks: dict[str, list[i
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> nn.Module:
+def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 64,
+                   preserve_function: bool = False) -> nn.Module:
     """Re-estimate every BatchNorm's running statistics on ``images`` (model-space), a cumulative
-    average over the batches; the weights are unchanged."""
+    average over the batches. The weights are unchanged, unless ``preserve_function``: then each
+    BN's scale and shift are re-expressed around the new statistics so that the eval-mode function
+    stays what it was (scale * s'/s, shift + scale * (m' - m)/s), and a train-mode BN, which
+    normalises by its batch, starts out computing nearly that function on such images. That is
+    for BNs whose statistics are made up (a teacher whose BN was folded into its convs)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns or len(images) < 2:
         return model
+    old = [(m.running_mean.clone(), (m.running_var + m.eps).sqrt()) for m in bns] if preserve_function else None
     saved = [(m.momentum, m.training) for m in bns]
     was_training = model.training
     model.eval()
@@ -117,5 +123,11 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 64)
             model(chunk)
     for m, (momentum, _) in zip(bns, saved):
         m.momentum = momentum
+    if old is not None:
+        for m, (mean, std) in zip(bns, old):
+            if m.affine:
+                new_std = (m.running_var + m.eps).sqrt()
+                m.bias.add_(m.weight * (m.running_mean - mean) / std)
+                m.weight.mul_(new_std / std)
     model.train(was_training)
     return model

@@ -67,3 +67,80 @@ def test_depth_needs_a_residual_zoo_teacher(digits_teacher):
 
     with pytest.raises(UsageError, match="depth needs a residual zoo teacher.*prune or scratch"):
         build(load_recipe(None, {"student.init": "depth"}), digits_teacher, measure_latency=False)
+
+
+@pytest.fixture(scope="module")
+def zoo_teacher_legacy(tmp_path_factory, zoo_teacher):
+    """The zoo ResNet-14 exported by the legacy exporter: BN kept, as its own ONNX nodes."""
+    from dfkd_deploy import stages
+    from dfkd_deploy.teachers import load_teacher
+
+    src = tmp_path_factory.mktemp("zoo-legacy") / "resnet14.pt"
+    torch.save(zoo_teacher.module.model.state_dict(), src)
+    out = src.with_name("resnet14-legacy.onnx")
+    stages.export_teacher(src, load_recipe(None, {"teacher.arch": "cifar_resnet14", "teacher.input_shape": [3, 16, 16]}),
+                          out, exporter="legacy")
+    teacher = load_teacher(out)
+    assert teacher.spec.bn_layers > 0
+    return teacher
+
+
+@pytest.mark.parametrize("form,bn", [("zoo_teacher_fused", "folded"), ("zoo_teacher_legacy", "kept")])
+def test_an_onnx_graph_of_a_zoo_resnet_is_recognised(request, zoo_teacher, form, bn):
+    """The converted graph is matched layer by layer and accepted only because the zoo module then
+    computes the teacher's outputs; a folded BN becomes an identity BN with the conv's bias."""
+    from dfkd_deploy.students.recognise import recognise
+
+    teacher = request.getfixturevalue(form)
+    rec = recognise(teacher)
+    assert rec is not None and rec.arch == "cifar_resnet14" and rec.bn == bn
+    x = torch.randn(5, *teacher.spec.input_shape)
+    with torch.no_grad():
+        assert torch.allclose(rec.module(x), zoo_teacher.module(x), atol=1e-4)
+    if bn == "kept":   # the real statistics came along
+        assert torch.equal(rec.module.bn1.running_var, zoo_teacher.module.model.bn1.running_var)
+    else:
+        assert torch.equal(rec.module.bn1.running_mean, torch.zeros(16))
+
+
+def test_a_graph_of_the_same_shapes_but_another_function_is_not_recognised(zoo_teacher_fused):
+    """Same layer shapes, different wiring (a ReLU dropped): the outputs differ, so no match."""
+    import copy
+
+    from dfkd_deploy.students.recognise import recognise
+
+    teacher = copy.deepcopy(zoo_teacher_fused)
+    gm = teacher.module.model
+    relu = next(n for n in gm.graph.nodes if n.op == "call_module" and "relu" in str(n.target).lower())
+    relu.replace_all_uses_with(relu.args[0])
+    gm.graph.erase_node(relu)
+    gm.recompile()
+    assert recognise(teacher) is None
+
+
+def test_depth_on_a_folded_onnx_teacher_copies_its_blocks_and_keeps_its_function(zoo_teacher_fused):
+    """ResNet-14 (dynamo, BN folded) -> ResNet-8: the chosen blocks' convs are the teacher's; the
+    function-preserving recalibration leaves the eval-mode student computing what the copied
+    blocks compute with identity BN, and sets its BN statistics from the images."""
+    r = load_recipe(None, {"student.init": "depth", "student.arch": "cifar_resnet8", "student.derived.images": 32})
+    images = torch.rand(32, *zoo_teacher_fused.spec.input_shape)
+    built = build(r, zoo_teacher_fused, images=lambda n: images[:n], measure_latency=False)
+    info = built.info["depth"]
+    assert info["recognised"]["arch"] == "cifar_resnet14" and info["bn_recalibration"] == "function-preserving"
+    plain = build(load_recipe(None, {"student.init": "depth", "student.arch": "cifar_resnet8",
+                                     "student.derived.recalibrate_bn": False}), zoo_teacher_fused,
+                  measure_latency=False).module
+    from dfkd_deploy.students.recognise import recognise
+
+    t = recognise(zoo_teacher_fused).module.state_dict()   # the folded file's convs, in zoo names
+    blocks = info["blocks"]
+    for key, value in plain.state_dict().items():   # convs and head: the teacher file's own weights
+        if "conv" in key or key.startswith("linear"):
+            parts = key.split(".")
+            if parts[0].startswith("layer"):
+                parts[1] = str(blocks[parts[0]][int(parts[1])])
+            assert torch.equal(value, t[".".join(parts)]), key
+    x = torch.rand(6, *zoo_teacher_fused.spec.input_shape)
+    with torch.no_grad():
+        assert torch.allclose(built.module.eval()(x), plain.eval()(x), atol=1e-4)
+    assert not torch.equal(built.module.bn1.running_mean, plain.bn1.running_mean)
