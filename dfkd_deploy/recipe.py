@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dfkd_deploy.budget.planner import SYNTHESIS_SHARE
 from dfkd_deploy.core.errors import RecipeError
 
 
@@ -200,6 +201,22 @@ class DistillationOptions(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="KD forward passes (teacher and student; weights, optimizer and loss stay fp32): "
                             "bf16 autocast, fp32, or auto (bf16 where the device runs it natively)")
+    synthesis_share: float = Field(SYNTHESIS_SHARE, gt=0, lt=1, description="with a budget: the share of the "
+                                   "training time that synthesizes; the rest trains the student")
+    mix: Literal["none", "mixup", "cutmix"] = Field(
+        "none", description="mixing of KD batches after crop/flip: mixup blends two pool images, cutmix pastes a "
+                            "box of one into another; the teacher labels the mixed image (needs teacher_logits: "
+                            "recompute)")
+    mix_alpha: float = Field(1.0, gt=0, description="the mixing weight is drawn from Beta(mix_alpha, mix_alpha)")
+    teacher_logits: Literal["recompute", "cached"] = Field(
+        "recompute", description="recompute: the teacher labels every augmented KD batch; cached: once per pool "
+                                 "image (un-augmented), reused on every draw, so a KD step runs only the student")
+
+    @model_validator(mode="after")
+    def _mix_needs_labels(self):
+        if self.mix != "none" and self.teacher_logits == "cached":
+            raise ValueError("distillation.mix needs teacher_logits: recompute (a mixed image has no cached logits)")
+        return self
 
     @field_validator("grad_clip")
     @classmethod

@@ -39,7 +39,7 @@ def _timed(fn) -> float:
 def calibrate(teacher, recipe, student, device, *, eval_images: int = 0) -> Costs:
     """Costs of ``recipe`` with this teacher and (a copy of) this student on ``device``."""
     from dfkd_deploy.synthesis import make_synthesizer
-    from dfkd_deploy.core.augment import crop_flip
+    from dfkd_deploy.core.augment import crop_flip, mix_batch
 
     s, d = recipe.synthesis, recipe.distillation
     student = copy.deepcopy(student).to(device)
@@ -50,10 +50,18 @@ def calibrate(teacher, recipe, student, device, *, eval_images: int = 0) -> Cost
     pixels = images.repeat(math.ceil(d.batch_size / len(images)), 1, 1, 1)[:d.batch_size].to(device)
     opt = torch.optim.SGD(student.parameters(), lr=1e-6)
 
-    def kd_step():
-        x = norm(crop_flip(pixels, s.augment.crop_padding, s.augment.flip))
+    cached = d.teacher_logits == "cached"
+    if cached:   # the teacher labels each pool image once: charged to the round that made it
         with torch.no_grad():
-            t = teacher.module(x)
+            fixed = teacher.module(norm(pixels))
+
+    def kd_step():
+        x = norm(mix_batch(crop_flip(pixels, s.augment.crop_padding, s.augment.flip), d.mix, d.mix_alpha))
+        if cached:
+            t = fixed
+        else:
+            with torch.no_grad():
+                t = teacher.module(x)
         loss = F.kl_div(F.log_softmax(student(x), 1), F.softmax(t, 1), reduction="batchmean")
         opt.zero_grad()
         loss.backward()
@@ -63,13 +71,16 @@ def calibrate(teacher, recipe, student, device, *, eval_images: int = 0) -> Cost
     kd_step()
     kd_s = statistics.median(_timed(kd_step) for _ in range(KD_STEPS_TIMED))
     teacher_img_s, student_img_s = _forward_seconds(teacher.module, student, norm(pixels))
+    # cached logits: each round's images get one teacher forward when KD first draws them
+    labelling_s = teacher_img_s * s.batch_size if cached else 0.0
     overhead_s, export_s = _bookkeeping(student.cpu(), teacher.spec.input_shape)
     kw = dict(round_s=round_s, export_s=export_s, teacher_img_s=teacher_img_s, student_img_s=student_img_s,
               eval_images=eval_images, layers=_layers(student), latency_s=_latency_seconds(student))
     finish = finish_seconds(recipe, **kw)
     without_edge = finish_seconds(recipe.model_copy(update={"deploy": recipe.deploy.model_copy(
         update={"edge_runtimes": []})}), **kw)
-    return Costs(round_s, kd_s, overhead_s, finish, edge_s=finish - without_edge, probe_batch_s=round_s * PROBE_ROUND)
+    return Costs(round_s + labelling_s, kd_s, overhead_s, finish, edge_s=finish - without_edge,
+                 probe_batch_s=round_s * PROBE_ROUND)
 
 
 def finish_seconds(recipe, *, round_s: float, export_s: float, teacher_img_s: float, student_img_s: float,

@@ -66,7 +66,8 @@ def plan_for(teacher, recipe, student, device, *, spent_s: float, eval_images: i
     costs = replace(costs, finish_s=costs.finish_s - saved)   # (what the plan and a resume count on)
 
     def plan() -> Plan:
-        kw = dict(spent_s=spent, synth_batch=recipe.synthesis.batch_size)
+        kw = dict(spent_s=spent, synth_batch=recipe.synthesis.batch_size,
+                  synthesis_share=recipe.distillation.synthesis_share)
         cut = {"costs": costs, "probe_images": probes if probes < recipe.validation.probe_images else None}
         try:
             return replace(plan_budget(budget_s, costs, **kw), **cut)

@@ -1,5 +1,6 @@
 """Differentiable batch augmentation of pixel-space images: random crop after zero padding, and
-horizontal flip. Synthesis (the inversion loss) and KD (the student's batches) both use it.
+horizontal flip. Synthesis (the inversion loss) and KD (the student's batches) both use it; KD can
+also mix its batches (mixup / cutmix, ``distillation.mix``).
 
 One gather per batch (no per-sample Python loop): each sample's crop offset and flip are folded
 into row/column index tensors, and advanced indexing keeps the result differentiable.
@@ -28,3 +29,29 @@ def crop_flip(x: torch.Tensor, padding: int = 4, flip: bool = True,
     bi = torch.arange(b, device=dev)[:, None, None, None]
     ci = torch.arange(c, device=dev)[None, :, None, None]
     return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+MIX_KINDS = ("none", "mixup", "cutmix")
+
+
+def mix_batch(x: torch.Tensor, kind: str = "none", alpha: float = 1.0) -> torch.Tensor:
+    """Mix each image of the batch with another of the same batch (a random pairing), with one
+    weight lam ~ Beta(alpha, alpha) per batch: ``mixup`` blends them (lam x + (1 - lam) x'),
+    ``cutmix`` pastes a box of x' covering about 1 - lam of the image into x. For KD no labels are
+    mixed: the teacher labels the mixed image. Draws from torch's global generator."""
+    if kind == "none" or x.shape[0] < 2:
+        return x
+    if kind not in MIX_KINDS:
+        raise ValueError(f"mix {kind!r}: choose one of {', '.join(MIX_KINDS)}")
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    other = x[torch.randperm(x.shape[0]).to(x.device)]
+    if kind == "mixup":
+        return lam * x + (1 - lam) * other
+    h, w = x.shape[-2:]
+    ch, cw = int(round(h * (1 - lam) ** 0.5)), int(round(w * (1 - lam) ** 0.5))
+    if ch == 0 or cw == 0:
+        return x
+    cy, cx = int(torch.randint(0, h - ch + 1, ())), int(torch.randint(0, w - cw + 1, ()))
+    out = x.clone()
+    out[..., cy:cy + ch, cx:cx + cw] = other[..., cy:cy + ch, cx:cx + cw]
+    return out

@@ -28,7 +28,7 @@ from dfkd_deploy.core.errors import TrainingError, UsageError, one_line
 from dfkd_deploy.core.io import OutputError
 from dfkd_deploy.core.progress import task
 from dfkd_deploy.recipe import AUTO_GRAD_CLIP, Recipe
-from dfkd_deploy.core.augment import crop_flip
+from dfkd_deploy.core.augment import crop_flip, mix_batch
 from dfkd_deploy.core.precision import autocast_factory, resolve_precision
 from dfkd_deploy.distill.kd import kd_kl
 from dfkd_deploy.synthesis.base import Synthesizer
@@ -130,6 +130,7 @@ class Distiller:
         # before the checkpoint (e.g. dfkd_deploy.distill.metrics_log.MetricsLog).
         self.epoch_hooks: list = []
         self._last_batch: torch.Tensor | None = None
+        self._logits: dict[str, torch.Tensor] = {}    # teacher_logits: cached, by pool shard
 
     # -- one epoch ---------------------------------------------------------------------------
     def _synthesize(self, epoch: int) -> dict:
@@ -165,12 +166,35 @@ class Distiller:
             self._ddp_params = ids
         return self._ddp
 
-    def _kd_batch(self) -> torch.Tensor:
-        """This rank's slice of one global batch drawn uniformly from the whole pool."""
+    def _kd_batch(self) -> tuple[np.ndarray, torch.Tensor]:
+        """(pool indices, images): this rank's slice of one global batch drawn uniformly from the
+        whole pool."""
         d = self.recipe.distillation
         idx = self.np_rng.integers(0, len(self.pool), size=d.batch_size)
         r = self.ctx.rank
-        return self.pool.get(idx[r * self.kd_batch:(r + 1) * self.kd_batch])
+        mine = idx[r * self.kd_batch:(r + 1) * self.kd_batch]
+        return mine, self.pool.get(mine)
+
+    @torch.no_grad()
+    def _cached_logits(self, idx: np.ndarray, pixels: torch.Tensor) -> torch.Tensor:
+        """``distillation.teacher_logits: cached``: the teacher's logits of each pool image, computed
+        (un-augmented) the first time it is drawn and kept in memory by (shard, row), so a KD step
+        after that runs only the student. A resumed run computes them again as images are drawn."""
+        where = self.pool.locate(idx)
+        first = {}   # each missing image once, though a batch may draw it twice
+        for j, (name, i) in enumerate(where):
+            if name not in self._logits or bool(torch.isnan(self._logits[name][i, 0])):
+                first.setdefault((name, i), j)
+        missing = list(first.values())
+        if missing:
+            with self._autocast():
+                fresh = self.teacher(self.normalizer(pixels[missing])).float().cpu()
+            for j, row in zip(missing, fresh):
+                name, i = where[j]
+                if name not in self._logits:
+                    self._logits[name] = torch.full((self.pool.shard_count(name), row.numel()), float("nan"))
+                self._logits[name][i] = row
+        return torch.stack([self._logits[name][i] for name, i in where]).to(self.device)
 
     def _kd_epoch(self) -> dict:
         d, a = self.recipe.distillation, self.recipe.synthesis.augment
@@ -178,11 +202,16 @@ class Distiller:
         self.student.train()
         total, agree, seen, clipped = 0.0, 0, 0, 0
         t0 = time.perf_counter()
+        cached = d.teacher_logits == "cached"
         for step in range(d.kd_steps):
-            pixels = self._kd_batch().to(self.device)
-            x = self.normalizer(crop_flip(pixels, a.crop_padding, a.flip))
-            with torch.no_grad(), self._autocast():
-                t_out = self.teacher(x).float()
+            idx, pixels = self._kd_batch()
+            pixels = pixels.to(self.device)
+            if cached:
+                t_out = self._cached_logits(idx, pixels)
+            x = self.normalizer(mix_batch(crop_flip(pixels, a.crop_padding, a.flip), d.mix, d.mix_alpha))
+            if not cached:
+                with torch.no_grad(), self._autocast():
+                    t_out = self.teacher(x).float()
             with self._autocast():
                 s_out = model(x).float()
             loss = kd_kl(s_out, t_out, d.temperature)

@@ -166,5 +166,15 @@ class ImagePool:
                         raise DataError(f"{self.root / shard['file']}: shorter than its index says")
         return uint8_to_pixels(out)
 
+    def locate(self, indices: np.ndarray) -> list[tuple[str, int]]:
+        """(shard file, index within it) of each global index: what stays the same for an image
+        when other ranks add shards before it in the union (its global index can move)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        shard_of = np.searchsorted(self._offsets, indices, side="right") - 1
+        return [(self.shards[int(s)]["file"], int(i - self._offsets[s])) for s, i in zip(shard_of, indices)]
+
+    def shard_count(self, name: str) -> int:
+        return next(int(s["count"]) for s in self.shards if s["file"] == name)
+
     def sample(self, batch_size: int, rng: np.random.Generator) -> torch.Tensor:
         return self.get(rng.integers(0, len(self), size=batch_size))

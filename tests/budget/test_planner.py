@@ -292,3 +292,21 @@ def test_retune_hook_changes_the_distillers_counts_and_budget_json(tmp_path):
     assert any("re-tuned at epoch" in n and "calibrated 1.000" in n for n in s.notes)
     saved = json.loads((tmp_path / budget_session.BUDGET_FILE).read_text())
     assert saved["plan"]["kd_steps"] == s.plan.kd_steps      # --resume continues the re-tuned plan
+
+
+def test_the_synthesis_share_of_the_recipe_splits_the_training_time(monkeypatch):
+    """distillation.synthesis_share: more of it buys synthesis rounds at the cost of KD steps; the
+    plan fits the budget either way."""
+    from dfkd_deploy.budget import session
+    from dfkd_deploy.recipe import load_recipe
+
+    costs = Costs(synth_round_s=6.0, kd_step_s=0.5, epoch_overhead_s=0.1, finish_s=60.0)
+    monkeypatch.setattr(session, "calibrate", lambda *a, **k: costs)
+    plans = {share: session.plan_for(None, load_recipe(None, {"budget": "30m", "distillation.synthesis_share": share}),
+                                     None, "cpu", spent_s=0.0) for share in (0.3, 0.5, 0.7)}
+    synth = {share: p.rounds * costs.synth_round_s for share, p in plans.items()}
+    kd = {share: p.kd_steps * (p.epochs - p.warmup) * costs.kd_step_s for share, p in plans.items()}
+    assert synth[0.3] < synth[0.5] < synth[0.7] and kd[0.3] > kd[0.5] > kd[0.7]
+    for share, p in plans.items():
+        assert p.estimated_s <= 1800 * (1 - MARGIN) + 1e-6
+        assert synth[share] / (synth[share] + kd[share]) == pytest.approx(share, abs=0.08)

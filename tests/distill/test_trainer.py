@@ -184,3 +184,45 @@ def test_auto_clip_tames_a_bn_free_students_first_kd_steps(digits_teacher, tmp_p
     assert all(math.isfinite(r["kd_loss"]) for r in clipped)
     # unclipped, the first KD epoch's steps overshoot: its mean loss is ~40x the clipped run's
     assert clipped[0]["kd_loss"] * 5 < unclipped[0]["kd_loss"]
+
+
+class _CountingTeacher(torch.nn.Module):
+    """The teacher, counting the images it labels."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.images = inner, 0
+
+    def forward(self, x):
+        self.images += x.shape[0]
+        return self.inner(x)
+
+
+def test_cached_teacher_logits_label_each_pool_image_once(digits_teacher, tmp_path):
+    """teacher_logits: cached: a KD step's targets are the teacher's logits of the un-augmented
+    pool images, computed once per image however often it is drawn."""
+    recipe = quick_recipe(**{"distillation.teacher_logits": "cached", "distillation.epochs": 3,
+                             "distillation.kd_steps": 12, "distillation.precision": "fp32"})
+    d = _distiller(digits_teacher, recipe, tmp_path)
+    counting = _CountingTeacher(digits_teacher.module)
+    d.run(until_epoch=1)                   # warm-up: the pool gets its first batch
+    d.teacher = counting
+    d.run()
+    pool = ImagePool(tmp_path / "pool")
+    # KD labelled each pool image at most once (the rest: the per-epoch agreement on the new batch)
+    assert counting.images - 2 * 32 <= len(pool) < 2 * 12 * 32
+    cached = torch.cat([d._logits[s["file"]] for s in pool.shards if s["file"] in d._logits])
+    assert not torch.isnan(cached).all(1).any()
+    idx = torch.arange(len(pool)).numpy()[:16]
+    seen = [j for j, (name, i) in enumerate(pool.locate(idx)) if name in d._logits
+            and not torch.isnan(d._logits[name][i, 0])]
+    with torch.no_grad():
+        want = digits_teacher.module(digits_teacher.normalizer()(pool.get(idx[seen])))
+    assert torch.allclose(d._cached_logits(idx[seen], pool.get(idx[seen])), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("mix", ["mixup", "cutmix"])
+def test_mixed_kd_batches_train(digits_teacher, tmp_path, mix):
+    recipe = quick_recipe(**{"distillation.mix": mix, "distillation.epochs": 3})
+    result = _distiller(digits_teacher, recipe, tmp_path).run()
+    assert math.isfinite(result.history[-1]["kd_loss"])
