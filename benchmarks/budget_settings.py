@@ -5,9 +5,16 @@ run one after the other), real top-1 of the student ONNX on all 10,000 CIFAR-10 
 
     python benchmarks/budget_settings.py --shared ../shared --init prune --minutes 10 --variants synth_batch_64
 
-Variants (recipe overrides):
+Variants (recipe overrides), each against ``baseline`` (no override) run by the same call, so a
+comparison is side by side on one machine rather than against a table row from another host:
+- ``baseline``: the time_to_accuracy recipe as it is.
 - ``synth_batch_64``: synthesis rounds of 64 images instead of 256: four times as many generator
   (meta) updates for the same number of images, which FastDFKD's few-step synthesis relies on.
+- ``share_30`` / ``share_70``: 30% / 70% of the training time synthesizes (the planner's 50%).
+- ``fast2``: Fast-2 (two generator steps per batch) instead of Fast-5: cheaper rounds, more of them.
+- ``cached_logits``: the teacher labels each pool image once (un-augmented) instead of every
+  augmented KD batch: cheaper KD steps, more of them.
+- ``mixup`` / ``cutmix``: KD batches mixed after crop/flip, the teacher labels the mixed images.
 Resumable: results/budget_settings.json, finished (init, minutes, variant) records are skipped.
 """
 from __future__ import annotations
@@ -23,7 +30,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-VARIANTS = {"synth_batch_64": {"synthesis.batch_size": 64}}
+VARIANTS = {"baseline": {}, "synth_batch_64": {"synthesis.batch_size": 64},
+            "share_30": {"distillation.synthesis_share": 0.3}, "share_70": {"distillation.synthesis_share": 0.7},
+            "fast2": {"synthesis.g_steps": 2}, "cached_logits": {"distillation.teacher_logits": "cached"},
+            "mixup": {"distillation.mix": "mixup"}, "cutmix": {"distillation.mix": "cutmix"}}
 
 
 def main(argv=None) -> int:
@@ -35,7 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shared", default=str(REPO.parent / "shared"))
     ap.add_argument("--init", default="prune", choices=tta.INITS)
     ap.add_argument("--minutes", type=int, default=10)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "budget_settings.json"))
     ap.add_argument("--work", default=str(REPO / "runs" / "budget_settings"))
     args = ap.parse_args(argv)
@@ -43,6 +53,9 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t = tta.teachers(shared, work)["resnet56/state_dict"]
     runs = json.loads(out.read_text())["runs"] if out.is_file() else []
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
     for name in args.variants.split(","):
         if any((r["init"], r["budget_min"], r["variant"]) == (args.init, args.minutes, name) for r in runs):
             continue
@@ -62,7 +75,8 @@ def main(argv=None) -> int:
                      "final": (r.get("distillation") or {}).get("final"),
                      "loadavg": [round(v, 2) for v in os.getloadavg()]})
         write_json(out, {"setting": "budgeted compress, shared ResNet-56 state_dict, CIFAR-10 test set",
-                         "baseline": "benchmarks/results/time_to_accuracy.json, same init and budget",
+                         "baseline": "the baseline variant, same init and budget (synth_batch_64, run before it "
+                                     "existed: time_to_accuracy.json's row)",
                          "machine": f"{os.cpu_count()} CPU cores", "runs": runs})
         print(json.dumps({k: runs[-1][k] for k in ("variant", "wall_min", "top1")}), flush=True)
     return 0
