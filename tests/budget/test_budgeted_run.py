@@ -33,3 +33,35 @@ def test_a_budgeted_run_retunes_to_its_measured_costs(digits_teacher_onnx, digit
     resolved = yaml.safe_load((tmp_path / "run" / "recipe.resolved.yaml").read_text())
     assert saved["plan"]["kd_steps"] == plan["kd_steps"] == resolved["distillation"]["kd_steps"]
     assert resolved["distillation"]["epochs"] == plan["epochs"]
+
+
+def test_calibration_with_cached_logits_times_kd_steps_without_the_teacher(digits_teacher):
+    """teacher_logits: cached: the timed KD steps run only the student (the teacher labels the
+    batch once, charged to the round); with recompute every timed step runs the teacher. Counted
+    in teacher calls, nothing timed."""
+    import dataclasses
+
+    import torch
+
+    from dfkd_deploy.budget import calibrate as cal
+    from dfkd_deploy.run import build_student
+
+    class Counting(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.inner(x)
+
+    calls = {}
+    for mode in ("recompute", "cached"):
+        recipe = quick_recipe(**{"distillation.teacher_logits": mode})
+        counting = Counting(digits_teacher.module)
+        teacher = dataclasses.replace(digits_teacher, module=counting)
+        costs = cal.calibrate(teacher, recipe, build_student(recipe, digits_teacher), "cpu")
+        assert costs.synth_round_s > 0 and costs.kd_step_s > 0
+        calls[mode] = counting.calls
+    # recompute: one teacher call per KD step (the warm-up step and the timed ones); cached: one in all
+    assert calls["recompute"] - calls["cached"] == cal.KD_STEPS_TIMED
