@@ -11,8 +11,16 @@ Names are imported on first use, so ``import dfkd_deploy`` (and the CLI's ``--he
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
-from dfkd_deploy._compat import import_torchvision as _import_torchvision
+# OpenMP workers that spin while they wait (the default) lose their time slices to whatever else
+# runs on the cores: the demo beside a 2-thread benchmark took 101 s spinning and 65 s waiting
+# passively (same student). Only where torch is not loaded yet and the user has not chosen.
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from dfkd_deploy._compat import import_torchvision as _import_torchvision  # noqa: E402
 
 _import_torchvision()  # once, before anything (onnx2torch included) imports torchvision
 

@@ -33,3 +33,19 @@ def test_import_is_lazy():
     code = "import sys, dfkd_deploy; print('dfkd_deploy.run' in sys.modules, 'onnx' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr
+
+
+def test_import_makes_openmp_wait_passively_unless_the_user_chose():
+    """Spinning OpenMP workers starve other work on the same cores (and are starved by it); the
+    package asks for passive waiting before torch loads, and leaves a user's choice alone."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import dfkd_deploy, os; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "PASSIVE", out.stderr
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "ACTIVE", out.stderr
