@@ -214,7 +214,7 @@ def markdown(runs: list[dict]) -> str:
         lat, params = r.get("latency_b32_ms"), r.get("params")
         lines.append(f"| {r['teacher']} | {r['teacher_form']} | {r['init']} | {r['budget_min']} min | "
                      f"{r['wall_min']:.1f} min | {top1} | {'-' if params is None else f'{params:,}'} | "
-                     f"{'-' if lat is None else f'{lat:.1f}'} | {'-' if round_s is None else f'{round_s:.1f}'} | "
+                     f"{'-' if lat is None else f'{lat:.3g}'} | {'-' if round_s is None else f'{round_s:.1f}'} | "
                      f"{note[:160]} |")
     return "\n".join(lines) + "\n"
 
