@@ -69,22 +69,6 @@ def test_depth_needs_a_residual_zoo_teacher(digits_teacher):
         build(load_recipe(None, {"student.init": "depth"}), digits_teacher, measure_latency=False)
 
 
-@pytest.fixture(scope="module")
-def zoo_teacher_legacy(tmp_path_factory, zoo_teacher):
-    """The zoo ResNet-14 exported by the legacy exporter: BN kept, as its own ONNX nodes."""
-    from dfkd_deploy import stages
-    from dfkd_deploy.teachers import load_teacher
-
-    src = tmp_path_factory.mktemp("zoo-legacy") / "resnet14.pt"
-    torch.save(zoo_teacher.module.model.state_dict(), src)
-    out = src.with_name("resnet14-legacy.onnx")
-    stages.export_teacher(src, load_recipe(None, {"teacher.arch": "cifar_resnet14", "teacher.input_shape": [3, 16, 16]}),
-                          out, exporter="legacy")
-    teacher = load_teacher(out)
-    assert teacher.spec.bn_layers > 0
-    return teacher
-
-
 @pytest.mark.parametrize("form,bn", [("zoo_teacher_fused", "folded"), ("zoo_teacher_legacy", "kept")])
 def test_an_onnx_graph_of_a_zoo_resnet_is_recognised(request, zoo_teacher, form, bn):
     """The converted graph is matched layer by layer and accepted only because the zoo module then
