@@ -12,7 +12,6 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dfkd_deploy.budget.planner import SYNTHESIS_SHARE
 from dfkd_deploy.core.errors import RecipeError
 
 
@@ -24,6 +23,7 @@ MAX_SIDE = 16_384
 # ResNet-8 had a gradient norm of 1,388 on its first KD step and diverged in 4 steps even at a tenth
 # of the lr; clipped at 5 its loss fell from 67 to 0.9 in 100 steps (runs/dbg, noise images).
 AUTO_GRAD_CLIP = 5.0
+SYNTHESIS_SHARE = 0.5     # of a budgeted run's training time (distillation.synthesis_share)
 # A recipe is a few dozen values; YAML aliases can make a few hundred bytes expand to billions.
 MAX_RECIPE_VALUES = 10_000
 MAX_ERROR_CHARS = 2_000

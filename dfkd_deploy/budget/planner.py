@@ -13,8 +13,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 from dfkd_deploy.core.errors import UsageError
+from dfkd_deploy.recipe import SYNTHESIS_SHARE
 
-SYNTHESIS_SHARE = 0.5     # of the training time; issue 13 item 4 is to measure the best split
 WARMUP_SHARE = 0.1        # of the epochs: synthesis only, the pool fills before KD starts
 MAX_EPOCHS = 200          # rounds beyond this go several to an epoch (fewer checkpoints)
 MARGIN = 0.04             # of the budget, kept back for what the estimates miss
