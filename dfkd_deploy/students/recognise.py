@@ -90,10 +90,12 @@ def _load(zoo: nn.Module, layers: list[nn.Module]) -> str | None:
         unit.weight.copy_(src.weight)
         nxt = layers[i + 1] if i + 1 < len(layers) else None
         if isinstance(nxt, nn.BatchNorm2d) and nxt.num_features == bn.num_features:
-            if src.bias is not None or nxt.running_mean is None:
+            if nxt.running_mean is None or not nxt.affine:
                 return None
             bn.load_state_dict(nxt.state_dict())
             bn.eps = nxt.eps
+            if src.bias is not None:   # BN(Wx + b) = BN'(Wx) with the running mean moved by -b
+                bn.running_mean.sub_(src.bias.to(bn.running_mean))
             kept += 1
             i += 2
         else:
@@ -110,9 +112,13 @@ def _load(zoo: nn.Module, layers: list[nn.Module]) -> str | None:
 
 @torch.no_grad()
 def _max_diff(a: nn.Module, b: nn.Module, input_shape, n: int = 4, seed: int = 0) -> float:
+    """On the teacher's (``b``'s) device; ``a`` is back on the CPU afterwards."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, *input_shape, generator=g)
-    pa, pb = torch.log_softmax(a(x).float(), 1), torch.log_softmax(b(x).float(), 1)
+    device = next((p.device for p in b.parameters()), torch.device("cpu"))
+    x = torch.randn(n, *input_shape, generator=g).to(device)
+    pa = torch.log_softmax(a.to(device)(x).float(), 1).cpu()
+    a.cpu()
+    pb = torch.log_softmax(b(x).float(), 1).cpu()
     spread = max(float(pb.max() - pb.min()), 1e-6)
     return float((pa - pb).abs().max()) / spread
 

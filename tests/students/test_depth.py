@@ -128,3 +128,35 @@ def test_depth_on_a_folded_onnx_teacher_copies_its_blocks_and_keeps_its_function
     with torch.no_grad():
         assert torch.allclose(built.module.eval()(x), plain.eval()(x), atol=1e-4)
     assert not torch.equal(built.module.bn1.running_mean, plain.bn1.running_mean)
+
+
+def test_a_biased_conv_before_its_bn_is_taken_into_the_bn(zoo_teacher):
+    """Some exporters keep a conv bias in front of the BN: BN(Wx + b) is loaded as BN'(Wx) with the
+    running mean moved by -b, so the zoo module computes the same function."""
+    import copy
+
+    from torch import nn
+
+    from dfkd_deploy.models import build_model
+    from dfkd_deploy.students.recognise import _load, _zoo_units
+
+    torch.manual_seed(0)
+    source = copy.deepcopy(zoo_teacher.module.model).eval()
+    layers = []
+    for conv, bn in _zoo_units(source):
+        if bn is None:
+            layers.append(conv)
+            continue
+        biased = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                           bias=True)
+        with torch.no_grad():
+            biased.weight.copy_(conv.weight)
+            biased.bias.copy_(torch.randn(conv.out_channels))
+            moved = copy.deepcopy(bn)
+            moved.running_mean.add_(biased.bias)       # same function as conv -> bn
+        layers += [biased, moved]
+    zoo = build_model("cifar_resnet14", num_classes=10, in_channels=3, input_size=(16, 16)).eval()
+    assert _load(zoo, layers) == "kept"
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(zoo(x), source(x), atol=1e-4)
