@@ -12,7 +12,7 @@ the architecture.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,7 +29,6 @@ class Recognised:
     bn: str                    # "kept" | "folded" | "mixed"
     max_abs_diff: float
     layers: int                # convs + BN + linear matched
-    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"arch": self.arch, "bn": self.bn, "max_abs_diff": self.max_abs_diff, "layers": self.layers}
