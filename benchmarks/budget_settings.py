@@ -15,7 +15,11 @@ comparison is side by side on one machine rather than against a table row from a
 - ``cached_logits``: the teacher labels each pool image once (un-augmented) instead of every
   augmented KD batch: cheaper KD steps, more of them.
 - ``mixup`` / ``cutmix``: KD batches mixed after crop/flip, the teacher labels the mixed images.
-Resumable: results/budget_settings.json, finished (init, minutes, variant) records are skipped.
+Records belong to a ``--series`` (one sitting on one machine; the default is the file's last
+series): each series has its own ``baseline`` (run first when the call does not name it), and a
+variant is compared only with the baseline of its own series, since the same host can run 40%
+slower from one sitting to the next. Resumable: results/budget_settings.json, finished
+(series, init, minutes, variant) records are skipped.
 """
 from __future__ import annotations
 
@@ -46,6 +50,8 @@ def main(argv=None) -> int:
     ap.add_argument("--init", default="prune", choices=tta.INITS)
     ap.add_argument("--minutes", type=int, default=10)
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    ap.add_argument("--series", type=int, default=None,
+                    help="which series the runs belong to (default: the file's last series, 1 for a new file)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "budget_settings.json"))
     ap.add_argument("--work", default=str(REPO / "runs" / "budget_settings"))
     args = ap.parse_args(argv)
@@ -53,11 +59,20 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t = tta.teachers(shared, work)["resnet56/state_dict"]
     runs = json.loads(out.read_text())["runs"] if out.is_file() else []
-    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    names = args.variants.split(",")
+    unknown = set(names) - set(VARIANTS)
     if unknown:
         ap.error(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
-    for name in args.variants.split(","):
-        if any((r["init"], r["budget_min"], r["variant"]) == (args.init, args.minutes, name) for r in runs):
+    series = args.series if args.series is not None else max((r.get("series", 1) for r in runs), default=1)
+
+    def done(name):
+        return any((r.get("series", 1), r["init"], r["budget_min"], r["variant"])
+                   == (series, args.init, args.minutes, name) for r in runs)
+
+    if "baseline" not in names and not done("baseline"):
+        names.insert(0, "baseline")
+    for name in names:
+        if done(name):
             continue
         base = tta.recipe_for(t, args.init, args.minutes).model_dump(mode="json")
         recipe = load_recipe(None, {**_flat(base), **VARIANTS[name]})
@@ -69,17 +84,40 @@ def main(argv=None) -> int:
         t0 = time.time()
         r = compress(t.path, recipe, run_dir, eval_data=t.eval_data, show_progress=False).report
         plan = (r.get("budget") or {}).get("plan") or {}
-        runs.append({"teacher": t.name, "teacher_form": t.form, "init": args.init, "budget_min": args.minutes,
+        runs.append({"series": series, "teacher": t.name, "teacher_form": t.form, "init": args.init, "budget_min": args.minutes,
                      "variant": name, "overrides": VARIANTS[name], "wall_min": round((time.time() - t0) / 60, 3),
                      "top1": r["student"].get("onnx_accuracy"), "params": r["student"]["params"], "plan": plan,
                      "final": (r.get("distillation") or {}).get("final"),
                      "loadavg": [round(v, 2) for v in os.getloadavg()]})
         write_json(out, {"setting": "budgeted compress, shared ResNet-56 state_dict, CIFAR-10 test set",
-                         "baseline": "the baseline variant, same init and budget (synth_batch_64, run before it "
-                                     "existed: time_to_accuracy.json's row)",
+                         "baseline": "the baseline variant of the same series, init and budget (series 1's "
+                                     "synth_batch_64 ran before baseline existed: time_to_accuracy.json's row)",
                          "machine": f"{os.cpu_count()} CPU cores", "runs": runs})
-        print(json.dumps({k: runs[-1][k] for k in ("variant", "wall_min", "top1")}), flush=True)
+        print(json.dumps({k: runs[-1][k] for k in ("series", "variant", "wall_min", "top1")}), flush=True)
+    for line in summary(runs, series, args.init, args.minutes):
+        print(line)
     return 0
+
+
+def summary(runs: list[dict], series: int, init: str, minutes: int) -> list[str]:
+    """One line per variant of the series: top-1 and KD steps against the series' baseline."""
+    mine = [r for r in runs if (r.get("series", 1), r["init"], r["budget_min"]) == (series, init, minutes)]
+    base = next((r for r in mine if r["variant"] == "baseline"), None)
+    lines = [f"series {series}, {init}, {minutes} min:"]
+    for r in mine:
+        delta = "" if base is None or r is base else f" ({100 * (r['top1'] - base['top1']):+.1f} points)"
+        lines.append(f"  {r['variant']:<15} top-1 {100 * r['top1']:.1f}%{delta}, "
+                     f"{r['plan'].get('kd_steps_total')} KD steps, {r['plan'].get('rounds')} rounds, "
+                     f"synthesis {100 * share_as_run(r['plan']):.0f}% of the training time, {r['wall_min']:.1f} min")
+    return lines
+
+
+def share_as_run(plan: dict) -> float:
+    """Synthesis's share of the training time the run spent, at the costs its last re-tune measured
+    (the plan's ``synthesis_share`` is what it aimed at: a re-tune can only give freed time to KD
+    steps while an epoch has one round)."""
+    synth = plan["rounds"] * plan["costs"]["synth_round_s"]
+    return synth / (synth + plan["kd_steps_total"] * plan["costs"]["kd_step_s"])
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
