@@ -37,7 +37,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 VARIANTS = {"baseline": {}, "synth_batch_64": {"synthesis.batch_size": 64},
             "share_30": {"distillation.synthesis_share": 0.3}, "share_70": {"distillation.synthesis_share": 0.7},
             "fast2": {"synthesis.g_steps": 2}, "cached_logits": {"distillation.teacher_logits": "cached"},
-            "mixup": {"distillation.mix": "mixup"}, "cutmix": {"distillation.mix": "cutmix"}}
+            "mixup": {"distillation.mix": "mixup"}, "cutmix": {"distillation.mix": "cutmix"},
+            "share_70_cutmix": {"distillation.synthesis_share": 0.7, "distillation.mix": "cutmix"}}
 
 
 def main(argv=None) -> int:
