@@ -1,4 +1,5 @@
-"""Measure, on this machine, what the planner needs: one synthesis round, one KD step, an epoch's
+"""Measure, on this machine, what the planner needs: one synthesis round (the second of two: the first
+pays for warm-up), one KD step (under the run's precision), an epoch's
 bookkeeping, and an estimate of the end of the run (probes, export, INT8, validation, reports)."""
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from dfkd_deploy.budget.planner import Costs
 
@@ -40,10 +40,18 @@ def calibrate(teacher, recipe, student, device, *, eval_images: int = 0) -> Cost
     """Costs of ``recipe`` with this teacher and (a copy of) this student on ``device``."""
     from dfkd_deploy.synthesis import make_synthesizer
     from dfkd_deploy.core.augment import crop_flip, mix_batch
+    from dfkd_deploy.core.precision import autocast_factory, resolve_precision
+    from dfkd_deploy.distill.kd import kd_kl
 
     s, d = recipe.synthesis, recipe.distillation
     student = copy.deepcopy(student).to(device)
+    # the KD step under the trainer's precision: bf16 autocast where the CPU runs it (AMX) makes a
+    # step about 1.8x faster than fp32, and a plan made with fp32 steps left a tenth of the budget unused
+    autocast = autocast_factory(resolve_precision(d.precision, torch.device(device)), torch.device(device))
     with make_synthesizer(teacher, recipe, device) as synth:   # its hooks leave the teacher afterwards
+        # the first round in a process pays for allocator and oneDNN warm-up (1.2-1.4x a later
+        # one, measured by benchmarks/calibration_warmup.py): the second is the one planned with
+        synth.synthesize(student, adversarial=True)
         round_s = _timed(lambda: synth.synthesize(student, adversarial=True))
         images, _ = synth.synthesize(None, adversarial=False, meta_update=False, batch_size=min(s.batch_size, 8))
     norm = teacher.normalizer().to(device)
@@ -52,17 +60,19 @@ def calibrate(teacher, recipe, student, device, *, eval_images: int = 0) -> Cost
 
     cached = d.teacher_logits == "cached"
     if cached:   # the teacher labels each pool image once: charged to the round that made it
-        with torch.no_grad():
-            fixed = teacher.module(norm(pixels))
+        with torch.no_grad(), autocast():
+            fixed = teacher.module(norm(pixels)).float()
 
     def kd_step():
         x = norm(mix_batch(crop_flip(pixels, s.augment.crop_padding, s.augment.flip), d.mix, d.mix_alpha))
         if cached:
             t = fixed
         else:
-            with torch.no_grad():
-                t = teacher.module(x)
-        loss = F.kl_div(F.log_softmax(student(x), 1), F.softmax(t, 1), reduction="batchmean")
+            with torch.no_grad(), autocast():
+                t = teacher.module(x).float()
+        with autocast():
+            out = student(x).float()
+        loss = kd_kl(out, t, d.temperature)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -65,3 +65,22 @@ def test_calibration_with_cached_logits_times_kd_steps_without_the_teacher(digit
         calls[mode] = counting.calls
     # recompute: one teacher call per KD step (the warm-up step and the timed ones); cached: one in all
     assert calls["recompute"] - calls["cached"] == cal.KD_STEPS_TIMED
+
+
+def test_calibration_times_the_kd_step_in_the_runs_precision(digits_teacher):
+    """The trainer runs KD under bf16 autocast where the recipe (or ``auto`` on an AMX CPU) says so;
+    the calibrated step must too, or the plan holds an fp32 step (1.8x slower here) and leaves
+    budget unused. Checked by where the student's forward ran, nothing timed."""
+    import torch
+
+    from dfkd_deploy.budget import calibrate as cal
+    from dfkd_deploy.run import build_student
+
+    for precision in ("bf16", "fp32"):
+        recipe = quick_recipe(**{"distillation.precision": precision})
+        student = build_student(recipe, digits_teacher)
+        seen = []   # the hook function (and this list) survive calibrate's deepcopy of the student
+        student.register_forward_hook(lambda m, i, o: seen.append((m.training, torch.is_autocast_enabled("cpu"))))
+        cal.calibrate(digits_teacher, recipe, student, "cpu")
+        kd_forwards = [autocast for training, autocast in seen if training]
+        assert kd_forwards and all(a == (precision == "bf16") for a in kd_forwards), (precision, seen)
