@@ -15,6 +15,9 @@ comparison is side by side on one machine rather than against a table row from a
 - ``cached_logits``: the teacher labels each pool image once (un-augmented) instead of every
   augmented KD batch: cheaper KD steps, more of them.
 - ``mixup`` / ``cutmix``: KD batches mixed after crop/flip, the teacher labels the mixed images.
+  Series 1-4 ran before cutmix became the budgeted default (``distillation.mix: auto``); from
+  series 5 on ``baseline`` mixes with cutmix and ``no_mix`` is the old setting.
+- ``share_70_cutmix``: both winners of series 2-3 together.
 Records belong to a ``--series`` (one sitting on one machine; the default is the file's last
 series): each series has its own ``baseline`` (run first when the call does not name it), and a
 variant is compared only with the baseline of its own series, since the same host can run 40%
@@ -38,6 +41,7 @@ VARIANTS = {"baseline": {}, "synth_batch_64": {"synthesis.batch_size": 64},
             "share_30": {"distillation.synthesis_share": 0.3}, "share_70": {"distillation.synthesis_share": 0.7},
             "fast2": {"synthesis.g_steps": 2}, "cached_logits": {"distillation.teacher_logits": "cached"},
             "mixup": {"distillation.mix": "mixup"}, "cutmix": {"distillation.mix": "cutmix"},
+            "no_mix": {"distillation.mix": "none"},
             "share_70_cutmix": {"distillation.synthesis_share": 0.7, "distillation.mix": "cutmix"}}
 
 

@@ -13,6 +13,7 @@ Top-1 is the exported student ONNX on every image of the teacher's real test set
     python benchmarks/time_to_accuracy.py                 # the table -> results/time_to_accuracy.json
     python benchmarks/time_to_accuracy.py --smoke         # digits teacher, 2 minutes: a check of the script
     python benchmarks/time_to_accuracy.py --only resnet8/onnx_folded --budgets 10   # some rows now
+    python benchmarks/time_to_accuracy.py --only fashion_mlp/onnx --budgets 30 --inits prune
 
 Resumable: the JSON is read first, finished records (teacher, teacher_form, init, budget_min) are
 skipped, each new record is appended and the file rewritten atomically; the PNG (top-1 against
@@ -141,13 +142,16 @@ def run_one(t: Teacher, init: str, minutes: int, work: Path) -> dict:
         shutil.rmtree(out)       # an unfinished run of an earlier session: start it again
     from dfkd_deploy import DfkdError
 
+    recipe = recipe_for(t, init, minutes)
+    # the KD defaults changed over the table's sessions (records without this key: mix none, share 0.5)
+    kd = {"mix": recipe.distillation.mix, "synthesis_share": recipe.distillation.synthesis_share}
     t0 = time.time()
     try:
-        result = compress(t.path, recipe_for(t, init, minutes), out, eval_data=t.eval_data, show_progress=False)
+        result = compress(t.path, recipe, out, eval_data=t.eval_data, show_progress=False)
     except DfkdError as exc:   # e.g. a budget too short for this init: the table says so
         return {"teacher": t.name, "teacher_form": t.form, "init": init, "budget_min": minutes,
                 "wall_min": round((time.time() - t0) / 60, 3), "top1": None, "error": str(exc).splitlines()[0].replace(f"{REPO}/", ""),
-                "loadavg": [round(v, 2) for v in os.getloadavg()]}
+                "kd_settings": kd, "loadavg": [round(v, 2) for v in os.getloadavg()]}
     wall = time.time() - t0
     r = result.report
     lat = (r.get("latency") or {}).get("student") or {}
@@ -158,7 +162,7 @@ def run_one(t: Teacher, init: str, minutes: int, work: Path) -> dict:
             "latency_b32_ms": lat.get("batch_32_ms"), "latency_b1_ms": lat.get("batch_1_ms"),
             "budget_used_s": (r.get("budget") or {}).get("used_s"), "plan": (r.get("budget") or {}).get("plan"),
             "warnings": r["student"].get("warnings"), "eval_images": (r.get("eval_data") or {}).get("images"),
-            "budget_notes": (r.get("budget") or {}).get("notes"),
+            "budget_notes": (r.get("budget") or {}).get("notes"), "kd_settings": kd,
             "loadavg": [round(v, 2) for v in os.getloadavg()]}
 
 
@@ -245,7 +249,11 @@ def main(argv=None) -> int:
     ap.add_argument("--redo-errors", action="store_true",
                     help="run again the rows (of --only/--budgets, if given) whose record is an error")
     ap.add_argument("--budgets", default=None, help="comma-separated budgets in minutes to run now, e.g. 10")
+    ap.add_argument("--inits", default=None, help=f"comma-separated inits to run now, of {', '.join(INITS)}")
     args = ap.parse_args(argv)
+    inits = set(args.inits.split(",")) if args.inits else None
+    if inits and inits - set(INITS):
+        ap.error(f"unknown init(s) {', '.join(sorted(inits - set(INITS)))}; choose from {', '.join(INITS)}")
     only = set(args.only.split(",")) if args.only else None
     budgets = {int(b) for b in args.budgets.split(",")} if args.budgets else None
     shared, work = Path(args.shared), Path(args.work)
@@ -264,7 +272,8 @@ def main(argv=None) -> int:
     while args.max_runs is None or new < args.max_runs:
         todo = [(k, i, m) for k, i, m in (smoke_table() if args.smoke else table(runs, args.phase2_init))
                 if (known[k].name, known[k].form, i, m) not in done
-                and (only is None or k in only) and (budgets is None or m in budgets)]
+                and (only is None or k in only) and (budgets is None or m in budgets)
+                and (inits is None or i in inits)]
         if not todo:
             break
         key, init, minutes = todo[0]

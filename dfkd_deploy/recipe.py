@@ -24,6 +24,7 @@ MAX_SIDE = 16_384
 # of the lr; clipped at 5 its loss fell from 67 to 0.9 in 100 steps (runs/dbg, noise images).
 AUTO_GRAD_CLIP = 5.0
 SYNTHESIS_SHARE = 0.5     # of a budgeted run's training time (distillation.synthesis_share)
+BUDGETED_MIX = "cutmix"   # distillation.mix: auto with a budget (docs/method.md, "KD settings at equal wall time")
 # A recipe is a few dozen values; YAML aliases can make a few hundred bytes expand to billions.
 MAX_RECIPE_VALUES = 10_000
 MAX_ERROR_CHARS = 2_000
@@ -203,10 +204,11 @@ class DistillationOptions(_Strict):
                             "bf16 autocast, fp32, or auto (bf16 where the device runs it natively)")
     synthesis_share: float = Field(SYNTHESIS_SHARE, gt=0, lt=1, description="with a budget: the share of the "
                                    "training time that synthesizes; the rest trains the student")
-    mix: Literal["none", "mixup", "cutmix"] = Field(
-        "none", description="mixing of KD batches after crop/flip: mixup blends two pool images, cutmix pastes a "
+    mix: Literal["auto", "none", "mixup", "cutmix"] = Field(
+        "auto", description="mixing of KD batches after crop/flip: mixup blends two pool images, cutmix pastes a "
                             "box of one into another; the teacher labels the mixed image (needs teacher_logits: "
-                            "recompute)")
+                            f"recompute); auto: {BUDGETED_MIX} with a budget (it won at equal wall time, "
+                            "docs/method.md), none without one")
     mix_alpha: float = Field(1.0, gt=0, description="the mixing weight is drawn from Beta(mix_alpha, mix_alpha)")
     teacher_logits: Literal["recompute", "cached"] = Field(
         "recompute", description="recompute: the teacher labels every augmented KD batch; cached: once per pool "
@@ -214,7 +216,7 @@ class DistillationOptions(_Strict):
 
     @model_validator(mode="after")
     def _mix_needs_labels(self):
-        if self.mix != "none" and self.teacher_logits == "cached":
+        if self.mix not in ("none", "auto") and self.teacher_logits == "cached":
             raise ValueError("distillation.mix needs teacher_logits: recompute (a mixed image has no cached logits)")
         return self
 
@@ -282,6 +284,14 @@ class Recipe(_Strict):
                 raise ValueError(str(exc)) from None
             return str(v)
         return v
+
+    @model_validator(mode="after")
+    def _resolve_mix(self):
+        """``distillation.mix: auto`` becomes a value here, so recipe.resolved.yaml and a resume see it."""
+        d = self.distillation
+        if d.mix == "auto":
+            d.mix = BUDGETED_MIX if self.budget is not None and d.teacher_logits == "recompute" else "none"
+        return self
 
     def resolved_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

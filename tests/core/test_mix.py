@@ -57,3 +57,23 @@ def test_mix_needs_recomputed_teacher_logits():
 
     with pytest.raises(RecipeError, match="mix needs teacher_logits: recompute"):
         load_recipe(None, {"distillation.mix": "mixup", "distillation.teacher_logits": "cached"})
+
+
+@pytest.mark.parametrize("sets, expected", [
+    ({"budget": "10m"}, "cutmix"),                                              # the budgeted default
+    ({}, "none"),                                                               # fixed-epoch recipes as before
+    ({"budget": "10m", "distillation.teacher_logits": "cached"}, "none"),       # cached logits cannot mix
+    ({"budget": "10m", "distillation.mix": "none"}, "none"),                    # the user's choice stands
+    ({"distillation.mix": "mixup"}, "mixup"),
+])
+def test_auto_mix_resolves_when_the_recipe_loads(sets, expected):
+    import yaml
+
+    from dfkd_deploy.recipe import BUDGETED_MIX, load_recipe
+
+    assert BUDGETED_MIX == "cutmix"
+    recipe = load_recipe(None, sets)
+    assert recipe.distillation.mix == expected
+    # recipe.resolved.yaml (what a resume and a reader see) holds the value, never "auto"
+    assert yaml.safe_load(recipe.resolved_yaml())["distillation"]["mix"] == expected
+    assert load_recipe(None, {**sets, **{"distillation.mix": expected}}).distillation.mix == expected
