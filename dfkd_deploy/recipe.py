@@ -111,9 +111,10 @@ class DerivedOptions(_Strict):
 class StudentOptions(_Strict):
     arch: Optional[str] = Field(None, description="zoo architecture (see `list students`); null: chosen from "
                                                   "student.target, or at least 2x smaller and faster than the teacher")
-    init: Literal["scratch", "prune", "depth"] = Field(
+    init: Literal["auto", "scratch", "prune", "depth"] = Field(
         "scratch", description="scratch: a zoo architecture from random weights; prune: the teacher channel-pruned; "
-                               "depth: a shallower net of the teacher's residual family from its blocks")
+                               "depth: a shallower net of the teacher's residual family from its blocks; auto: depth "
+                               "where the teacher is such a net (or an ONNX graph computing one), else scratch")
     target: Optional[str] = Field(None, description="size relative to the teacher: params=F, macs=F or latency=F "
                                                     "(ONNX Runtime CPU, batch 1 and 32), 0 < F < 1")
     derived: DerivedOptions = DerivedOptions()

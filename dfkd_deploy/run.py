@@ -23,6 +23,7 @@ from dfkd_deploy.report.report import get_path
 from dfkd_deploy.validate.gallery import GALLERY_FILE, confusion, write_gallery
 from dfkd_deploy.distill.trainer import DistillResult
 from dfkd_deploy.students.student_file import save_student
+from dfkd_deploy.students.build import resolve_init
 from dfkd_deploy.report.manifest import write_manifest
 from dfkd_deploy.deploy.results import RunFigures
 from dfkd_deploy.deploy.stage import DeployOptions, run_deployment
@@ -111,8 +112,11 @@ def derivation_images(teacher: Teacher, recipe: Recipe, device, count: int) -> t
 def plan(teacher: Teacher, recipe: Recipe) -> dict:
     """What a run would do, without doing it (``--dry-run``)."""
     t0 = time.time()
+    recipe, why = resolve_init(recipe, teacher)
     student = build_student(recipe, teacher, synthesize=False, measure_latency=True)
     info = dict(student.dfkd_info)
+    if why:
+        info["init_choice"] = why
     info["ratio"] = info.pop("size")["ratio"]   # student / teacher: params, MACs, latency
     budget = None
     if recipe.budget:
@@ -203,6 +207,9 @@ def compress(teacher_path: str | Path, recipe: Recipe, out: str | Path, *, devic
     entered = time.time()   # a budget is the wall time of the whole call
     with distributed.session(resolve_device(device)) as (ctx, dev):
         teacher = load_teacher(teacher_path, recipe.teacher, trust_pickle=trust_pickle)
+        recipe, why = resolve_init(recipe, teacher)   # before anything reads student.init (KD's lr scale)
+        if why and show_progress and ctx.is_main and not resume:
+            console.print(why)
         check_batch_memory(recipe, teacher.spec.input_shape, dev)
         teacher.module.to(dev)
         run_dir = prepare_run_dir(out, resume, ctx)
@@ -217,6 +224,8 @@ def compress(teacher_path: str | Path, recipe: Recipe, out: str | Path, *, devic
                                              student=student, budget=budget)
             if budget:   # the per-epoch counts the run ended with (a re-tune changes them)
                 recipe = budget.plan.apply(recipe)
+            if why:      # report.json student.init_choice: what auto became, and why
+                student.dfkd_info = {**getattr(student, "dfkd_info", {}), "init_choice": why}
 
             def finish() -> dict:
                 with task("held-out probes", 1, show_progress) as bar:

@@ -17,6 +17,7 @@ from dfkd_deploy.students.student_file import load_student, save_student
 from dfkd_deploy.core.progress import task, warn
 from dfkd_deploy.recipe import Recipe
 from dfkd_deploy.runtime.onnxruntime import OrtRunner
+from dfkd_deploy.students.build import resolve_init
 from dfkd_deploy.synthesis.pool import ImagePool
 from dfkd_deploy.teachers import load_teacher
 
@@ -56,7 +57,7 @@ def distill_on_pool(teacher_path, recipe: Recipe, pool_dir, out, *, device="auto
     teacher.module.to(dev)
     run_dir = prepare_run_dir(out, resume=False)
     try:   # locked like a compress run, until this stage ends
-        recipe = recipe.model_copy(deep=True)
+        recipe = resolve_init(recipe, teacher)[0].model_copy(deep=True)
         recipe.distillation.warmup = 0   # the pool is ready: every epoch trains
         student, _, _ = distill(teacher, recipe, run_dir, dev, show_progress=show_progress,
                                 synthesize_more=False, pool=src)

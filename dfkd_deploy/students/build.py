@@ -1,4 +1,4 @@
-"""The student a recipe asks for: ``student.init`` (scratch | prune | depth) and ``student.target``
+"""The student a recipe asks for: ``student.init`` (auto | scratch | prune | depth) and ``student.target``
 (or, with neither an arch nor a target, a student at least 2x smaller and faster than the teacher).
 
 Returns a :class:`BuiltStudent`: the module, the label recorded as ``student.arch``, the
@@ -7,6 +7,7 @@ and warnings that go into report.json / report.md.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -77,6 +78,7 @@ def build(recipe, teacher, *, images: Callable[[int], torch.Tensor] | None = Non
           measure_latency: bool = True) -> BuiltStudent:
     """``images(n)``: n synthesized model-space images (BN recalibration, Taylor importance); called
     only when a derived student needs them."""
+    recipe, auto = resolve_init(recipe, teacher)
     s = recipe.student
     target = parse_target(s.target) if s.target else None
     t_fig = teacher_figures(teacher, latency=measure_latency)
@@ -87,9 +89,11 @@ def build(recipe, teacher, *, images: Callable[[int], torch.Tensor] | None = Non
     elif s.init == "depth":
         built = _depth(recipe, teacher, target, t_fig, images, measure_latency)
     else:
-        raise UsageError(f"student.init {s.init!r}: choose scratch, prune or depth")
+        raise UsageError(f"student.init {s.init!r}: choose auto, scratch, prune or depth")
     s_fig = _figures(built.module, teacher.spec, measure_latency)
     r = ratios(s_fig, t_fig)
+    if auto:
+        built.info["init_choice"] = auto
     built.info.update({"init": s.init, "target": str(target) if target else None,
                        "size": {"student": s_fig.to_dict(), "teacher": t_fig.to_dict(), "ratio": r},
                        "warnings": size_warnings(r)})
@@ -217,15 +221,48 @@ def _prune(recipe, teacher, target: Target, t_fig: SizeFigures, images) -> Built
 
 # --- depth ----------------------------------------------------------------------------------------
 
+_recognised: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
+
+
+def depth_source(teacher):
+    """(zoo arch, module holding its blocks, Recognised or None) of a teacher ``depth`` can start
+    from: a zoo model loaded as a state_dict, or an ONNX graph that computes one (recognised once
+    per teacher module: ``auto`` asks first, the build asks again); (None, None, None) otherwise."""
+    t_arch = teacher_arch(teacher)
+    if t_arch is not None:
+        return t_arch, teacher.module.model, None
+    if teacher.spec.format != "onnx":
+        return None, None, None
+    if teacher.module not in _recognised:
+        _recognised[teacher.module] = recognise(teacher)
+    found = _recognised[teacher.module]
+    return (found.arch, found.module, found) if found is not None else (None, None, None)
+
+
+def resolve_init(recipe, teacher):
+    """``student.init: auto`` made concrete for this teacher: ``depth`` where the teacher is a
+    residual zoo net (or computes one) with a shallower member, of ``student.arch``'s family when
+    one is named (it beat scratch and prune at every CPU budget measured, docs/benchmarks.md),
+    else ``scratch``. Returns (the recipe, a copy when it changed; the reason, or None)."""
+    s = recipe.student
+    if s.init != "auto":
+        return recipe, None
+    t_arch = depth_source(teacher)[0]
+    options = depth.shallower(t_arch) if t_arch else []
+    if options and (s.arch is None or s.arch in options):
+        init, why = "depth", f"a shallower {t_arch} from the teacher's own blocks"
+    else:
+        init = "scratch"
+        why = (f"{s.arch} is not a shallower {t_arch}" if options else
+               "the teacher is not a residual zoo net (nor an ONNX graph computing one)") + \
+              ", so a zoo architecture from random weights"
+    student = s.model_copy(update={"init": init})
+    return recipe.model_copy(update={"student": student}), f"student.init auto -> {init}: {why}"
+
+
 def _depth(recipe, teacher, target, t_fig: SizeFigures, images, measure_latency: bool) -> BuiltStudent:
     s, spec = recipe.student, teacher.spec
-    t_arch, source, recognised = teacher_arch(teacher), None, None
-    if t_arch is not None:
-        source = teacher.module.model
-    elif spec.format == "onnx":     # a converted graph that computes a zoo architecture
-        recognised = recognise(teacher)
-        if recognised is not None:
-            t_arch, source = recognised.arch, recognised.module
+    t_arch, source, recognised = depth_source(teacher)
     options = depth.shallower(t_arch) if t_arch else []
     if not options:
         raise UsageError(f"student.init: depth needs a residual zoo teacher ({', '.join(f.name for f in depth.FAMILIES)}) "

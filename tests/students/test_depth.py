@@ -160,3 +160,53 @@ def test_a_biased_conv_before_its_bn_is_taken_into_the_bn(zoo_teacher):
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(zoo(x), source(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["zoo_teacher", "zoo_teacher_fused"])
+def test_auto_init_takes_depth_for_a_residual_teacher_and_its_onnx_graph(request, form):
+    """``student.init: auto`` resolves to depth where the teacher (a state_dict, or an ONNX graph
+    recognised as one) has a shallower member, and the student built is that depth student."""
+    from dfkd_deploy.students.build import resolve_init
+
+    teacher = request.getfixturevalue(form)
+    r = load_recipe(None, {"student.init": "auto", "student.arch": "cifar_resnet8",
+                           "student.derived.recalibrate_bn": False})
+    resolved, why = resolve_init(r, teacher)
+    assert resolved.student.init == "depth" and "auto -> depth" in why
+    assert r.student.init == "auto"                    # the caller's recipe is left as it was
+    built = build(r, teacher, measure_latency=False)
+    assert built.init == "depth" and built.info["init"] == "depth"
+    assert built.info["depth"]["blocks"] == block_map("cifar_resnet14", "cifar_resnet8", "spread")
+    assert built.info["init_choice"] == why
+
+
+@pytest.mark.parametrize("form, sets, reason", [
+    ("digits_teacher", {}, "not a residual zoo net"),
+    ("zoo_teacher", {"student.arch": "tiny_cnn"}, "tiny_cnn is not a shallower cifar_resnet14"),
+])
+def test_auto_init_falls_back_to_scratch(request, form, sets, reason):
+    from dfkd_deploy.students.build import resolve_init
+
+    teacher = request.getfixturevalue(form)
+    r = load_recipe(None, {"student.init": "auto", **sets})
+    resolved, why = resolve_init(r, teacher)
+    assert resolved.student.init == "scratch" and reason in why, why
+    built = build(r, teacher, measure_latency=False)
+    assert built.init == "scratch" and built.info["init"] == "scratch"
+
+
+def test_the_plan_and_the_run_recipe_hold_the_resolved_init(zoo_teacher):
+    """The run's recipe (recipe.resolved.yaml, KD's lr scale for derived students) holds the
+    resolved init, never auto."""
+    import yaml
+
+    from dfkd_deploy.run import plan
+
+    r = load_recipe(None, {"student.init": "auto", "student.arch": "cifar_resnet8"})
+    assert plan(zoo_teacher, r)["student"]["init"] == "depth"
+    from dfkd_deploy.distill.trainer import kd_lr
+    from dfkd_deploy.students.build import resolve_init
+
+    resolved = resolve_init(r, zoo_teacher)[0]
+    assert kd_lr(resolved) == pytest.approx(r.distillation.lr * r.student.derived.lr_scale)
+    assert yaml.safe_load(resolved.resolved_yaml())["student"]["init"] == "depth"
