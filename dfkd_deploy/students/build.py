@@ -249,7 +249,11 @@ def resolve_init(recipe, teacher):
         return recipe, None
     t_arch = depth_source(teacher)[0]
     options = depth.shallower(t_arch) if t_arch else []
-    if options and (s.arch is None or s.arch in options):
+    target = parse_target(s.target) if s.target else None
+    if options and s.arch is None and target is not None and target.metric != "latency" and \
+            choose_arch(options, teacher.spec, teacher_figures(teacher, latency=False), [target], False) is None:
+        init, why = "scratch", f"no shallower {t_arch} meets {target}, so a zoo architecture from random weights"
+    elif options and (s.arch is None or s.arch in options):
         init, why = "depth", f"a shallower {t_arch} from the teacher's own blocks"
     else:
         init = "scratch"

@@ -183,6 +183,8 @@ def test_auto_init_takes_depth_for_a_residual_teacher_and_its_onnx_graph(request
 @pytest.mark.parametrize("form, sets, reason", [
     ("digits_teacher", {}, "not a residual zoo net"),
     ("zoo_teacher", {"student.arch": "tiny_cnn"}, "tiny_cnn is not a shallower cifar_resnet14"),
+    # the smallest shallower ResNet (resnet8, 0.44 of the ResNet-14's params) is too big for 0.1
+    ("zoo_teacher", {"student.target": "params=0.1"}, "no shallower cifar_resnet14 meets params=0.1"),
 ])
 def test_auto_init_falls_back_to_scratch(request, form, sets, reason):
     from dfkd_deploy.students.build import resolve_init
