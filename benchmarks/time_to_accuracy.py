@@ -223,6 +223,33 @@ def markdown(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def grid(runs: list[dict]) -> str:
+    """The README's table: student top-1 per teacher form and init (rows) and budget (columns);
+    each cell is the latest run of that key (a redone row replaces the earlier one), "-" where none
+    ran; params and latency are the latest run's."""
+    budgets = sorted({r["budget_min"] for r in runs})
+    cells: dict[tuple, dict] = {}
+    for r in runs:
+        cells[(r["teacher"], r["teacher_form"], r["init"], r["budget_min"])] = r
+    rows = list(dict.fromkeys((t, f, i) for t, f, i, _ in cells))
+    lines = ["| teacher (form), its top-1 | init | params | ORT b32 ms | " + " | ".join(f"{m} min" for m in budgets)
+             + " |", "|---|---|---|---|" + "---|" * len(budgets)]
+    for t, f, i in sorted(rows, key=lambda k: (k[0], k[1], INITS.index(k[2]))):
+        mine = [cells[(t, f, i, m)] for m in budgets if (t, f, i, m) in cells]
+        last = mine[-1]
+        lat = last.get("latency_b32_ms")
+
+        def cell(m):
+            r = cells.get((t, f, i, m))
+            if r is None:
+                return "-"
+            return "error" if r.get("top1") is None else f"{100 * r['top1']:.1f}%"
+        top = next((r["teacher_top1"] for r in mine if r.get("teacher_top1") is not None), None)
+        lines.append(f"| {t} ({f}){'' if top is None else f', {100 * top:.1f}%'} | {i} | {last.get('params') or 0:,} | {'-' if lat is None else f'{lat:.3g}'} | "
+                     + " | ".join(cell(m) for m in budgets) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def ensure_dynamo(shared: Path, work: Path) -> None:
     from dfkd_deploy import stages
     from dfkd_deploy import load_recipe
@@ -249,6 +276,7 @@ def main(argv=None) -> int:
     ap.add_argument("--redo-errors", action="store_true",
                     help="run again the rows (of --only/--budgets, if given) whose record is an error")
     ap.add_argument("--budgets", default=None, help="comma-separated budgets in minutes to run now, e.g. 10")
+    ap.add_argument("--grid", action="store_true", help="print the README's table from the results and stop")
     ap.add_argument("--inits", default=None, help=f"comma-separated inits to run now, of {', '.join(INITS)}")
     args = ap.parse_args(argv)
     inits = set(args.inits.split(",")) if args.inits else None
@@ -262,6 +290,9 @@ def main(argv=None) -> int:
                                                      "time_to_accuracy.json")
     setting = "smoke: digits teacher, 2-minute budgets" if args.smoke else "issue 13 table"
     runs = load_results(out)
+    if args.grid:
+        print(grid(runs), end="")
+        return 0
     known = teachers(shared, work)
     if args.redo_errors:   # e.g. after a fix: the rows that ended in an error are to do again
         key_of = {(t.name, t.form): k for k, t in known.items()}
