@@ -310,3 +310,23 @@ def test_the_synthesis_share_of_the_recipe_splits_the_training_time(monkeypatch)
     for share, p in plans.items():
         assert p.estimated_s <= 1800 * (1 - MARGIN) + 1e-6
         assert synth[share] / (synth[share] + kd[share]) == pytest.approx(share, abs=0.08)
+
+
+@pytest.mark.parametrize("budget_s", [600, 1800, 3600])
+@pytest.mark.parametrize("share", [0.3, 0.5, 0.7])
+def test_cheap_rounds_keep_the_synthesis_share(budget_s, share):
+    """Rounds so cheap that more than MAX_EPOCHS of them fit go several to an epoch, so the plan
+    still spends ``share`` of the training time on synthesis (a 30-minute Fashion-MNIST plan made
+    200 of its 363 rounds before: a share of 29% instead of 50%)."""
+    from dfkd_deploy.budget.planner import MAX_EPOCHS, ROUNDS_KEPT
+
+    costs = Costs(synth_round_s=2.27, kd_step_s=0.005, epoch_overhead_s=0.01, finish_s=60.0)
+    plan = plan_budget(budget_s, costs, spent_s=20.0, synth_batch=256, synthesis_share=share)
+    train_s = budget_s * (1 - MARGIN) - 20.0 - costs.finish_s
+    asked = int(share * train_s // costs.synth_round_s)
+    assert asked > MAX_EPOCHS or budget_s == 600          # the case this is about (and one without it)
+    assert plan.rounds >= ROUNDS_KEPT * asked and plan.epochs <= MAX_EPOCHS
+    synth = plan.rounds * costs.synth_round_s
+    kd = plan.kd_steps * (plan.epochs - plan.warmup) * costs.kd_step_s
+    assert synth / (synth + kd) == pytest.approx(share, abs=0.05)
+    assert plan.estimated_s <= budget_s * (1 - MARGIN) + 1e-6
