@@ -17,11 +17,14 @@ from dfkd_deploy.budget.planner import Costs
 KD_STEPS_TIMED = 3        # after one untimed warm-up step; the median is taken
 LATENCY_RUNS = 7 * 3      # (2 warm-up + 5 timed) runs of teacher, student and INT8 student, per batch size
 REPORT_SECONDS = 8.0      # reports (HTML figures), gallery, manifest, bundle copies
-# Converting the student for the edge runtimes, seconds = fixed + per Conv/Linear layer (both
-# precisions of each, NNCF / XNNPACK quantization included). Measured on this project's 2-core
-# CPU: ExecuTorch 31 / 34 / 58 / 144 s for 4 / 8 / 20 / 56 layers (tiny_cnn, cifar_resnet8/20/56);
-# OpenVINO (fp32, fp16, int8) 8 s for cifar_resnet20.
-EDGE_CONVERT_S = {"executorch": (22.0, 2.2), "openvino": (3.0, 0.25)}
+# Converting the student for the edge runtimes (both precisions of each, NNCF / XNNPACK
+# quantization included), as a multiple of one ONNX export of the student, which the calibration
+# times on this machine anyway: benchmarks/edge_convert_cost.py measured, side by side in one
+# process, ExecuTorch 142 / 148 / 156x and OpenVINO 13 / 13 / 9x the export for cifar_resnet8 / 20
+# / 56 (10.4 / 19.3 / 45.7 s of ExecuTorch on a 2-core Xeon). Fixed seconds per layer, measured on
+# a host 2-3x slower (ExecuTorch 22 s + 2.2 s per layer), overestimated a 10-minute run's end by
+# 50 s on a faster one.
+EDGE_PER_EXPORT = {"executorch": 150.0, "openvino": 13.0}
 EDGE_FILES = {"executorch": 2, "openvino": 3}
 # A batch of held-out probes costs this fraction of a synthesis round (no adversarial term, no
 # meta update).
@@ -85,7 +88,7 @@ def calibrate(teacher, recipe, student, device, *, eval_images: int = 0) -> Cost
     labelling_s = teacher_img_s * s.batch_size if cached else 0.0
     overhead_s, export_s = _bookkeeping(student.cpu(), teacher.spec.input_shape)
     kw = dict(round_s=round_s, export_s=export_s, teacher_img_s=teacher_img_s, student_img_s=student_img_s,
-              eval_images=eval_images, layers=_layers(student), latency_s=_latency_seconds(student))
+              eval_images=eval_images, latency_s=_latency_seconds(student))
     finish = finish_seconds(recipe, **kw)
     without_edge = finish_seconds(recipe.model_copy(update={"deploy": recipe.deploy.model_copy(
         update={"edge_runtimes": []})}), **kw)
@@ -94,7 +97,7 @@ def calibrate(teacher, recipe, student, device, *, eval_images: int = 0) -> Cost
 
 
 def finish_seconds(recipe, *, round_s: float, export_s: float, teacher_img_s: float, student_img_s: float,
-                   eval_images: int, layers: int, latency_s: float, installed=None) -> float:
+                   eval_images: int, latency_s: float, installed=None) -> float:
     """The end of the run, estimated from measured per-image forward costs: held-out probes,
     export and INT8, the evaluation (teacher, torch student, ONNX student on every eval image),
     the back-end comparison (every back end on the probes and up to BUDGET_COMPARE_IMAGES real
@@ -110,7 +113,7 @@ def finish_seconds(recipe, *, round_s: float, export_s: float, teacher_img_s: fl
             + eval_images * (teacher_img_s + 2 * student_img_s)
             + (recipe.deploy.calibration_images + probes) * student_img_s * 2
             + (compare + probes) * student_img_s * backends
-            + sum(EDGE_CONVERT_S[r][0] + EDGE_CONVERT_S[r][1] * layers for r in runtimes)
+            + sum(EDGE_PER_EXPORT[r] * export_s for r in runtimes)
             + latency_s * (1 + len(runtimes)) + REPORT_SECONDS)
 
 

@@ -79,22 +79,25 @@ def test_recipe_budget_and_target_keys():
 
 def test_finish_estimate_counts_eval_comparison_and_edge_runtimes():
     """The end-of-run estimate grows with the eval set, caps the back-end comparison at
-    BUDGET_COMPARE_IMAGES, and adds each installed edge runtime's conversion (none when absent)."""
-    from dfkd_deploy.budget.calibrate import BUDGET_COMPARE_IMAGES, EDGE_CONVERT_S, finish_seconds
+    BUDGET_COMPARE_IMAGES, and adds each installed edge runtime's conversion (none when absent),
+    as a multiple of the student's measured ONNX export, so it follows the machine's speed."""
+    from dfkd_deploy.budget.calibrate import BUDGET_COMPARE_IMAGES, EDGE_PER_EXPORT, finish_seconds
     from dfkd_deploy.recipe import load_recipe
 
-    def est(eval_images, runtimes, installed=lambda r: True, layers=20):
+    def est(eval_images, runtimes, installed=lambda r: True, export_s=1.0):
         recipe = load_recipe(None, {"deploy.edge_runtimes": runtimes})
-        return finish_seconds(recipe, round_s=10.0, export_s=1.0, teacher_img_s=0.003, student_img_s=0.001,
-                              eval_images=eval_images, layers=layers, latency_s=2.0, installed=installed)
+        return finish_seconds(recipe, round_s=10.0, export_s=export_s, teacher_img_s=0.003, student_img_s=0.001,
+                              eval_images=eval_images, latency_s=2.0, installed=installed)
 
     base = est(0, [])
     assert est(10_000, []) - base == pytest.approx(10_000 * 0.005 + BUDGET_COMPARE_IMAGES * 0.001 * 3)
     assert est(20_000, []) - est(10_000, []) == pytest.approx(10_000 * 0.005)      # comparison capped
     et = est(0, ["executorch"]) - base
-    assert et == pytest.approx(EDGE_CONVERT_S["executorch"][0] + 20 * EDGE_CONVERT_S["executorch"][1]
+    assert et == pytest.approx(EDGE_PER_EXPORT["executorch"] * 1.0
                                + 2 * 0.001 * 512 + 2.0, rel=1e-6)   # conversion, 2 files compared on the probes, latency
-    assert est(0, ["executorch"], layers=56) > est(0, ["executorch"], layers=20)
+    # a machine (or a student) whose export takes twice as long: twice the conversion
+    assert (est(0, ["executorch"], export_s=2.0) - est(0, [], export_s=2.0)) - et == \
+        pytest.approx(EDGE_PER_EXPORT["executorch"] * 1.0, rel=1e-6)
     assert est(0, ["executorch", "openvino"], installed=lambda r: False) == base
 
 
