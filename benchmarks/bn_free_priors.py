@@ -39,14 +39,19 @@ sys.path.insert(0, str(HERE.parent))   # runs from a clone without an install to
 import synthesis_speed as protocol  # noqa: E402
 
 RESULTS = HERE / "results"
-ZERO = {"tv": 0.0, "l2": 0.0, "entropy": 0.0, "activation": 0.0}
-# arm -> (teacher: "bn" | "dynamo", prior weights; None = the library's automatic choice)
+ZERO = {"tv": 0.0, "l2": 0.0, "entropy": 0.0, "activation": 0.0, "proxy": 0.0}
+# arm -> (teacher: "bn" | "dynamo", prior weights; None = the library's automatic choice
+#         [, settings of dfkd_deploy.synthesis.proxy_stats for the arm])
 ARMS = {
     "bn-kept": ("bn", None),
     "bn-free/adv": ("dynamo", ZERO),
     "bn-free/dafl": ("dynamo", {**ZERO, "entropy": 5.0, "activation": 0.1}),
     "bn-free/image": ("dynamo", {**ZERO, "tv": 0.5, "l2": 0.01}),
     "bn-free/all": ("dynamo", None),
+    # stand-in statistics on 1/f colour noise (dfkd_deploy.synthesis.proxy_stats), on top of TV + L2
+    "bn-free/proxy": ("dynamo", {**ZERO, "tv": 0.5, "l2": 0.01, "proxy": 2.0}),
+    "bn-free/proxy-all": ("dynamo", {**ZERO, "tv": 0.5, "l2": 0.01, "proxy": 2.0}, {"PROXY_LAYER_FRACTION": 1.0}),
+    "bn-free/proxy10": ("dynamo", {**ZERO, "tv": 0.5, "l2": 0.01, "proxy": 10.0}),
 }
 
 
@@ -108,7 +113,7 @@ def merge(path: Path, key: str, value) -> dict:
 
 def table(report: dict) -> str:
     arms = report.get("arms", {})
-    lines = ["| arm | teacher | priors (tv, l2, entropy, activation) | student top-1 | agreement | synthesis s "
+    lines = ["| arm | teacher | priors (tv, l2, entropy, activation, proxy) | student top-1 | agreement | synthesis s "
              "| pool BN loss (BN-kept teacher) | pool class entropy |", "|---|---|---|---|---|---|---|---|"]
     for name in ARMS:
         if name not in arms:
@@ -116,7 +121,8 @@ def table(report: dict) -> str:
         r = arms[name]
         pr = r["priors_used"]
         lines.append(f"| {name} | {r['teacher']} (BN layers {r['teacher_bn_layers']}) | "
-                     f"{pr['tv']:g}, {pr['l2']:g}, {pr['entropy']:g}, {pr['activation']:g} | "
+                     f"{pr['tv']:g}, {pr['l2']:g}, {pr['entropy']:g}, {pr['activation']:g}, {pr.get('proxy', 0):g}"
+                     f"{' (all layers)' if r.get('proxy_settings') else ''} | "
                      f"{r['student_top1']:.4f} | {r['teacher_agreement']:.4f} | {r['synthesis_seconds']:.0f} | "
                      f"{r['pool_bn_loss_vs_real_statistics']:.2f} | {r['pool_class_entropy']:.3f} |")
     free = {k: v for k, v in arms.items() if k.startswith("bn-free/")}
@@ -173,8 +179,14 @@ def main(argv=None) -> int:
             merge(args.out, "dynamo_teacher_bn_layers", teachers["dynamo"].spec.bn_layers)
         merge(args.out, "settings", s)
         merge(args.out, "machine", protocol.machine())
+        from dfkd_deploy.synthesis import proxy_stats
+
         for arm in arms:
-            which, priors = ARMS[arm]
+            which, priors, *module_settings = ARMS[arm]
+            module_settings = module_settings[0] if module_settings else {}
+            saved = {k: getattr(proxy_stats, k) for k in module_settings}
+            for k, v in module_settings.items():
+                setattr(proxy_stats, k, v)
             teacher = teachers[which]
             extra = {} if priors is None else {f"synthesis.priors.{k}": v for k, v in priors.items()}
             props = {}
@@ -182,9 +194,14 @@ def main(argv=None) -> int:
             def after(distiller, props=props):
                 props.update(pool_properties(bn_teacher, distiller.pool))
 
-            row = protocol.run_method("fast", teacher, s, pixels, labels, logits[which], eval_idx, tmp,
-                                      extra=extra, name=arm.replace("/", "-"), after=after)
+            try:
+                row = protocol.run_method("fast", teacher, s, pixels, labels, logits[which], eval_idx, tmp,
+                                          extra=extra, name=arm.replace("/", "-"), after=after)
+            finally:
+                for k, v in saved.items():
+                    setattr(proxy_stats, k, v)
             row.update(props, teacher="dynamo export" if which == "dynamo" else "BN kept",
+                       proxy_settings=module_settings,
                        teacher_bn_layers=teacher.spec.bn_layers,
                        priors_used=resolve_priors(_priors(priors), teacher.spec.bn_layers > 0))
             report = merge(args.out, "arms", {arm: row})

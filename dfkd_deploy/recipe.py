@@ -148,6 +148,7 @@ class PriorOptions(_Strict):
     l2: Optional[float] = Field(None, ge=0, description="mean square of the normalised (model-space) pixels")
     entropy: Optional[float] = Field(None, ge=0, description="DAFL information entropy: log K - H(mean teacher prediction of the batch)")
     activation: Optional[float] = Field(None, ge=0, description="DAFL activation: -mean |penultimate teacher feature| (input of the last Linear/Gemm)")
+    proxy: Optional[float] = Field(None, ge=0, description="stand-in feature statistics: match the first third of the teacher's convolutions to their statistics on 1/f colour noise (dfkd_deploy.synthesis.proxy_stats)")
     ranges: Optional[float] = Field(None, ge=0, description="int8 teachers: keep every quantized activation inside the range the file records and make the batch reach its top (auto: dfkd_deploy.synthesis.priors.RANGE_PRIOR_AUTO for a quantized teacher, else 0)")
 
 

@@ -79,7 +79,9 @@ class Synthesizer:
                                   use_bn_statistics=use_bn_statistics, autocast=self.autocast,
                                   channels_last=self.channels_last,
                                   explicit_activation=priors.explicit_activation,
-                                  explicit_ranges=priors.explicit_ranges)
+                                  explicit_ranges=priors.explicit_ranges,
+                                  input_shape=self.input_shape,
+                                  explicit_proxy=priors.explicit_proxy)
         self._setup()
 
     def set_rank_sync(self, meta_grad_sync: Callable[[Iterable[nn.Parameter]], None],

@@ -48,6 +48,7 @@ from torch import nn
 from dfkd_deploy.core.errors import UsageError
 from dfkd_deploy.teachers.batchnorm import find_batchnorms, is_onnx_functional_bn
 from dfkd_deploy.core.augment import crop_flip
+from dfkd_deploy.synthesis.proxy_stats import ProxyStatistics
 
 # --------------------------------------------------------------------------- BN statistics
 
@@ -465,7 +466,8 @@ class InversionLoss:
 
     def __init__(self, teacher: nn.Module, normalizer: nn.Module, opts, priors: dict[str, float],
                  use_bn_statistics: bool = True, autocast=nullcontext, channels_last: bool = False,
-                 explicit_activation: bool = False, explicit_ranges: bool = False):
+                 explicit_activation: bool = False, explicit_ranges: bool = False,
+                 input_shape=None, explicit_proxy: bool = False):
         self.teacher = teacher
         self.normalizer = normalizer
         self.opts = opts
@@ -497,6 +499,17 @@ class InversionLoss:
                 self.priors["ranges"] = 0.0
                 self.ranges = None
                 self.notes.append("range prior off: the teacher has no quantized activations")
+        self.proxy: Optional[ProxyStatistics] = None
+        if self.priors.get("proxy", 0) > 0:
+            device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
+            self.proxy = ProxyStatistics(teacher, normalizer, input_shape or (), device=device)
+            if not self.proxy.available:
+                if explicit_proxy:
+                    raise UsageError("synthesis.priors.proxy needs image inputs and convolutions that accept a hook, "
+                                     "and this teacher has none; set it to 0")
+                self.priors["proxy"] = 0.0
+                self.proxy = None
+                self.notes.append("proxy-statistics prior off: the teacher has no hookable convolution on an image input")
 
     def _model_input(self, pixels: torch.Tensor) -> torch.Tensor:
         a = self.opts.augment
@@ -512,13 +525,16 @@ class InversionLoss:
             self.features.remove()
         if self.ranges is not None:
             self.ranges.remove()
+        if self.proxy is not None:
+            self.proxy.remove()
 
     def __call__(self, pixels: torch.Tensor, targets: torch.Tensor, student: nn.Module | None = None) -> LossTerms:
         o, w = self.opts, self.priors
         x = self._model_input(pixels)
         feats = self.features.capture() if self.features is not None else nullcontext()
         ranges = self.ranges.capture() if self.ranges is not None else nullcontext()
-        with self.autocast(), self.bn_stats.capture(), feats, ranges:
+        proxy = self.proxy.capture() if self.proxy is not None else nullcontext()
+        with self.autocast(), self.bn_stats.capture(), feats, ranges, proxy:
             t_out = self.teacher(x)
             s_out = student(x) if student is not None else None
         t_out = t_out.float()
@@ -541,5 +557,9 @@ class InversionLoss:
             r = self.ranges.loss()
             if r is not None:
                 prior = prior + w["ranges"] * r
+        if self.proxy is not None:
+            p = self.proxy.loss()
+            if p is not None:
+                prior = prior + w["proxy"] * p
         total = o.bn * loss_bn + o.oh * loss_ce + o.adv * loss_adv + prior
         return LossTerms(total, loss_bn, loss_ce, loss_adv, prior, t_out)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 # 15.0 % mean top-1), TV+L2 makes pools whose feature statistics are closer to the real data's
 # on both seeds (BN loss against the BN-kept teacher 799/788 vs 849/891), and adding the DAFL
 # terms lowered the student on both seeds (14.3/13.2 vs 15.0/14.2 %).
-BN_FREE_PRIORS = {"tv": 0.5, "l2": 0.01, "entropy": 0.0, "activation": 0.0}
+BN_FREE_PRIORS = {"tv": 0.5, "l2": 0.01, "entropy": 0.0, "activation": 0.0, "proxy": 0.0}
 # The activation-range prior of int8 teachers (keep every quantized activation inside the range the
 # file records, and make the batch reach its top): its weight when a recipe leaves
 # synthesis.priors.ranges null and the teacher has quantized activations. Chosen by
@@ -49,6 +49,7 @@ class Priors:
     weights: dict[str, float]          # every name in PRIOR_NAMES
     explicit_activation: bool = False  # the recipe set synthesis.priors.activation itself
     explicit_ranges: bool = False      # the recipe set synthesis.priors.ranges itself
+    explicit_proxy: bool = False       # the recipe set synthesis.priors.proxy itself
 
     @classmethod
     def for_teacher(cls, spec, options) -> "Priors":
@@ -56,7 +57,8 @@ class Priors:
         (a :class:`~dfkd_deploy.recipe.PriorOptions` or None)."""
         return cls(resolve_priors(options, spec.bn_layers > 0, getattr(spec, "activation_ranges", 0) > 0),
                    explicit_activation=getattr(options, "activation", None) is not None,
-                   explicit_ranges=getattr(options, RANGE_PRIOR_NAME, None) is not None)
+                   explicit_ranges=getattr(options, RANGE_PRIOR_NAME, None) is not None,
+                   explicit_proxy=getattr(options, "proxy", None) is not None)
 
     def active(self) -> dict[str, float]:
         """The priors that are on (weight > 0)."""
