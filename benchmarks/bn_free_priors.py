@@ -11,7 +11,13 @@ steps of 64 into a CIFAR ResNet-20, seed 0) and differs only in the synthesis lo
 - ``bn-free/adv``: the dynamo teacher, CE + adversarial only (every prior 0);
 - ``bn-free/dafl``: + DAFL information entropy and activation;
 - ``bn-free/image``: + total variation and L2 image priors;
-- ``bn-free/all``: all four priors (the weights in ``synthesis.priors.BN_FREE_PRIORS``).
+- ``bn-free/all``: all four priors;
+- ``bn-free/proxy*``: TV + L2 + the stand-in statistics on 1/f noise
+  (``dfkd_deploy.synthesis.proxy_stats``) at weight 2 on the first third of the convolutions
+  (``-all``: on all of them; ``proxy10``: weight 10; ``-oh2``: CE weight 2);
+- ``bn-free/*-adv0.3``, ``-adv0``: the adversarial weight for the BN-free teacher
+  (``synthesis.adv_bn_free``) at 0.3 or 0 instead of the BN teachers' 1.33 that the other arms use;
+  ``bn-free/proxy-adv0.3`` is the BN-free default.
 
 Reported per arm: student top-1 on the 10,000 real test images, agreement with the teacher,
 synthesis seconds, and two properties of the synthetic pool measured with the BN-kept teacher
@@ -40,18 +46,28 @@ import synthesis_speed as protocol  # noqa: E402
 
 RESULTS = HERE / "results"
 ZERO = {"tv": 0.0, "l2": 0.0, "entropy": 0.0, "activation": 0.0, "proxy": 0.0}
+IMAGE = {**ZERO, "tv": 0.5, "l2": 0.01}
+PROXY = {**IMAGE, "proxy": 2.0}
+# The adversarial weight the first arms ran with (the BN teachers' 1.33, before a BN-free teacher
+# got its own: synthesis.adv_bn_free), pinned so that they measure again what they measured.
+ADV = {"synthesis.adv_bn_free": 1.33}
 # arm -> (teacher: "bn" | "dynamo", prior weights; None = the library's automatic choice
-#         [, settings of dfkd_deploy.synthesis.proxy_stats for the arm])
+#         [, {"module": settings of dfkd_deploy.synthesis.proxy_stats, "recipe": other recipe keys}])
 ARMS = {
     "bn-kept": ("bn", None),
-    "bn-free/adv": ("dynamo", ZERO),
-    "bn-free/dafl": ("dynamo", {**ZERO, "entropy": 5.0, "activation": 0.1}),
-    "bn-free/image": ("dynamo", {**ZERO, "tv": 0.5, "l2": 0.01}),
-    "bn-free/all": ("dynamo", None),
+    "bn-free/adv": ("dynamo", ZERO, {"recipe": ADV}),
+    "bn-free/dafl": ("dynamo", {**ZERO, "entropy": 5.0, "activation": 0.1}, {"recipe": ADV}),
+    "bn-free/image": ("dynamo", IMAGE, {"recipe": ADV}),
+    "bn-free/all": ("dynamo", {**IMAGE, "entropy": 5.0, "activation": 0.1}, {"recipe": ADV}),
     # stand-in statistics on 1/f colour noise (dfkd_deploy.synthesis.proxy_stats), on top of TV + L2
-    "bn-free/proxy": ("dynamo", {**ZERO, "tv": 0.5, "l2": 0.01, "proxy": 2.0}),
-    "bn-free/proxy-all": ("dynamo", {**ZERO, "tv": 0.5, "l2": 0.01, "proxy": 2.0}, {"PROXY_LAYER_FRACTION": 1.0}),
-    "bn-free/proxy10": ("dynamo", {**ZERO, "tv": 0.5, "l2": 0.01, "proxy": 10.0}),
+    "bn-free/proxy": ("dynamo", PROXY, {"recipe": ADV}),
+    "bn-free/proxy-all": ("dynamo", PROXY, {"module": {"PROXY_LAYER_FRACTION": 1.0}, "recipe": ADV}),
+    "bn-free/proxy10": ("dynamo", {**PROXY, "proxy": 10.0}, {"recipe": ADV}),
+    # with the proxy on, the class and adversarial weights (the BN term no longer holds the images)
+    "bn-free/proxy-oh2": ("dynamo", PROXY, {"recipe": {**ADV, "synthesis.oh": 2.0}}),
+    "bn-free/proxy-adv0.3": ("dynamo", PROXY, {"recipe": {"synthesis.adv_bn_free": 0.3}}),   # the BN-free default
+    "bn-free/image-adv0.3": ("dynamo", IMAGE, {"recipe": {"synthesis.adv_bn_free": 0.3}}),
+    "bn-free/proxy-adv0": ("dynamo", PROXY, {"recipe": {"synthesis.adv_bn_free": 0.0}}),
 }
 
 
@@ -113,8 +129,8 @@ def merge(path: Path, key: str, value) -> dict:
 
 def table(report: dict) -> str:
     arms = report.get("arms", {})
-    lines = ["| arm | teacher | priors (tv, l2, entropy, activation, proxy) | student top-1 | agreement | synthesis s "
-             "| pool BN loss (BN-kept teacher) | pool class entropy |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| arm | teacher | priors (tv, l2, entropy, activation, proxy) | adversarial weight | student top-1 | agreement | synthesis s "
+             "| pool BN loss (BN-kept teacher) | pool class entropy |", "|---|---|---|---|---|---|---|---|---|"]
     for name in ARMS:
         if name not in arms:
             continue
@@ -122,7 +138,9 @@ def table(report: dict) -> str:
         pr = r["priors_used"]
         lines.append(f"| {name} | {r['teacher']} (BN layers {r['teacher_bn_layers']}) | "
                      f"{pr['tv']:g}, {pr['l2']:g}, {pr['entropy']:g}, {pr['activation']:g}, {pr.get('proxy', 0):g}"
-                     f"{' (all layers)' if r.get('proxy_settings') else ''} | "
+                     f"{' (all layers)' if r.get('proxy_settings') else ''}"
+                     f"{''.join(f', {k.split(chr(46))[-1]} {v:g}' for k, v in _adv_keys(r.get('recipe_keys', {})).items() if k != 'synthesis.adv_bn_free')} | "
+                     f"{_adv_keys(r.get('recipe_keys', {})).get('synthesis.adv_bn_free', 1.33):g} | "
                      f"{r['student_top1']:.4f} | {r['teacher_agreement']:.4f} | {r['synthesis_seconds']:.0f} | "
                      f"{r['pool_bn_loss_vs_real_statistics']:.2f} | {r['pool_class_entropy']:.3f} |")
     free = {k: v for k, v in arms.items() if k.startswith("bn-free/")}
@@ -182,13 +200,15 @@ def main(argv=None) -> int:
         from dfkd_deploy.synthesis import proxy_stats
 
         for arm in arms:
-            which, priors, *module_settings = ARMS[arm]
-            module_settings = module_settings[0] if module_settings else {}
+            which, priors, *more = ARMS[arm]
+            more = more[0] if more else {}
+            module_settings, recipe_keys = more.get("module", {}), more.get("recipe", {})
             saved = {k: getattr(proxy_stats, k) for k in module_settings}
             for k, v in module_settings.items():
                 setattr(proxy_stats, k, v)
             teacher = teachers[which]
             extra = {} if priors is None else {f"synthesis.priors.{k}": v for k, v in priors.items()}
+            extra.update(recipe_keys)
             props = {}
 
             def after(distiller, props=props):
@@ -201,7 +221,7 @@ def main(argv=None) -> int:
                 for k, v in saved.items():
                     setattr(proxy_stats, k, v)
             row.update(props, teacher="dynamo export" if which == "dynamo" else "BN kept",
-                       proxy_settings=module_settings,
+                       proxy_settings=module_settings, recipe_keys=recipe_keys,
                        teacher_bn_layers=teacher.spec.bn_layers,
                        priors_used=resolve_priors(_priors(priors), teacher.spec.bn_layers > 0))
             report = merge(args.out, "arms", {arm: row})
@@ -214,6 +234,12 @@ def main(argv=None) -> int:
     print(table(report))
     print(f"wall {time.perf_counter() - started:.0f} s", flush=True)
     return 0
+
+
+def _adv_keys(keys: dict) -> dict:
+    """An arm's recipe keys as the table shows them: synthesis.adv (what the first arms ran with,
+    before synthesis.adv_bn_free existed) as the adversarial weight it was."""
+    return {("synthesis.adv_bn_free" if k == "synthesis.adv" else k): v for k, v in keys.items()}
 
 
 def _priors(priors):

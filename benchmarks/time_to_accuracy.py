@@ -172,10 +172,20 @@ def load_results(path: Path) -> list[dict]:
     return json.loads(path.read_text(encoding="utf-8")).get("runs", [])
 
 
-def save_results(path: Path, runs: list[dict], setting: str) -> None:
+def load_superseded(path: Path) -> list[dict]:
+    """Records of rows run again with later defaults (``--rerun``): kept, out of the table."""
+    if not path.is_file():
+        return []
+    return json.loads(path.read_text(encoding="utf-8")).get("superseded", [])
+
+
+def save_results(path: Path, runs: list[dict], setting: str, superseded: list[dict] | None = None) -> None:
     from dfkd_deploy.core.io import write_json
 
-    write_json(path, {"setting": setting, "machine": f"{os.cpu_count()} CPU cores", "runs": runs})
+    body = {"setting": setting, "machine": f"{os.cpu_count()} CPU cores", "runs": runs}
+    if superseded:
+        body["superseded"] = superseded
+    write_json(path, body)
 
 
 def plot(path: Path, runs: list[dict]) -> None:
@@ -278,7 +288,12 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", default=None, help="comma-separated budgets in minutes to run now, e.g. 10")
     ap.add_argument("--grid", action="store_true", help="print the README's table from the results and stop")
     ap.add_argument("--inits", default=None, help=f"comma-separated inits to run now, of {', '.join(INITS)}")
+    ap.add_argument("--rerun", action="store_true",
+                    help="run again the rows of --only/--budgets/--inits that have a record (after a change of "
+                         "defaults); each earlier record moves to 'superseded' in the JSON when its new run ends")
     args = ap.parse_args(argv)
+    if args.rerun and not (args.only or args.budgets or args.inits):
+        ap.error("--rerun needs --only, --budgets or --inits to say which rows")
     inits = set(args.inits.split(",")) if args.inits else None
     if inits and inits - set(INITS):
         ap.error(f"unknown init(s) {', '.join(sorted(inits - set(INITS)))}; choose from {', '.join(INITS)}")
@@ -290,15 +305,22 @@ def main(argv=None) -> int:
                                                      "time_to_accuracy.json")
     setting = "smoke: digits teacher, 2-minute budgets" if args.smoke else "issue 13 table"
     runs = load_results(out)
+    superseded = load_superseded(out)
     if args.grid:
         print(grid(runs), end="")
         return 0
     known = teachers(shared, work)
+    key_of = {(t.name, t.form): k for k, t in known.items()}
     if args.redo_errors:   # e.g. after a fix: the rows that ended in an error are to do again
-        key_of = {(t.name, t.form): k for k, t in known.items()}
         runs = [r for r in runs if not r.get("error") or (only and key_of[r["teacher"], r["teacher_form"]] not in only)
                 or (budgets and r["budget_min"] not in budgets)]
-    done = {(r["teacher"], r["teacher_form"], r["init"], r["budget_min"]) for r in runs}
+
+    def selected(r: dict) -> bool:
+        return ((only is None or key_of.get((r["teacher"], r["teacher_form"])) in only)
+                and (budgets is None or r["budget_min"] in budgets) and (inits is None or r["init"] in inits))
+
+    rerun = [r for r in runs if selected(r)] if args.rerun else []
+    done = {(r["teacher"], r["teacher_form"], r["init"], r["budget_min"]) for r in runs if not any(r is x for x in rerun)}
     new = 0
     while args.max_runs is None or new < args.max_runs:
         todo = [(k, i, m) for k, i, m in (smoke_table() if args.smoke else table(runs, args.phase2_init))
@@ -318,9 +340,12 @@ def main(argv=None) -> int:
             ensure_dynamo(shared, work)
         print(f"run {t.name} ({t.form}) {init} {minutes} min ...", flush=True)
         record = run_one(t, init, minutes, work)
-        runs.append(record)
+        old = [r for r in rerun if (r["teacher"], r["teacher_form"], r["init"], r["budget_min"])
+               == (t.name, t.form, init, minutes)]
+        runs = [r for r in runs if not any(r is x for x in old)] + [record]
+        superseded += old
         new += 1
-        save_results(out, runs, setting)          # atomic rewrite after every finished run
+        save_results(out, runs, setting, superseded)          # atomic rewrite after every finished run
         plot(out.with_suffix(".png"), runs)
         out.with_suffix(".md").write_text(markdown(runs), encoding="utf-8")
         print(json.dumps({k: record.get(k) for k in ("teacher", "teacher_form", "init", "budget_min", "wall_min",

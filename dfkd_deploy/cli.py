@@ -217,14 +217,15 @@ def inspect(teacher, teacher_arch, trust_pickle, recipe_path, sets, as_json):
     normalisation, output kind, BN statistics, converter parity. Each convention is printed with
     where it came from (recipe, file metadata, detected, or a default) so a wrong guess can be
     corrected in the recipe's teacher: section."""
-    from dfkd_deploy.synthesis.priors import Priors
+    from dfkd_deploy.synthesis.priors import synthesis_weights
     from dfkd_deploy.teachers import load_teacher
 
     recipe = _recipe(recipe_path, sets, teacher_arch)
-    loaded = load_teacher(teacher, recipe.teacher, trust_pickle=trust_pickle).spec
+    teacher_obj = load_teacher(teacher, recipe.teacher, trust_pickle=trust_pickle)
+    loaded = teacher_obj.spec
     spec = loaded.to_dict()
     losses = {"bn_statistics": loaded.bn_layers > 0 and recipe.synthesis.bn > 0,
-              "priors": Priors.for_teacher(loaded, recipe.synthesis.priors).active()}
+              **synthesis_weights(teacher_obj, recipe.synthesis)}
     if as_json:
         click.echo(json.dumps({**spec, "synthesis_losses": losses}, indent=2))
         return
@@ -239,7 +240,7 @@ def inspect(teacher, teacher_arch, trust_pickle, recipe_path, sets, as_json):
             click.echo(f"  {key:15s} {value:32s} {sources.get(key, '')}")
     priors = ", ".join(f"{k} {v:g}" for k, v in losses["priors"].items()) or "none"
     click.echo(f"synthesis losses: BN-statistics matching {'on' if losses['bn_statistics'] else 'off'}; "
-               f"BN-free priors: {priors}")
+               f"BN-free priors: {priors}; adversarial weight {losses['adversarial_weight']:g}")
     for note in spec.get("notes") or []:
         click.echo(f"note: {note}")
 

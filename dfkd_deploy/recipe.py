@@ -170,6 +170,7 @@ class SynthesisOptions(_Strict):
     bn: float = Field(10.0, ge=0, description="weight of the BatchNorm-statistics loss")
     oh: float = Field(0.5, ge=0, description="weight of the cross-entropy to sampled labels")
     adv: float = Field(1.33, ge=0, description="weight of the adversarial (student-teacher KL) term")
+    adv_bn_free: Optional[float] = Field(None, ge=0, description="weight of the adversarial term for a teacher without BN statistics (folded or BN-free); null: min(adv, dfkd_deploy.synthesis.priors.BN_FREE_ADV) where the proxy prior is on, else adv")
     bn_mmt: float = Field(0.9, ge=0, lt=1, description="EMA blend of batch statistics across batches")
     reset_l0_after: Optional[int] = Field(120, ge=1, description="epochs after warm-up at which the generator's input layers are re-initialised; null: never")
     precision: Literal["auto", "fp32", "bf16"] = Field(

@@ -19,7 +19,7 @@ from torch import nn
 
 from dfkd_deploy.core.precision import autocast_factory, resolve_precision
 from dfkd_deploy.synthesis.losses import InversionLoss
-from dfkd_deploy.synthesis.priors import Priors
+from dfkd_deploy.synthesis.priors import Priors, adversarial_weight
 from dfkd_deploy.teachers.spec import Teacher
 
 
@@ -82,6 +82,8 @@ class Synthesizer:
                                   explicit_ranges=priors.explicit_ranges,
                                   input_shape=self.input_shape,
                                   explicit_proxy=priors.explicit_proxy)
+        # the adversarial weight, lower for a teacher without BN statistics (synthesis.adv_bn_free)
+        self.adv = self.loss.adv = adversarial_weight(opts, use_bn_statistics, self.loss.proxy is not None)
         self._setup()
 
     def set_rank_sync(self, meta_grad_sync: Callable[[Iterable[nn.Parameter]], None],

@@ -52,7 +52,7 @@ class DeepInversionSynthesizer(Synthesizer):
         o = self.opts
         bs = batch_size or o.batch_size
         c, h, w = self.input_shape
-        adv_student = student if (adversarial and o.adv > 0 and student is not None) else None
+        adv_student = student if (adversarial and self.adv > 0 and student is not None) else None
         u = torch.randn(bs, c, h, w, device=self.device).clamp_(self.u_min, self.u_max)
         if self.channels_last:
             u = u.contiguous(memory_format=torch.channels_last)

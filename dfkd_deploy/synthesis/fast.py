@@ -69,7 +69,7 @@ class FastSynthesizer(Synthesizer):
         """One batch: returns pixel-space images ([0,1], NCHW) and the round's loss terms."""
         o = self.opts
         bs = batch_size or o.batch_size
-        adv_student = student if (adversarial and o.adv > 0 and student is not None) else None
+        adv_student = student if (adversarial and self.adv > 0 and student is not None) else None
 
         z = torch.randn(bs, o.nz, device=self.device, requires_grad=True)
         targets = torch.randint(0, self.num_classes, (bs,), device=self.device)

@@ -471,6 +471,7 @@ class InversionLoss:
         self.teacher = teacher
         self.normalizer = normalizer
         self.opts = opts
+        self.adv = float(opts.adv)   # the synthesizer sets the resolved weight (synthesis.adv_bn_free)
         self.autocast = autocast
         self.channels_last = channels_last
         # A teacher whose BN layers cannot be trusted to see whole batches (the loader reports
@@ -561,5 +562,5 @@ class InversionLoss:
             p = self.proxy.loss()
             if p is not None:
                 prior = prior + w["proxy"] * p
-        total = o.bn * loss_bn + o.oh * loss_ce + o.adv * loss_adv + prior
+        total = o.bn * loss_bn + o.oh * loss_ce + self.adv * loss_adv + prior
         return LossTerms(total, loss_bn, loss_ce, loss_adv, prior, t_out)

@@ -35,6 +35,12 @@ PROXY_LAYER_FRACTION = 1 / 3
 PROXY_IMAGES = 256
 
 
+def proxy_applicable(teacher: nn.Module, input_shape) -> bool:
+    """Whether a teacher can have the prior: an image input and at least one convolution (an MLP
+    cannot; whether its convolutions accept hooks shows only when :class:`ProxyStatistics` is built)."""
+    return len(tuple(input_shape)) == 3 and any(isinstance(m, nn.modules.conv._ConvNd) for m in teacher.modules())
+
+
 def power_law_noise(n: int, shape: tuple[int, int, int], *, alpha: float = PROXY_ALPHA,
                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """``n`` pixel-space images in [0, 1] (NCHW) of colour noise with a 1/f^alpha amplitude

@@ -9,7 +9,8 @@ from dfkd_deploy.recipe import PriorOptions
 from dfkd_deploy.synthesis import Priors, Synthesizer, build_synthesizer, register_synthesizer, synthesizer_names
 from dfkd_deploy.synthesis.deepinversion import DeepInversionSynthesizer
 from dfkd_deploy.synthesis.fast import FastSynthesizer
-from dfkd_deploy.synthesis.priors import BN_FREE_PRIORS, PRIOR_NAMES, RANGE_PRIOR_AUTO, resolve_priors
+from dfkd_deploy.synthesis.priors import (BN_FREE_ADV, BN_FREE_PRIORS, PRIOR_NAMES, RANGE_PRIOR_AUTO,
+                                          adversarial_weight, resolve_priors)
 from tests.conftest import quick_recipe
 
 
@@ -85,6 +86,19 @@ def test_priors_for_teacher_follow_its_bn_statistics(digits_teacher):
     assert Priors.for_teacher(bn_free, PriorOptions(activation=0.0)).explicit_activation
 
 
+def test_adversarial_weight_is_lower_for_a_teacher_without_bn_statistics(digits_teacher):
+    opts = quick_recipe().synthesis
+    assert adversarial_weight(opts, has_bn_statistics=True) == opts.adv
+    assert adversarial_weight(opts, has_bn_statistics=False) == min(opts.adv, BN_FREE_ADV)
+    assert adversarial_weight(opts.model_copy(update={"adv": 0.0}), False) == 0.0
+    assert adversarial_weight(opts.model_copy(update={"adv_bn_free": 0.8}), False) == 0.8
+    assert adversarial_weight(opts.model_copy(update={"adv_bn_free": 0.8}), True) == opts.adv
+    bn_free = dataclasses.replace(digits_teacher, spec=dataclasses.replace(digits_teacher.spec, bn_layers=0))
+    synth = build_synthesizer("fastdfkd", bn_free, opts, "cpu", Priors.for_teacher(bn_free.spec, opts.priors))
+    assert synth.adv == synth.loss.adv == min(opts.adv, BN_FREE_ADV)
+    synth.close()
+
+
 def test_a_closed_synthesizer_leaves_no_hook_on_the_teacher(digits_teacher):
     """Side-job synthesizers (probes, calibration, derived students' images) must not leave their
     BN-statistics and feature hooks on the run's teacher."""
@@ -94,7 +108,8 @@ def test_a_closed_synthesizer_leaves_no_hook_on_the_teacher(digits_teacher):
         return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
 
     before = hooks(digits_teacher.module)
-    recipe = quick_recipe(**{"synthesis.priors.activation": 0.1})   # the feature hook too
+    # the feature and proxy-statistics hooks too
+    recipe = quick_recipe(**{"synthesis.priors.activation": 0.1, "synthesis.priors.proxy": 1.0})
     with make_synthesizer(digits_teacher, recipe, "cpu") as synth:
         assert hooks(digits_teacher.module) > before
         synth.synthesize(None)
