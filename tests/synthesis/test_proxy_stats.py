@@ -118,3 +118,23 @@ def test_inversion_loss_adds_the_proxy_term_and_refuses_it_where_there_are_no_co
     auto = InversionLoss(mlp, _identity, opts, priors, use_bn_statistics=False, input_shape=(3, 16, 16))
     assert auto.proxy is None and auto.priors["proxy"] == 0.0
     assert any("proxy" in n for n in auto.notes)
+
+
+def test_inspect_and_plan_weights_drop_the_proxy_where_the_teacher_cannot_have_it(digits_teacher):
+    import dataclasses
+
+    from dfkd_deploy.synthesis.priors import BN_FREE_ADV, synthesis_weights
+    from dfkd_deploy.synthesis.proxy_stats import proxy_applicable
+    from dfkd_deploy.teachers.spec import Teacher
+
+    opts = load_recipe(None, {}).synthesis
+    bn_free = dataclasses.replace(digits_teacher.spec, bn_layers=0)
+    conv = Teacher(digits_teacher.module, bn_free)
+    mlp = Teacher(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), bn_free)
+    assert proxy_applicable(conv.module, bn_free.input_shape) and not proxy_applicable(mlp.module, bn_free.input_shape)
+    on = synthesis_weights(conv, opts)
+    assert on["priors"]["proxy"] > 0 and on["adversarial_weight"] == min(opts.adv, BN_FREE_ADV)
+    off = synthesis_weights(mlp, opts)
+    assert "proxy" not in off["priors"] and off["adversarial_weight"] == opts.adv   # as measured: MLPs keep adv
+    with_bn = synthesis_weights(digits_teacher, opts)
+    assert with_bn == {"priors": {}, "adversarial_weight": opts.adv}
