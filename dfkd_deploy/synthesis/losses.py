@@ -479,38 +479,37 @@ class InversionLoss:
         self.bn_stats = BNStatistics(teacher if use_bn_statistics and opts.bn > 0 else nn.Identity(),
                                      momentum=opts.bn_mmt)
         self.priors = dict(priors)
-        self.features: Optional[PenultimateFeatures] = None
         self.notes: list[str] = []
-        if self.priors.get("activation", 0) > 0:
-            self.features = PenultimateFeatures(teacher)
-            if not self.features.available:
-                if explicit_activation:
-                    raise UsageError("synthesis.priors.activation needs the teacher's penultimate features, but no "
-                                     "Linear/Gemm/MatMul/Conv layer of this teacher accepts a hook; set it to 0")
-                self.priors["activation"] = 0.0
-                self.features = None
-                self.notes.append("activation prior off: no hookable classifier layer in the teacher")
-        self.ranges: Optional[ActivationRanges] = None
-        if self.priors.get("ranges", 0) > 0:
-            self.ranges = ActivationRanges(teacher)
-            if not self.ranges.available:
-                if explicit_ranges:
-                    raise UsageError("synthesis.priors.ranges needs an int8 teacher's quantized activations, and this "
-                                     "teacher has none (or they refuse hooks); set it to 0")
-                self.priors["ranges"] = 0.0
-                self.ranges = None
-                self.notes.append("range prior off: the teacher has no quantized activations")
-        self.proxy: Optional[ProxyStatistics] = None
-        if self.priors.get("proxy", 0) > 0:
-            device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
-            self.proxy = ProxyStatistics(teacher, normalizer, input_shape or (), device=device)
-            if not self.proxy.available:
-                if explicit_proxy:
-                    raise UsageError("synthesis.priors.proxy needs image inputs and convolutions that accept a hook, "
-                                     "and this teacher has none; set it to 0")
-                self.priors["proxy"] = 0.0
-                self.proxy = None
-                self.notes.append("proxy-statistics prior off: the teacher has no hookable convolution on an image input")
+        self.features: Optional[PenultimateFeatures] = self._hooked_prior(
+            "activation", lambda: PenultimateFeatures(teacher), explicit_activation,
+            "synthesis.priors.activation needs the teacher's penultimate features, but no "
+            "Linear/Gemm/MatMul/Conv layer of this teacher accepts a hook; set it to 0",
+            "activation prior off: no hookable classifier layer in the teacher")
+        self.ranges: Optional[ActivationRanges] = self._hooked_prior(
+            "ranges", lambda: ActivationRanges(teacher), explicit_ranges,
+            "synthesis.priors.ranges needs an int8 teacher's quantized activations, and this "
+            "teacher has none (or they refuse hooks); set it to 0",
+            "range prior off: the teacher has no quantized activations")
+        device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
+        self.proxy: Optional[ProxyStatistics] = self._hooked_prior(
+            "proxy", lambda: ProxyStatistics(teacher, normalizer, input_shape or (), device=device), explicit_proxy,
+            "synthesis.priors.proxy needs image inputs and convolutions that accept a hook, "
+            "and this teacher has none; set it to 0",
+            "proxy-statistics prior off: the teacher has no hookable convolution on an image input")
+
+    def _hooked_prior(self, name: str, build, explicit: bool, error: str, note: str):
+        """The hooks of a prior that is on, or None: a prior the teacher cannot have is an error
+        when the recipe set it, and is turned off with a note when it was automatic."""
+        if self.priors.get(name, 0) <= 0:
+            return None
+        hooks = build()
+        if hooks.available:
+            return hooks
+        if explicit:
+            raise UsageError(error)
+        self.priors[name] = 0.0
+        self.notes.append(note)
+        return None
 
     def _model_input(self, pixels: torch.Tensor) -> torch.Tensor:
         a = self.opts.augment
