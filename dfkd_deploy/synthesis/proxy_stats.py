@@ -28,6 +28,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from dfkd_deploy.synthesis.moments import channel_moments
+
 # Exponent of the noise's amplitude spectrum (1/f^alpha) and the share of the teacher's
 # convolutions, first in call order, whose statistics are matched.
 PROXY_ALPHA = 1.5
@@ -127,8 +129,6 @@ class ProxyStatistics:
             return
         if self.targets and id(module) not in self.targets:
             return
-        from dfkd_deploy.synthesis.losses import channel_moments
-
         mean, var = channel_moments(output)
         self.fired.append((id(module), mean, var, output.numel() // output.shape[1]))
 
