@@ -9,11 +9,12 @@ the per-channel mean and variance of the outputs of the teacher's first convolut
 order they run) on such noise, and its loss pulls a synthesized batch's statistics at those
 layers towards them; the deeper layers are left to the class terms.
 
-Measured on the shared CIFAR-10 ResNet-56 with its BN kept (``benchmarks/bn_free_priors.py``,
+Measured on the shared CIFAR-10 ResNet-56 with its BN kept (``benchmarks/proxy_noise.py``,
 docs/method.md): at the first stage's 19 BN layers, 1/f^1.5 noise is 2.5 times as far from the
-training statistics as real test images are (116 against 46 in the synthesizer's BN-loss units;
-uniform noise 649, 14 times), while at the 36 deeper layers it is 2.7 times as far (345 against
-126), hence :data:`PROXY_LAYER_FRACTION`.
+training statistics as real test images are (114 against 46 in the synthesizer's BN-loss units;
+uniform noise 649, 14 times), while at the 36 deeper layers it is 2.8 times as far (348 against
+126), hence :data:`PROXY_LAYER_FRACTION`. With it on, ``benchmarks/bn_free_priors.py`` chose the
+weight (docs/benchmarks.md).
 
 The loss is scale-free, since a folded layer's scale is arbitrary: per layer, the RMS over
 channels of the mean's offset in units of the proxy's standard deviation plus the RMS of the
