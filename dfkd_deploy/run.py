@@ -20,7 +20,7 @@ from dfkd_deploy.distill.metrics_log import MetricsLog
 from dfkd_deploy.report.html import REPORT_HTML, write_report_html
 from dfkd_deploy.report.provenance import label_measurements, measured_on_markdown
 from dfkd_deploy.report.report import get_path
-from dfkd_deploy.validate.gallery import GALLERY_FILE, confusion, write_gallery
+from dfkd_deploy.validate.gallery import GALLERY_FILE, confusion, one_class_warning, write_gallery
 from dfkd_deploy.distill.trainer import DistillResult
 from dfkd_deploy.students.student_file import save_student
 from dfkd_deploy.students.build import resolve_init
@@ -359,6 +359,9 @@ def finish_run(teacher: Teacher, student: nn.Module, recipe: Recipe, run_dir: Pa
     report["confusion"] = confusion(teacher, student, data, device=device, batch_size=recipe.validation.batch_size,
                                     measured_on=get_path(report, "student.accuracy_measured_on", None),
                                     predictions=predictions)
+    collapsed = one_class_warning(report["confusion"])
+    if collapsed:   # report.md and the CLI's summary print the student's warnings
+        report["student"]["warnings"] = [*(report["student"].get("warnings") or []), collapsed]
     write_gallery(run_dir, teacher, probes, seed=recipe.seed, device=device)
     if sections:   # the budget's time used, taken again now that the last measurement is done
         report.update(sections())

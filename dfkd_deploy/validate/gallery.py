@@ -95,3 +95,30 @@ def confusion(teacher, student, data: Optional[EvalData], *, device="cpu", batch
     np.add.at(matrix, (t, s), 1)
     return {"matrix": matrix.tolist(), "rows": "teacher class", "columns": "student class",
             "class_names": data.class_names, "measured_on": measured_on}
+
+
+# A student that gives one class to at least this share of the eval images, where the teacher
+# gives it to less than half of what the student does, has collapsed: say so (report and run output).
+ONE_CLASS_SHARE = 0.9
+
+
+def one_class_warning(conf: Optional[dict]) -> Optional[str]:
+    """A warning line when the student of :func:`confusion`'s matrix puts at least
+    :data:`ONE_CLASS_SHARE` of the eval images in one class the teacher gives far fewer of them;
+    None otherwise (also without a matrix)."""
+    matrix = (conf or {}).get("matrix")
+    if not matrix:
+        return None
+    m = np.asarray(matrix, dtype=np.int64)
+    total = int(m.sum())
+    if total == 0 or m.shape[0] < 2:
+        return None
+    student_share = m.sum(0) / total
+    j = int(student_share.argmax())
+    teacher_share = float(m[j].sum()) / total
+    if student_share[j] < ONE_CLASS_SHARE or teacher_share >= 0.5 * student_share[j]:
+        return None
+    names = conf.get("class_names")
+    label = f"class {j}" + (f" ({names[j]})" if names and len(names) == m.shape[0] else "")
+    return (f"the student predicts {label} for {100 * student_share[j]:.1f}% of the {total:,} eval images "
+            f"(the teacher for {100 * teacher_share:.1f}%): it has collapsed to one class and is not usable")
