@@ -95,8 +95,7 @@ class ProxyStatistics:
                 return
         gen = torch.Generator().manual_seed(seed)
         noise = power_law_noise(images, tuple(input_shape), alpha=alpha, generator=gen).to(device)
-        sums: dict[int, list] = {}
-        order: list[int] = []
+        sums: dict[int, list] = {}      # per layer, in the order the layers first ran
         was_training = teacher.training
         teacher.eval()
         try:
@@ -104,22 +103,15 @@ class ProxyStatistics:
                 for start in range(0, images, 64):
                     with self.capture():
                         teacher(normalizer(noise[start:start + 64]))
-                    for mid, mean, var, n in self.fired:
-                        if mid not in sums:
-                            sums[mid] = [0.0, 0.0, 0]
-                            order.append(mid)
-                        s = sums[mid]
-                        s[0] = s[0] + mean * n
-                        s[1] = s[1] + (var + mean * mean) * n
-                        s[2] += n
+                    _accumulate(sums, self.fired)
         finally:
             teacher.train(was_training)
-        keep = order[:max(1, math.ceil(fraction * len(order)))] if order else []
+        moments = _moments(sums)
+        keep = list(moments)[:max(1, math.ceil(fraction * len(moments)))] if moments else []
         names = {id(m): n for n, m in convs}
         for mid in keep:
-            s1, s2, n = sums[mid]
-            mean = s1 / n
-            self.targets[mid] = (mean, (s2 / n - mean * mean).clamp_min(1e-8))
+            mean, var = moments[mid]
+            self.targets[mid] = (mean, var.clamp_min(1e-8))
             self.layer_names.append(names[mid])
         self.available = bool(self.targets)
         if not self.available:
@@ -144,16 +136,8 @@ class ProxyStatistics:
 
     def loss(self) -> Optional[torch.Tensor]:
         """Mean over the matched layers of RMS((mu - mu_p) / sd_p) + RMS((var - var_p) / var_p)."""
-        pooled: dict[int, list] = {}
-        for mid, mean, var, n in self.fired:
-            p = pooled.setdefault(mid, [0.0, 0.0, 0])
-            p[0] = p[0] + mean * n
-            p[1] = p[1] + (var + mean * mean) * n
-            p[2] += n
         terms = []
-        for mid, (s1, s2, n) in pooled.items():
-            mean = s1 / n
-            var = s2 / n - mean * mean
+        for mid, (mean, var) in _moments(_accumulate({}, self.fired)).items():
             t_mean, t_var = self.targets[mid]
             t_mean, t_var = t_mean.to(mean.device), t_var.to(mean.device)
             terms.append(((mean - t_mean) / t_var.sqrt()).square().mean().add(1e-12).sqrt()
@@ -164,3 +148,23 @@ class ProxyStatistics:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+def _accumulate(sums: dict[int, list], fired) -> dict[int, list]:
+    """Add recorded (layer, mean, var, count) moments into per-layer [sum, sum of squares, count]
+    (a teacher run in chunks fires each layer once per chunk); returns ``sums``."""
+    for mid, mean, var, n in fired:
+        acc = sums.setdefault(mid, [0.0, 0.0, 0])
+        acc[0] = acc[0] + mean * n
+        acc[1] = acc[1] + (var + mean * mean) * n
+        acc[2] += n
+    return sums
+
+
+def _moments(sums: dict[int, list]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer pooled mean and biased variance from :func:`_accumulate`'s sums, in its order."""
+    out = {}
+    for mid, (s1, s2, n) in sums.items():
+        mean = s1 / n
+        out[mid] = (mean, s2 / n - mean * mean)
+    return out
