@@ -47,7 +47,8 @@ from torch import nn
 
 from dfkd_deploy.core.errors import UsageError
 from dfkd_deploy.teachers.batchnorm import find_batchnorms, is_onnx_functional_bn
-from dfkd_deploy.core.augment import crop_flip
+from dfkd_deploy.core.augment import color_shift, crop_flip, zoom
+from dfkd_deploy.synthesis.hooks import TeacherHooks
 from dfkd_deploy.synthesis.moments import channel_affine_grad, channel_moments, channel_sums
 from dfkd_deploy.synthesis.proxy_stats import ProxyStatistics
 
@@ -277,44 +278,7 @@ def activation_l1(features: torch.Tensor) -> torch.Tensor:
 _CLASSIFIER_TYPES = ("OnnxGemm", "OnnxMatMul")
 
 
-class _TeacherHooks:
-    """Forward pre-hooks on some of the teacher's modules, recording only inside :meth:`capture`.
-    ``available`` is False when none could be hooked (TorchScript modules refuse hooks)."""
-
-    def __init__(self, modules):
-        self.active = False
-        self.handles = []
-        self._reset()
-        for m in modules:
-            try:
-                self.handles.append(m.register_forward_pre_hook(self._hook))
-            except Exception:  # noqa: BLE001 - script modules refuse hooks: the term is unavailable
-                self.remove()
-                break
-        self.available = bool(self.handles)
-
-    def _reset(self) -> None:
-        raise NotImplementedError
-
-    def _hook(self, module, args):
-        raise NotImplementedError
-
-    @contextmanager
-    def capture(self) -> Iterator[None]:
-        self._reset()
-        self.active = True
-        try:
-            yield
-        finally:
-            self.active = False
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
-class PenultimateFeatures(_TeacherHooks):
+class PenultimateFeatures(TeacherHooks):
     """Captures the input of the teacher's classifier layer: the last Linear / onnx2torch Gemm or
     MatMul module to run in a forward pass (the last convolution when there is none, e.g. a
     1x1-conv head). "Last to run" rather than "last registered" copes with converted graphs whose
@@ -341,7 +305,7 @@ class PenultimateFeatures(_TeacherHooks):
         return out.flatten(1)
 
 
-class ActivationRanges(_TeacherHooks):
+class ActivationRanges(TeacherHooks):
     """The range prior of an int8 teacher: pre-hooks on its FakeQuant modules (the quantized
     activations of :mod:`dfkd_deploy.teachers.quantized`), each input measured in integer units
     q = x / scale + zero_point."""
@@ -446,7 +410,8 @@ class InversionLoss:
 
     def _model_input(self, pixels: torch.Tensor) -> torch.Tensor:
         a = self.opts.augment
-        x = self.normalizer(crop_flip(pixels, a.crop_padding, a.flip))
+        x = self.normalizer(zoom(crop_flip(pixels, a.crop_padding, a.flip), a.zoom))
+        x = color_shift(x, a.color_shift)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x

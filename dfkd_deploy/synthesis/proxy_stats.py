@@ -23,12 +23,12 @@ variance's relative offset, averaged over the layers.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
+from dfkd_deploy.synthesis.hooks import TeacherHooks
 from dfkd_deploy.synthesis.moments import channel_moments
 
 # Exponent of the noise's amplitude spectrum (1/f^alpha) and the share of the teacher's
@@ -66,33 +66,25 @@ def power_law_noise(n: int, shape: tuple[int, int, int], *, alpha: float = PROXY
     return x.clamp(0.0, 1.0).float()
 
 
-class ProxyStatistics:
+class ProxyStatistics(TeacherHooks):
     """Forward hooks on a teacher's convolutions; targets measured on :func:`power_law_noise`.
 
     ``available`` is False when the teacher has no convolution that accepts a hook (an MLP,
     TorchScript). The hooks record only inside :meth:`capture`; a teacher run in chunks (a
     fixed-batch file) has its chunks' moments pooled per layer."""
 
+    OUTPUTS = True
+
     def __init__(self, teacher: nn.Module, normalizer: nn.Module, input_shape, *,
                  fraction: Optional[float] = None, images: int = PROXY_IMAGES,
                  alpha: float = PROXY_ALPHA, seed: int = 0, device: torch.device | str = "cpu"):
         fraction = PROXY_LAYER_FRACTION if fraction is None else fraction
-        self.active = False
-        self.handles = []
-        self.fired: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []
         self.targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.layer_names: list[str] = []
         convs = [(n, m) for n, m in teacher.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
-        if len(tuple(input_shape)) != 3 or not convs:
-            self.available = False
+        super().__init__([m for _, m in convs] if len(tuple(input_shape)) == 3 else [])
+        if not self.available:
             return
-        for _, m in convs:
-            try:
-                self.handles.append(m.register_forward_hook(self._hook))
-            except Exception:  # noqa: BLE001 - script modules refuse hooks: the prior is unavailable
-                self.remove()
-                self.available = False
-                return
         gen = torch.Generator().manual_seed(seed)
         noise = power_law_noise(images, tuple(input_shape), alpha=alpha, generator=gen).to(device)
         sums: dict[int, list] = {}      # per layer, in the order the layers first ran
@@ -117,6 +109,9 @@ class ProxyStatistics:
         if not self.available:
             self.remove()
 
+    def _reset(self) -> None:
+        self.fired: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []
+
     def _hook(self, module, inputs, output):
         if not self.active or not isinstance(output, torch.Tensor) or output.dim() < 2:
             return
@@ -124,15 +119,6 @@ class ProxyStatistics:
             return
         mean, var = channel_moments(output)
         self.fired.append((id(module), mean, var, output.numel() // output.shape[1]))
-
-    @contextmanager
-    def capture(self) -> Iterator[None]:
-        self.fired = []
-        self.active = True
-        try:
-            yield
-        finally:
-            self.active = False
 
     def loss(self) -> Optional[torch.Tensor]:
         """Mean over the matched layers of RMS((mu - mu_p) / sd_p) + RMS((var - var_p) / var_p)."""
@@ -143,11 +129,6 @@ class ProxyStatistics:
             terms.append(((mean - t_mean) / t_var.sqrt()).square().mean().add(1e-12).sqrt()
                          + ((var - t_var) / t_var).square().mean().add(1e-12).sqrt())
         return torch.stack(terms).mean() if terms else None
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
 
 
 def _accumulate(sums: dict[int, list], fired) -> dict[int, list]:
