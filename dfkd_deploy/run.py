@@ -39,7 +39,7 @@ from dfkd_deploy.models.heads import apply_head_config
 from dfkd_deploy.core.progress import console, task, warn
 from dfkd_deploy.recipe import Recipe
 from dfkd_deploy.report.report import count_parameters
-from dfkd_deploy.synthesis import Priors, Synthesizer, make_synthesizer
+from dfkd_deploy.synthesis import Synthesizer, make_synthesizer
 from dfkd_deploy.synthesis.priors import synthesis_weights
 from dfkd_deploy.synthesis.pool import ImagePool
 from dfkd_deploy.teachers import load_teacher
@@ -126,6 +126,7 @@ def plan(teacher: Teacher, recipe: Recipe) -> dict:
         chosen = plan_for(teacher, recipe, student, "cpu", spent_s=time.time() - t0)
         recipe, budget = chosen.apply(recipe), chosen.to_dict()
     s, d = recipe.synthesis, recipe.distillation
+    weights = synthesis_weights(teacher, s)   # the priors that are on for this teacher, and adv
     return {
         "teacher": teacher.spec.to_dict(),
         "student": {"params": count_parameters(student), **info},
@@ -133,8 +134,7 @@ def plan(teacher: Teacher, recipe: Recipe) -> dict:
                       "rounds": d.epochs * s.rounds_per_epoch,
                       "images": d.epochs * s.rounds_per_epoch * s.batch_size,
                       "precision": s.precision, "channels_last": s.channels_last,
-                      "priors": Priors.for_teacher(teacher.spec, s.priors).weights,
-                      "adversarial_weight": synthesis_weights(teacher, s)["adversarial_weight"]},
+                      "priors": weights["priors"], "adversarial_weight": weights["adversarial_weight"]},
         "distillation": {"epochs": d.epochs, "warmup": d.warmup, "kd_steps_per_epoch": d.kd_steps,
                          "batch_size": d.batch_size, "temperature": d.temperature},
         "validation": {"probe_images": recipe.validation.probe_images},
