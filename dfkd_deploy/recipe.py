@@ -136,6 +136,10 @@ class StudentOptions(_Strict):
 class AugmentOptions(_Strict):
     crop_padding: int = Field(4, ge=0, description="differentiable random crop after zero padding by this many pixels (0: none)")
     flip: bool = Field(True, description="random horizontal flip")
+    zoom: float = Field(0.0, ge=0, lt=1, description="synthesis only: each view of a synthesized batch is a random window "
+                        "of side 1 - zoom * U(0, 1), resized back (0: none)")
+    color_shift: float = Field(0.0, ge=0, description="synthesis only: each view's model-space channels are scaled by "
+                               "exp(U(-a, a)) and shifted by U(-a, a) (Plug-In Inversion's ColorShift; 0: none)")
 
 
 class PriorOptions(_Strict):

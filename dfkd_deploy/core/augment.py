@@ -1,6 +1,7 @@
 """Differentiable batch augmentation of pixel-space images: random crop after zero padding, and
 horizontal flip. Synthesis (the inversion loss) and KD (the student's batches) both use it; KD can
-also mix its batches (mixup / cutmix, ``distillation.mix``).
+also mix its batches (mixup / cutmix, ``distillation.mix``); synthesis can also zoom and shift the
+colours of its views (``synthesis.augment.zoom`` / ``color_shift``).
 
 One gather per batch (no per-sample Python loop): each sample's crop offset and flip are folded
 into row/column index tensors, and advanced indexing keeps the result differentiable.
@@ -29,6 +30,34 @@ def crop_flip(x: torch.Tensor, padding: int = 4, flip: bool = True,
     bi = torch.arange(b, device=dev)[:, None, None, None]
     ci = torch.arange(c, device=dev)[None, :, None, None]
     return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def zoom(x: torch.Tensor, amount: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random zoom: each sample's view is a square window of side ``1 - amount * u`` (u ~ U(0, 1))
+    of the image at a random place inside it, resized back to the full size (bilinear, one
+    differentiable ``grid_sample`` per batch). ``amount`` 0: unchanged."""
+    if amount <= 0:
+        return x
+    b = x.shape[0]
+    side = 1 - amount * torch.rand(b, generator=generator)
+    shift = (torch.rand(b, 2, generator=generator) * 2 - 1) * (1 - side)[:, None]
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = side
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def color_shift(x: torch.Tensor, amount: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random per-sample, per-channel affine change of a model-space batch: x * exp(U(-a, a)) +
+    U(-a, a) (Plug-In Inversion's ColorShift, Ghiasi et al. 2022). ``amount`` 0: unchanged."""
+    if amount <= 0:
+        return x
+    b, c = x.shape[:2]
+    shape = (b, c) + (1,) * (x.dim() - 2)
+    scale = torch.exp((torch.rand(shape, generator=generator) * 2 - 1) * amount).to(x)
+    offset = ((torch.rand(shape, generator=generator) * 2 - 1) * amount).to(x)
+    return x * scale + offset
 
 
 MIX_KINDS = ("none", "mixup", "cutmix")
