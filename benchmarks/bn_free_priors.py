@@ -17,7 +17,9 @@ steps of 64 into a CIFAR ResNet-20, seed 0) and differs only in the synthesis lo
   (``-all``: on all of them; ``proxy10``: weight 10; ``-oh2``: CE weight 2);
 - ``bn-free/*-adv0.3``, ``-adv0``: the adversarial weight for the BN-free teacher
   (``synthesis.adv_bn_free``) at 0.3 or 0 instead of the BN teachers' 1.33 that the other arms use;
-  ``bn-free/proxy-adv0.3`` is the BN-free default.
+  ``bn-free/proxy-adv0.3`` is the BN-free default;
+- ``bn-free/proxy-adv0.3-zoom0.5``, ``-color1``, ``-zoom-color``: the default with stronger views
+  in the inversion loss (``synthesis.augment.zoom`` 0.5, ``color_shift`` 1.0, both).
 
 Reported per arm: student top-1 on the 10,000 real test images, agreement with the teacher,
 synthesis seconds, and two properties of the synthetic pool measured with the BN-kept teacher
@@ -68,6 +70,15 @@ ARMS = {
     "bn-free/proxy-adv0.3": ("dynamo", PROXY, {"recipe": {"synthesis.adv_bn_free": 0.3}}),   # the BN-free default
     "bn-free/image-adv0.3": ("dynamo", IMAGE, {"recipe": {"synthesis.adv_bn_free": 0.3}}),
     "bn-free/proxy-adv0": ("dynamo", PROXY, {"recipe": {"synthesis.adv_bn_free": 0.0}}),
+    # stronger views in the inversion loss (synthesis.augment): a random zoom, Plug-In Inversion's
+    # colour shift, both; on top of the BN-free default
+    "bn-free/proxy-adv0.3-zoom0.5": ("dynamo", PROXY, {"recipe": {"synthesis.adv_bn_free": 0.3,
+                                                                  "synthesis.augment.zoom": 0.5}}),
+    "bn-free/proxy-adv0.3-color1": ("dynamo", PROXY, {"recipe": {"synthesis.adv_bn_free": 0.3,
+                                                                 "synthesis.augment.color_shift": 1.0}}),
+    "bn-free/proxy-adv0.3-zoom-color": ("dynamo", PROXY, {"recipe": {"synthesis.adv_bn_free": 0.3,
+                                                                     "synthesis.augment.zoom": 0.5,
+                                                                     "synthesis.augment.color_shift": 1.0}}),
 }
 
 
