@@ -219,6 +219,7 @@ def inspect(teacher, teacher_arch, trust_pickle, recipe_path, sets, as_json):
     corrected in the recipe's teacher: section."""
     from dfkd_deploy.synthesis.priors import synthesis_weights
     from dfkd_deploy.teachers import load_teacher
+    from dfkd_deploy.teachers.batchnorm import missing_statistics_warning
 
     recipe = _recipe(recipe_path, sets, teacher_arch)
     teacher_obj = load_teacher(teacher, recipe.teacher, trust_pickle=trust_pickle)
@@ -226,8 +227,9 @@ def inspect(teacher, teacher_arch, trust_pickle, recipe_path, sets, as_json):
     spec = loaded.to_dict()
     losses = {"bn_statistics": loaded.bn_layers > 0 and recipe.synthesis.bn > 0,
               **synthesis_weights(teacher_obj, recipe.synthesis)}
+    weak = missing_statistics_warning(loaded, teacher_obj.module)
     if as_json:
-        click.echo(json.dumps({**spec, "synthesis_losses": losses}, indent=2))
+        click.echo(json.dumps({**spec, "synthesis_losses": losses, "warnings": [weak] if weak else []}, indent=2))
         return
     for key, value in spec.items():
         if key in ("notes", "sources"):
@@ -243,6 +245,8 @@ def inspect(teacher, teacher_arch, trust_pickle, recipe_path, sets, as_json):
                f"BN-free priors: {priors}; adversarial weight {losses['adversarial_weight']:g}")
     for note in spec.get("notes") or []:
         click.echo(f"note: {note}")
+    if weak:
+        click.echo(f"warning: {weak}")
 
 
 def _conventions(spec: dict) -> dict[str, str]:

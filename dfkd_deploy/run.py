@@ -43,6 +43,7 @@ from dfkd_deploy.synthesis import Synthesizer, make_synthesizer
 from dfkd_deploy.synthesis.priors import synthesis_weights
 from dfkd_deploy.synthesis.pool import ImagePool
 from dfkd_deploy.teachers import load_teacher
+from dfkd_deploy.teachers.batchnorm import missing_statistics_warning
 from dfkd_deploy.teachers.spec import Teacher
 from dfkd_deploy.rundir import check_batch_memory, check_paths, prepare_run_dir, release_run_dir
 
@@ -212,6 +213,9 @@ def compress(teacher_path: str | Path, recipe: Recipe, out: str | Path, *, devic
         recipe, why = resolve_init(recipe, teacher)   # before anything reads student.init (KD's lr scale)
         if why and show_progress and ctx.is_main and not resume:
             console.print(why)
+        weak = missing_statistics_warning(teacher.spec, teacher.module)
+        if weak and ctx.is_main and not resume:   # before the hours it would take to find out
+            console.print(f"[yellow]warning[/yellow]: {weak}")
         check_batch_memory(recipe, teacher.spec.input_shape, dev)
         teacher.module.to(dev)
         run_dir = prepare_run_dir(out, resume, ctx)
@@ -359,9 +363,10 @@ def finish_run(teacher: Teacher, student: nn.Module, recipe: Recipe, run_dir: Pa
     report["confusion"] = confusion(teacher, student, data, device=device, batch_size=recipe.validation.batch_size,
                                     measured_on=get_path(report, "student.accuracy_measured_on", None),
                                     predictions=predictions)
-    collapsed = one_class_warning(report["confusion"])
-    if collapsed:   # report.md and the CLI's summary print the student's warnings
-        report["student"]["warnings"] = [*(report["student"].get("warnings") or []), collapsed]
+    # report.md and the CLI's summary print the student's warnings
+    for line in (missing_statistics_warning(teacher.spec, teacher.module), one_class_warning(report["confusion"])):
+        if line:
+            report["student"]["warnings"] = [*(report["student"].get("warnings") or []), line]
     write_gallery(run_dir, teacher, probes, seed=recipe.seed, device=device)
     if sections:   # the budget's time used, taken again now that the last measurement is done
         report.update(sections())

@@ -23,3 +23,17 @@ def find_batchnorms(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 def count_batchnorms(module: nn.Module) -> int:
     return sum(1 for _ in find_batchnorms(module))
+
+
+def missing_statistics_warning(spec, module: nn.Module) -> str | None:
+    """One line for a convolutional teacher without usable BN statistics (``spec.bn_layers == 0``:
+    BN folded at export, a BN-free net, a file whose BN cannot be hooked), which is where the
+    measured students are far weaker; None otherwise. MLP teachers get none: nothing was
+    measured to say so."""
+    if spec.bn_layers or not any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules()):
+        return None
+    return ("the teacher has no usable BatchNorm statistics (bn_statistics in `dfkd-deploy inspect` says why): synthesis falls "
+            "back to priors, and students of such teachers came out far weaker than from the same network "
+            "with BN kept (docs/benchmarks.md, \"Accuracy against minutes\"). If you have the model before "
+            "export, hand over its state_dict, or an ONNX file that keeps the BatchNormalization nodes "
+            "(torch.onnx.export(..., dynamo=False, do_constant_folding=False))")
