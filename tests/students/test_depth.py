@@ -162,7 +162,7 @@ def test_a_biased_conv_before_its_bn_is_taken_into_the_bn(zoo_teacher):
         assert torch.allclose(zoo(x), source(x), atol=1e-4)
 
 
-@pytest.mark.parametrize("form", ["zoo_teacher", "zoo_teacher_fused"])
+@pytest.mark.parametrize("form", ["zoo_teacher", "zoo_teacher_legacy"])
 def test_auto_init_takes_depth_for_a_residual_teacher_and_its_onnx_graph(request, form):
     """``student.init: auto`` resolves to depth where the teacher (a state_dict, or an ONNX graph
     recognised as one) has a shallower member, and the student built is that depth student."""
@@ -185,6 +185,8 @@ def test_auto_init_takes_depth_for_a_residual_teacher_and_its_onnx_graph(request
     ("zoo_teacher", {"student.arch": "tiny_cnn"}, "tiny_cnn is not a shallower cifar_resnet14"),
     # the smallest shallower ResNet (resnet8, 0.44 of the ResNet-14's params) is too big for 0.1
     ("zoo_teacher", {"student.target": "params=0.1"}, "no shallower cifar_resnet14 meets params=0.1"),
+    # BN folded: depth is still possible (explicitly), but scratch won on such teachers
+    ("zoo_teacher_fused", {"student.arch": "cifar_resnet8"}, "the teacher has no BN statistics"),
 ])
 def test_auto_init_falls_back_to_scratch(request, form, sets, reason):
     from dfkd_deploy.students.build import resolve_init
