@@ -227,7 +227,7 @@ def inspect(teacher, teacher_arch, trust_pickle, recipe_path, sets, as_json):
     spec = loaded.to_dict()
     losses = {"bn_statistics": loaded.bn_layers > 0 and recipe.synthesis.bn > 0,
               **synthesis_weights(teacher_obj, recipe.synthesis)}
-    weak = missing_statistics_warning(loaded, teacher_obj.module)
+    weak = missing_statistics_warning(teacher_obj)
     if as_json:
         click.echo(json.dumps({**spec, "synthesis_losses": losses, "warnings": [weak] if weak else []}, indent=2))
         return

@@ -213,7 +213,7 @@ def compress(teacher_path: str | Path, recipe: Recipe, out: str | Path, *, devic
         recipe, why = resolve_init(recipe, teacher)   # before anything reads student.init (KD's lr scale)
         if why and show_progress and ctx.is_main and not resume:
             console.print(why)
-        weak = missing_statistics_warning(teacher.spec, teacher.module)
+        weak = missing_statistics_warning(teacher)
         if weak and ctx.is_main and not resume:   # before the hours it would take to find out
             console.print(f"[yellow]warning[/yellow]: {weak}")
         check_batch_memory(recipe, teacher.spec.input_shape, dev)
@@ -364,7 +364,7 @@ def finish_run(teacher: Teacher, student: nn.Module, recipe: Recipe, run_dir: Pa
                                     measured_on=get_path(report, "student.accuracy_measured_on", None),
                                     predictions=predictions)
     # report.md and the CLI's summary print the student's warnings
-    for line in (missing_statistics_warning(teacher.spec, teacher.module), one_class_warning(report["confusion"])):
+    for line in (missing_statistics_warning(teacher), one_class_warning(report["confusion"])):
         if line:
             report["student"]["warnings"] = [*(report["student"].get("warnings") or []), line]
     write_gallery(run_dir, teacher, probes, seed=recipe.seed, device=device)

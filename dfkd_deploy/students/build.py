@@ -243,7 +243,8 @@ def resolve_init(recipe, teacher):
     """``student.init: auto`` made concrete for this teacher: ``depth`` where the teacher is a
     residual zoo net (or computes one) with a shallower member, of ``student.arch``'s family when
     one is named (it beat scratch and prune at every CPU budget measured, docs/benchmarks.md),
-    unless the teacher has no BN statistics (a BN-folded export: there scratch won), else ``scratch``. Returns (the recipe, a copy when it changed; the reason, or None)."""
+    unless the teacher has no BN statistics (a BN-folded export: there scratch won), else
+    ``scratch``. Returns (the recipe, a copy when it changed; the reason, or None)."""
     s = recipe.student
     if s.init != "auto":
         return recipe, None

@@ -30,6 +30,7 @@ from torch import nn
 
 from dfkd_deploy.synthesis.hooks import TeacherHooks
 from dfkd_deploy.synthesis.moments import channel_moments
+from dfkd_deploy.teachers.spec import has_convolution
 
 # Exponent of the noise's amplitude spectrum (1/f^alpha) and the share of the teacher's
 # convolutions, first in call order, whose statistics are matched.
@@ -41,7 +42,7 @@ PROXY_IMAGES = 256
 def proxy_applicable(teacher: nn.Module, input_shape) -> bool:
     """Whether a teacher can have the prior: an image input and at least one convolution (an MLP
     cannot; whether its convolutions accept hooks shows only when :class:`ProxyStatistics` is built)."""
-    return len(tuple(input_shape)) == 3 and any(isinstance(m, nn.modules.conv._ConvNd) for m in teacher.modules())
+    return len(tuple(input_shape)) == 3 and has_convolution(teacher)
 
 
 def power_law_noise(n: int, shape: tuple[int, int, int], *, alpha: float = PROXY_ALPHA,

@@ -10,6 +10,8 @@ from typing import Iterator
 
 from torch import nn
 
+from dfkd_deploy.teachers.spec import has_convolution
+
 
 def is_onnx_functional_bn(module: nn.Module) -> bool:
     return type(module).__name__ == "OnnxBatchNorm" and type(module).__module__.startswith("onnx2torch")
@@ -25,12 +27,12 @@ def count_batchnorms(module: nn.Module) -> int:
     return sum(1 for _ in find_batchnorms(module))
 
 
-def missing_statistics_warning(spec, module: nn.Module) -> str | None:
-    """One line for a convolutional teacher without usable BN statistics (``spec.bn_layers == 0``:
-    BN folded at export, a BN-free net, a file whose BN cannot be hooked), which is where the
-    measured students are far weaker; None otherwise. MLP teachers get none: nothing was
-    measured to say so."""
-    if spec.bn_layers or not any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules()):
+def missing_statistics_warning(teacher) -> str | None:
+    """One line for a convolutional teacher (a loaded Teacher: ``.module``, ``.spec``) without
+    usable BN statistics (``spec.bn_layers == 0``: BN folded at export, a BN-free net, a file
+    whose BN cannot be hooked), which is where the measured students are far weaker; None
+    otherwise. MLP teachers get none: nothing was measured to say so."""
+    if teacher.spec.bn_layers or not has_convolution(teacher.module):
         return None
     return ("the teacher has no usable BatchNorm statistics (bn_statistics in `dfkd-deploy inspect` says why): synthesis falls "
             "back to priors, and students of such teachers came out far weaker than from the same network "

@@ -101,6 +101,11 @@ class Teacher:
         return Normalizer(self.spec)
 
 
+def has_convolution(module: nn.Module) -> bool:
+    """Whether ``module`` has a convolution (an image model, not an MLP)."""
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
+
+
 def freeze(module: nn.Module) -> nn.Module:
     """Eval mode, no parameter gradients; inputs still receive gradients."""
     module.eval()

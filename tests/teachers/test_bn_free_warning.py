@@ -9,13 +9,14 @@ from dfkd_deploy.teachers.batchnorm import missing_statistics_warning
 
 
 def test_only_convolutional_teachers_without_bn_statistics_get_the_line(digits_teacher):
-    spec = digits_teacher.spec
-    assert spec.bn_layers > 0 and missing_statistics_warning(spec, digits_teacher.module) is None
-    bn_free = dataclasses.replace(spec, bn_layers=0)
-    line = missing_statistics_warning(bn_free, digits_teacher.module)
+    from dfkd_deploy.teachers.spec import Teacher
+
+    assert digits_teacher.spec.bn_layers > 0 and missing_statistics_warning(digits_teacher) is None
+    bn_free = dataclasses.replace(digits_teacher.spec, bn_layers=0)
+    line = missing_statistics_warning(Teacher(digits_teacher.module, bn_free))
     assert line and "no usable BatchNorm statistics" in line and "do_constant_folding=False" in line
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-    assert missing_statistics_warning(bn_free, mlp) is None     # nothing was measured for MLPs
+    assert missing_statistics_warning(Teacher(mlp, bn_free)) is None     # nothing was measured for MLPs
 
 
 def test_a_run_on_a_bn_folded_export_warns_in_the_output_and_report(tmp_path, digits_data, digits_eval_npz, capsys):
