@@ -113,7 +113,7 @@ def _best_init(results, teacher, form, minutes) -> str | None:
     return max(done, key=lambda r: r["top1"] if r["top1"] is not None else -1)["init"]
 
 
-def recipe_for(t: Teacher, init: str, minutes: int):
+def recipe_for(t: Teacher, init: str, minutes: int, overrides: dict | None = None):
     from dfkd_deploy import load_recipe
 
     over = {"teacher": t.teacher_options, **t.recipe}
@@ -133,21 +133,24 @@ def recipe_for(t: Teacher, init: str, minutes: int):
             else:
                 flat[f"{prefix}{k}"] = v
     walk("", over)
-    return load_recipe(None, flat)
+    return load_recipe(None, {**flat, **(overrides or {})})
 
 
-def run_one(t: Teacher, init: str, minutes: int, work: Path) -> dict:
+def run_one(t: Teacher, init: str, minutes: int, work: Path, overrides: dict | None = None) -> dict:
     from dfkd_deploy import compress
 
-    out = work / f"{t.name}-{t.form}-{init}-{minutes}m"
+    tag = "".join(f"-{k.rsplit('.', 1)[-1]}{v}" for k, v in (overrides or {}).items())
+    out = work / f"{t.name}-{t.form}-{init}-{minutes}m{tag}"
     if out.exists():
         import shutil
         shutil.rmtree(out)       # an unfinished run of an earlier session: start it again
     from dfkd_deploy import DfkdError
 
-    recipe = recipe_for(t, init, minutes)
+    recipe = recipe_for(t, init, minutes, overrides)
     # the KD defaults changed over the table's sessions (records without this key: mix none, share 0.5)
     kd = {"mix": recipe.distillation.mix, "synthesis_share": recipe.distillation.synthesis_share}
+    if overrides:
+        kd["overrides"] = dict(overrides)
     t0 = time.time()
     try:
         result = compress(t.path, recipe, out, eval_data=t.eval_data, show_progress=False)
@@ -294,7 +297,19 @@ def main(argv=None) -> int:
     ap.add_argument("--rerun", action="store_true",
                     help="run again the rows of --only/--budgets/--inits that have a record (after a change of "
                          "defaults); each earlier record moves to 'superseded' in the JSON when its new run ends")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe override for every run of this call (repeatable), e.g. "
+                         "distillation.attention=1000; needs --out, so that the table keeps the defaults")
     args = ap.parse_args(argv)
+    if args.set and not args.out:
+        ap.error("--set needs --out: the default results file is the table of the defaults")
+    overrides = {}
+    for item in args.set:
+        k, sep, v = item.partition("=")
+        if not sep:
+            ap.error(f"--set {item!r}: expected KEY=VALUE")
+        import yaml
+        overrides[k] = yaml.safe_load(v)
     if args.rerun and not (args.only or args.budgets or args.inits):
         ap.error("--rerun needs --only, --budgets or --inits to say which rows")
     inits = set(args.inits.split(",")) if args.inits else None
@@ -307,6 +322,8 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else RESULTS / ("time_to_accuracy_smoke.json" if args.smoke else
                                                      "time_to_accuracy.json")
     setting = "smoke: digits teacher, 2-minute budgets" if args.smoke else "issue 13 table"
+    if overrides:
+        setting += ", with " + ", ".join(f"{k}={v}" for k, v in overrides.items())
     runs = load_results(out)
     superseded = load_superseded(out)
     if args.grid:
@@ -342,7 +359,7 @@ def main(argv=None) -> int:
         if t.form == "onnx_dynamo":
             ensure_dynamo(shared, work)
         print(f"run {t.name} ({t.form}) {init} {minutes} min ...", flush=True)
-        record = run_one(t, init, minutes, work)
+        record = run_one(t, init, minutes, work, overrides)
         old = [r for r in rerun if (r["teacher"], r["teacher_form"], r["init"], r["budget_min"])
                == (t.name, t.form, init, minutes)]
         runs = [r for r in runs if not any(r is x for x in old)] + [record]

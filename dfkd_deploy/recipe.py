@@ -217,6 +217,9 @@ class DistillationOptions(_Strict):
                             f"recompute); auto: {BUDGETED_MIX} with a budget (it won at equal wall time, "
                             "docs/method.md), none without one")
     mix_alpha: float = Field(1.0, gt=0, description="the mixing weight is drawn from Beta(mix_alpha, mix_alpha)")
+    attention: float = Field(0.0, ge=0, description="weight of attention transfer (ZSKT): the student's spatial "
+                             "attention maps matched to the teacher's at the end of every resolution both nets "
+                             "share, added to the KD loss; 0: off (needs teacher_logits: recompute)")
     teacher_logits: Literal["recompute", "cached"] = Field(
         "recompute", description="recompute: the teacher labels every augmented KD batch; cached: once per pool "
                                  "image (un-augmented), reused on every draw, so a KD step runs only the student")
@@ -225,6 +228,9 @@ class DistillationOptions(_Strict):
     def _mix_needs_labels(self):
         if self.mix not in ("none", "auto") and self.teacher_logits == "cached":
             raise ValueError("distillation.mix needs teacher_logits: recompute (a mixed image has no cached logits)")
+        if self.attention > 0 and self.teacher_logits == "cached":
+            raise ValueError("distillation.attention needs teacher_logits: recompute (it reads the teacher's "
+                             "feature maps of each augmented batch)")
         return self
 
     @field_validator("grad_clip")

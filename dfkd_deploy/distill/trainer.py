@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from dfkd_deploy.core.progress import task
 from dfkd_deploy.recipe import AUTO_GRAD_CLIP, Recipe
 from dfkd_deploy.core.augment import crop_flip, mix_batch
 from dfkd_deploy.core.precision import autocast_factory, resolve_precision
+from dfkd_deploy.distill.attention import AttentionTransfer
 from dfkd_deploy.distill.kd import kd_kl
 from dfkd_deploy.synthesis.base import Synthesizer
 from dfkd_deploy.synthesis.pool import ImagePool
@@ -131,6 +133,8 @@ class Distiller:
         self.epoch_hooks: list = []
         self._last_batch: torch.Tensor | None = None
         self._logits: dict[str, torch.Tensor] = {}    # teacher_logits: cached, by pool shard
+        self._attention: AttentionTransfer | None = None   # distillation.attention > 0: set up at the first KD step
+        self.attention_note: str | None = None
 
     # -- one epoch ---------------------------------------------------------------------------
     def _synthesize(self, epoch: int) -> dict:
@@ -200,7 +204,7 @@ class Distiller:
         d, a = self.recipe.distillation, self.recipe.synthesis.augment
         model = self._kd_model()
         self.student.train()
-        total, agree, seen, clipped = 0.0, 0, 0, 0
+        total, agree, seen, clipped, at_total = 0.0, 0, 0, 0, 0.0
         t0 = time.perf_counter()
         cached = d.teacher_logits == "cached"
         for step in range(d.kd_steps):
@@ -209,12 +213,18 @@ class Distiller:
             if cached:
                 t_out = self._cached_logits(idx, pixels)
             x = self.normalizer(mix_batch(crop_flip(pixels, a.crop_padding, a.flip), d.mix, d.mix_alpha))
-            if not cached:
-                with torch.no_grad(), self._autocast():
-                    t_out = self.teacher(x).float()
-            with self._autocast():
-                s_out = model(x).float()
+            at = self._attention_transfer(x)
+            with at.capture() if at else nullcontext():
+                if not cached:
+                    with torch.no_grad(), self._autocast():
+                        t_out = self.teacher(x).float()
+                with self._autocast():
+                    s_out = model(x).float()
             loss = kd_kl(s_out, t_out, d.temperature)
+            if at:
+                at_loss = at.loss()
+                at_total += float(at_loss.detach())
+                loss = loss + d.attention * at_loss
             bad = not bool(torch.isfinite(loss))
             if self.ctx.any(bad):   # every rank stops at the same step
                 where = f"at epoch {self.epoch + 1}, step {step + 1}"
@@ -241,7 +251,26 @@ class Distiller:
                "lr": self.optimizer.param_groups[0]["lr"]}
         if self.grad_clip is not None:   # the share of this epoch's steps whose gradient was clipped
             row["kd_clipped"] = clipped / d.kd_steps
+        if self._attention is not None:   # the unweighted attention term, this rank's mean
+            row["kd_attention"] = at_total / d.kd_steps
         return row
+
+    def _attention_transfer(self, x: torch.Tensor) -> AttentionTransfer | None:
+        """The attention-transfer term (``distillation.attention`` > 0), probed on the first KD batch;
+        None when it is off or the two nets share no feature-map resolution (said once)."""
+        if self.recipe.distillation.attention <= 0 or self.attention_note is not None:
+            return self._attention
+        at = AttentionTransfer(self.teacher, self.student, x[:2])
+        if at.available:
+            self._attention = at
+            sizes = ", ".join(f"{h}x{w}" for h, w in at.resolutions)
+            self.attention_note = f"attention transfer at {sizes}"
+        else:
+            self.attention_note = ("attention transfer off: teacher and student share no feature-map resolution "
+                                   "(or refuse hooks)")
+            if self.ctx.is_main:
+                print(self.attention_note)
+        return self._attention
 
     @torch.no_grad()
     def _new_batch_agreement(self) -> dict:
