@@ -268,8 +268,8 @@ class Distiller:
         else:
             self.attention_note = ("attention transfer off: teacher and student share no feature-map resolution "
                                    "(or refuse hooks)")
-            if self.ctx.is_main:
-                print(self.attention_note)
+        if self.ctx.is_main:
+            print(self.attention_note, flush=True)
         return self._attention
 
     @torch.no_grad()
@@ -432,5 +432,8 @@ class Distiller:
                 info = " ".join(f"{k}={v:.3g}" for k, v in row.items()
                                 if k in ("synth_confidence", "kd_loss", "train_agreement", "new_batch_agreement", "lr"))
                 bar.advance(1, info)
+        if self.epoch >= d.epochs and self._attention is not None:   # the student leaves without our hooks
+            self._attention.remove()
+            self._attention, self.attention_note = None, None
         return DistillResult(d.epochs, self.synthesis_seconds, self.distillation_seconds, len(self.pool), self.history)
 

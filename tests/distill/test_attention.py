@@ -90,10 +90,22 @@ def test_attention_needs_recomputed_teacher_logits():
         load_recipe(None, {"distillation.attention": 1000, "distillation.teacher_logits": "cached"})
 
 
-def test_kd_with_attention_records_the_term(digits_teacher, tmp_path):
+def test_kd_with_attention_records_the_term(digits_teacher, tmp_path, capsys):
     recipe = quick_recipe(**{"distillation.attention": 1000.0, "distillation.epochs": 3})
     d = _distiller(digits_teacher, recipe, tmp_path)
     result = d.run()
-    assert d.attention_note == "attention transfer at 8x8, 4x4"   # the digits CNN and tiny_cnn share both
+    # said once; the digits CNN and tiny_cnn share both resolutions
+    assert capsys.readouterr().out.count("attention transfer at 8x8, 4x4\n") == 1
     rows = [r for r in result.history if "kd_loss" in r]
     assert rows and all(math.isfinite(r["kd_loss"]) and r["kd_attention"] > 0 for r in rows)
+
+
+def test_the_student_leaves_kd_without_attention_hooks(digits_teacher, tmp_path):
+    recipe = quick_recipe(**{"distillation.attention": 1000.0, "distillation.epochs": 2})
+    d = _distiller(digits_teacher, recipe, tmp_path)
+    def hooks():   # (the teacher keeps the synthesizer's own BN hooks)
+        return [sum(len(m._forward_hooks) for m in net.modules()) for net in (d.student, digits_teacher.module)]
+
+    before = hooks()
+    d.run()
+    assert d.history[-1]["kd_attention"] > 0 and hooks() == before
