@@ -240,28 +240,31 @@ def markdown(runs: list[dict]) -> str:
 
 
 def grid(runs: list[dict]) -> str:
-    """The README's table: student top-1 per teacher form and init (rows) and budget (columns);
-    each cell is the latest run of that key (a redone row replaces the earlier one), "-" where none
-    ran; params and latency are the latest run's."""
+    """The README's table: student top-1 per teacher form, init and student size (rows) and budget
+    (columns); each cell is the latest run of that key (a redone row replaces the earlier one), "-"
+    where none ran. A student whose size changed between budgets (a default changed between
+    sessions) gets a row of its own; latency is the row's latest run's."""
     budgets = sorted({r["budget_min"] for r in runs})
     cells: dict[tuple, dict] = {}
     for r in runs:
         cells[(r["teacher"], r["teacher_form"], r["init"], r["budget_min"])] = r
-    rows = list(dict.fromkeys((t, f, i) for t, f, i, _ in cells))
+    rows: dict[tuple, dict[int, dict]] = {}
+    for (t, f, i, m), r in cells.items():
+        rows.setdefault((t, f, i, r.get("params") or 0), {})[m] = r
     lines = ["| teacher (form), its top-1 | init | params | ORT b32 ms | " + " | ".join(f"{m} min" for m in budgets)
              + " |", "|---|---|---|---|" + "---|" * len(budgets)]
-    for t, f, i in sorted(rows, key=lambda k: (k[0], k[1], INITS.index(k[2]))):
-        mine = [cells[(t, f, i, m)] for m in budgets if (t, f, i, m) in cells]
-        last = mine[-1]
-        lat = last.get("latency_b32_ms")
+    for key in sorted(rows, key=lambda k: (k[0], k[1], INITS.index(k[2]), -k[3])):
+        t, f, i, params = key
+        mine = [rows[key][m] for m in budgets if m in rows[key]]
+        lat = mine[-1].get("latency_b32_ms")
 
         def cell(m):
-            r = cells.get((t, f, i, m))
+            r = rows[key].get(m)
             if r is None:
                 return "-"
             return "error" if r.get("top1") is None else f"{100 * r['top1']:.1f}%"
         top = next((r["teacher_top1"] for r in mine if r.get("teacher_top1") is not None), None)
-        lines.append(f"| {t} ({f}){'' if top is None else f', {100 * top:.1f}%'} | {i} | {last.get('params') or 0:,} | {'-' if lat is None else f'{lat:.3g}'} | "
+        lines.append(f"| {t} ({f}){'' if top is None else f', {100 * top:.1f}%'} | {i} | {params:,} | {'-' if lat is None else f'{lat:.3g}'} | "
                      + " | ".join(cell(m) for m in budgets) + " |")
     return "\n".join(lines) + "\n"
 
