@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfkd_deploy.synthesis.hooks import TeacherHooks
+
 
 def _stage_ends(model: nn.Module, example: torch.Tensor) -> dict[tuple[int, int], tuple[nn.Module, int]]:
     """{(H, W): (module, call index)} of the last call that produced a 4-D output of each size."""
@@ -58,47 +60,31 @@ def _stage_ends(model: nn.Module, example: torch.Tensor) -> dict[tuple[int, int]
     return last
 
 
-class _Capture:
-    """Forward hooks that keep the chosen calls' outputs while :meth:`capture` is open."""
+class _Capture(TeacherHooks):
+    """Forward hooks that keep the chosen calls' outputs (``out``, by resolution) while
+    :meth:`capture` is open."""
+
+    OUTPUTS = True
 
     def __init__(self, points: dict[tuple[int, int], tuple[nn.Module, int]]):
-        self.points = points
-        self.active = False
+        self.by_call: dict[int, dict[int, tuple[int, int]]] = {}   # id(module) -> {call index: resolution}
+        for res, (m, k) in points.items():
+            self.by_call.setdefault(id(m), {})[k] = res
+        modules = list({id(m): m for m, _k in points.values()}.values())
+        super().__init__(modules)
+
+    def _reset(self) -> None:
         self.calls: dict[int, int] = {}
         self.out: dict[tuple[int, int], torch.Tensor] = {}
-        self.handles = []
-        wanted: dict[int, list[tuple[int, tuple[int, int]]]] = {}
-        for res, (m, k) in points.items():
-            wanted.setdefault(id(m), []).append((k, res))
-        seen = set()
-        for m, _k in points.values():
-            if id(m) not in seen:
-                seen.add(id(m))
-                self.handles.append(m.register_forward_hook(self._hook(dict(wanted[id(m)]))))
 
-    def _hook(self, by_call: dict[int, tuple[int, int]]):
-        def hook(module, _args, out):
-            if not self.active:
-                return
-            k = self.calls.get(id(module), 0)
-            self.calls[id(module)] = k + 1
-            if k in by_call:
-                self.out[by_call[k]] = out
-        return hook
-
-    @contextmanager
-    def capture(self) -> Iterator[dict[tuple[int, int], torch.Tensor]]:
-        self.calls, self.out = {}, {}
-        self.active = True
-        try:
-            yield self.out
-        finally:
-            self.active = False
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
+    def _hook(self, module, _args, out):
+        if not self.active:
+            return
+        k = self.calls.get(id(module), 0)
+        self.calls[id(module)] = k + 1
+        res = self.by_call[id(module)].get(k)
+        if res is not None:
+            self.out[res] = out
 
 
 def attention_map(f: torch.Tensor) -> torch.Tensor:
@@ -124,16 +110,15 @@ class AttentionTransfer:
 
     @contextmanager
     def capture(self) -> Iterator[None]:
-        with self._t.capture() as t_out, self._s.capture() as s_out:
-            self._t_out, self._s_out = t_out, s_out
+        with self._t.capture(), self._s.capture():
             yield
 
     def loss(self) -> torch.Tensor:
-        missing = [r for r in self.resolutions if r not in self._t_out or r not in self._s_out]
+        t, s = self._t.out, self._s.out
+        missing = [r for r in self.resolutions if r not in t or r not in s]
         if missing:
             raise RuntimeError(f"attention transfer: no feature map at {missing} in this forward pass")
-        return sum((attention_map(self._s_out[r]) - attention_map(self._t_out[r].detach())).pow(2).mean()
-                   for r in self.resolutions)
+        return sum((attention_map(s[r]) - attention_map(t[r].detach())).pow(2).mean() for r in self.resolutions)
 
     def remove(self) -> None:
         for c in (self._t, self._s):

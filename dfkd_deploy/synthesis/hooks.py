@@ -1,4 +1,5 @@
-"""Hooks on some of a teacher's modules that record only while a synthesis step asks them to.
+"""Hooks on some of a teacher's modules that record only while a synthesis step asks them to
+(and, for attention transfer in KD, on a student's: ``dfkd_deploy.distill.attention``).
 
 The prior terms that look inside the teacher (its penultimate features, its quantized
 activations' ranges, stand-in statistics of its first convolutions) share this: hook a set of

@@ -42,7 +42,7 @@ def test_a_module_called_twice_is_keyed_by_its_call():
     at = AttentionTransfer(net, copy.deepcopy(net), x)
     with at.capture():
         net(x)
-    assert torch.equal(at._t_out[(8, 8)], net.second)
+    assert torch.equal(at._t.out[(8, 8)], net.second)
 
 
 def test_loss_is_zero_for_the_same_net_and_trains_only_the_student():
