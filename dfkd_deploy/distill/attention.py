@@ -28,36 +28,38 @@ from torch import nn
 from dfkd_deploy.synthesis.hooks import TeacherHooks
 
 
-def _stage_ends(model: nn.Module, example: torch.Tensor) -> dict[tuple[int, int], tuple[nn.Module, int]]:
-    """{(H, W): (module, call index)} of the last call that produced a 4-D output of each size."""
-    calls: dict[int, int] = {}
-    last: dict[tuple[int, int], tuple[nn.Module, int]] = {}
+class _Probe(TeacherHooks):
+    """Forward hooks on every submodule: ``last[(H, W)]`` = (module, call index) of the last call
+    that produced a 4-D output of that size."""
 
-    def hook(module, _args, out):
-        k = calls.get(id(module), 0)
-        calls[id(module)] = k + 1
+    OUTPUTS = True
+
+    def _reset(self) -> None:
+        self.calls: dict[int, int] = {}
+        self.last: dict[tuple[int, int], tuple[nn.Module, int]] = {}
+
+    def _hook(self, module, _args, out):
+        k = self.calls.get(id(module), 0)
+        self.calls[id(module)] = k + 1
         if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-1] * out.shape[-2] > 1:
-            last[(int(out.shape[-2]), int(out.shape[-1]))] = (module, k)
+            self.last[(int(out.shape[-2]), int(out.shape[-1]))] = (module, k)
 
-    handles = []
-    try:
-        for m in model.modules():
-            if m is not model:
-                handles.append(m.register_forward_hook(hook))
-    except Exception:  # noqa: BLE001 - script modules refuse hooks: no attention term
-        for h in handles:
-            h.remove()
+
+def _stage_ends(model: nn.Module, example: torch.Tensor) -> dict[tuple[int, int], tuple[nn.Module, int]]:
+    """{(H, W): (module, call index)} of the last call that produced a 4-D output of each size;
+    empty when the model refuses hooks (TorchScript)."""
+    probe = _Probe([m for m in model.modules() if m is not model])
+    if not probe.available:
         return {}
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), probe.capture():
             model(example)
     finally:
         model.train(was_training)
-        for h in handles:
-            h.remove()
-    return last
+        probe.remove()
+    return probe.last
 
 
 class _Capture(TeacherHooks):
@@ -93,8 +95,7 @@ def attention_map(f: torch.Tensor) -> torch.Tensor:
 
 
 class AttentionTransfer:
-    """``loss(student_out, teacher_out)`` after a teacher and a student forward inside
-    :meth:`capture`: the sum over shared resolutions of the mean squared difference of the two
+    """:meth:`loss` after a teacher and a student forward inside :meth:`capture`: the sum over shared resolutions of the mean squared difference of the two
     attention maps (ZSKT's form), unweighted. ``resolutions`` is empty when the nets share none
     (or refuse hooks): then :meth:`capture` records nothing and the loss is not defined."""
 
