@@ -242,21 +242,16 @@ def depth_source(teacher):
 def resolve_init(recipe, teacher):
     """``student.init: auto`` made concrete for this teacher: ``depth`` where the teacher is a
     residual zoo net (or computes one) with a shallower member, of ``student.arch``'s family when
-    one is named (it beat scratch and prune at every CPU budget measured, docs/benchmarks.md),
-    unless the teacher has no BN statistics (a BN-folded export: there scratch won), else
-    ``scratch``. Returns (the recipe, a copy when it changed; the reason, or None)."""
+    one is named (it beat scratch and prune at every CPU budget measured, docs/benchmarks.md, BN
+    kept or folded: with a folded teacher's BNs matched to its layers, :func:`depth.match_teacher_bn`),
+    else ``scratch``. Returns (the recipe, a copy when it changed; the reason, or None)."""
     s = recipe.student
     if s.init != "auto":
         return recipe, None
     t_arch = depth_source(teacher)[0]
     options = depth.shallower(t_arch) if t_arch else []
     target = parse_target(s.target) if s.target else None
-    if options and not teacher.spec.bn_layers:
-        # measured (docs/benchmarks.md): the BN-folded dynamo ResNet-56, a ResNet-20 from random
-        # weights 38.9% in 30 min against 17.5% from its blocks (46.9% / 11.9% at 60, older defaults)
-        init, why = "scratch", (f"the teacher has no BN statistics, and on such teachers a zoo student from "
-                                f"random weights beat one from the {t_arch}'s blocks")
-    elif options and s.arch is None and target is not None and target.metric != "latency" and \
+    if options and s.arch is None and target is not None and target.metric != "latency" and \
             choose_arch(options, teacher.spec, teacher_figures(teacher, latency=False), [target], False) is None:
         init, why = "scratch", f"no shallower {t_arch} meets {target}, so a zoo architecture from random weights"
     elif options and (s.arch is None or s.arch in options):
@@ -289,15 +284,18 @@ def _depth(recipe, teacher, target, t_fig: SizeFigures, images, measure_latency:
             raise UsageError(f"no shallower {t_arch} meets {', '.join(map(str, wanted))}; try student.init: prune")
     blocks = depth.block_map(t_arch, arch, s.derived.depth_blocks)
     model = depth.copy_blocks(source, architecture.trainable(_zoo(arch, spec)), blocks)
-    # A folded teacher's BN statistics are made up (identity): recalibrating keeps its function.
-    preserve = recognised is not None and recognised.bn != "kept"
+    # A folded teacher's BNs are identities: their scales and shifts come from the teacher's outputs.
+    matched = recognised is not None and recognised.bn != "kept"
     calibrated = False
     if s.derived.recalibrate_bn and images is not None:
-        depth.recalibrate_bn(model, images(s.derived.images), preserve_function=preserve)
+        if matched:
+            depth.match_teacher_bn(model, source, blocks, images(s.derived.images))
+        else:
+            depth.recalibrate_bn(model, images(s.derived.images))
         calibrated = True
     info = {"teacher_arch": t_arch, "blocks": blocks, "choice": s.derived.depth_blocks,
             "bn_recalibrated": calibrated}
     if recognised is not None:
         info["recognised"] = recognised.to_dict()
-        info["bn_recalibration"] = "function-preserving" if preserve else "statistics"
+        info["bn_recalibration"] = "teacher-matched" if matched else "statistics"
     return BuiltStudent(model, arch, "depth", info={"depth": info})

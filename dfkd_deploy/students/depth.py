@@ -85,12 +85,7 @@ def copy_blocks(teacher: nn.Module, student: nn.Module, blocks: dict[str, list[i
     src = teacher.state_dict()
     out = {}
     for key in student.state_dict():
-        m = _BLOCK_KEY.match(key)
-        if m:
-            stage, j, rest = m.group(1), int(m.group(2)), m.group(3)
-            key_t = f"{stage}.{blocks[stage][j]}.{rest}"
-        else:
-            key_t = key
+        key_t = _teacher_key(key, blocks)
         if key_t not in src:
             raise UsageError(f"the teacher has no {key_t} for the student's {key}")
         out[key] = src[key_t].clone()
@@ -99,19 +94,14 @@ def copy_blocks(teacher: nn.Module, student: nn.Module, blocks: dict[str, list[i
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 64,
-                   preserve_function: bool = False) -> nn.Module:
+def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> nn.Module:
     """Re-estimate every BatchNorm's running statistics on ``images`` (model-space), a cumulative
-    average over the batches. The weights are unchanged, unless ``preserve_function``: then each
-    BN's scale and shift are re-expressed around the new statistics so that the eval-mode function
-    stays what it was (scale * s'/s, shift + scale * (m' - m)/s), and a train-mode BN, which
-    normalises by its batch, starts out computing nearly that function on such images. That is
-    for BNs whose statistics are made up (a teacher whose BN was folded into its convs)."""
+    average over the batches, the weights unchanged. Each BN runs in train mode while it is
+    measured, so a later layer sees the earlier ones normalised by their batch."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns or len(images) < 2:
         return model
-    old = [(m.running_mean.clone(), (m.running_var + m.eps).sqrt()) for m in bns] if preserve_function else None
-    saved = [(m.momentum, m.training) for m in bns]
+    saved = [m.momentum for m in bns]
     was_training = model.training
     model.eval()
     for m in bns:
@@ -121,13 +111,60 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 64,
     for chunk in images.split(batch_size):
         if len(chunk) > 1:
             model(chunk)
-    for m, (momentum, _) in zip(bns, saved):
+    for m, momentum in zip(bns, saved):
         m.momentum = momentum
-    if old is not None:
-        for m, (mean, std) in zip(bns, old):
-            if m.affine:
-                new_std = (m.running_var + m.eps).sqrt()
-                m.bias.add_(m.weight * (m.running_mean - mean) / std)
-                m.weight.mul_(new_std / std)
     model.train(was_training)
     return model
+
+
+@torch.no_grad()
+def match_teacher_bn(student: nn.Module, teacher: nn.Module, blocks: dict[str, list[int]],
+                     images: torch.Tensor, batch_size: int = 64) -> nn.Module:
+    """BN of a ``depth`` student whose teacher had its BN folded into the convs.
+
+    The folded file keeps each channel's scale and shift only multiplied into the conv, so the
+    copied BNs are identities (recognise.py) and a student missing the dropped blocks feeds them
+    activations of other means and scales: it computes near chance. Here each student BN's scale
+    and shift become the standard deviation and mean, per channel, of the teacher's output at the
+    layer it was copied from (the teacher's identity BN, run on ``images``), and its statistics are
+    then re-estimated on the same images (:func:`recalibrate_bn`): every layer of the student puts
+    out what the teacher's layer puts out on those images, which is what recalibrating a BN with
+    real scales does."""
+    bns = {n: m for n, m in teacher.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    sums = {n: [0.0, 0.0, 0] for n in bns}
+
+    def hook(name):
+        def record(module, inputs, output):
+            acc, dims = sums[name], [d for d in range(output.dim()) if d != 1]
+            acc[0] = acc[0] + output.sum(dims)
+            acc[1] = acc[1] + (output * output).sum(dims)
+            acc[2] += output.numel() // output.shape[1]
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in bns.items()]
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        for chunk in images.split(batch_size):
+            teacher(chunk)
+    finally:
+        for h in handles:
+            h.remove()
+        teacher.train(was_training)
+    for name, m in student.named_modules():
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm) or not m.affine:
+            continue
+        t_name = _teacher_key(name, blocks)
+        if t_name not in sums or not sums[t_name][2]:
+            raise UsageError(f"the teacher has no BN {t_name} that ran, for the student's {name}")
+        s1, s2, n = sums[t_name]
+        mean = s1 / n
+        m.weight.copy_((s2 / n - mean * mean).clamp_min(m.eps).sqrt())
+        m.bias.copy_(mean)
+    return recalibrate_bn(student, images, batch_size)
+
+
+def _teacher_key(key: str, blocks: dict[str, list[int]]) -> str:
+    """A student parameter or module name as the teacher's (block j of a stage <- ``blocks[stage][j]``)."""
+    m = _BLOCK_KEY.match(key)
+    return f"{m.group(1)}.{blocks[m.group(1)][int(m.group(2))]}.{m.group(3)}" if m else key

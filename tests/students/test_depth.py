@@ -102,21 +102,37 @@ def test_a_graph_of_the_same_shapes_but_another_function_is_not_recognised(zoo_t
     assert recognise(teacher) is None
 
 
-def test_depth_on_a_folded_onnx_teacher_copies_its_blocks_and_keeps_its_function(zoo_teacher_fused):
-    """ResNet-14 (dynamo, BN folded) -> ResNet-8: the chosen blocks' convs are the teacher's; the
-    function-preserving recalibration leaves the eval-mode student computing what the copied
-    blocks compute with identity BN, and sets its BN statistics from the images."""
+def _bn_outputs(model, x):
+    """Per BN module name: the per-channel mean and standard deviation of its eval-mode output on x."""
+    out, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            hooks.append(m.register_forward_hook(
+                lambda mod, i, o, name=name: out.__setitem__(name, (o.mean((0, 2, 3)), o.std((0, 2, 3), unbiased=False)))))
+    with torch.no_grad():
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    return out
+
+
+def test_depth_on_a_folded_onnx_teacher_copies_its_blocks_and_matches_its_layers(zoo_teacher_fused):
+    """ResNet-14 (dynamo, BN folded) -> ResNet-8: the chosen blocks' convs are the teacher's, and
+    after the teacher-matched BN every student layer puts out, on the calibration images, the
+    per-channel mean and spread of the teacher layer it was copied from; the stem, which is
+    the teacher's own, computes exactly what the teacher's stem computes."""
     r = load_recipe(None, {"student.init": "depth", "student.arch": "cifar_resnet8", "student.derived.images": 32})
     images = torch.rand(32, *zoo_teacher_fused.spec.input_shape)
     built = build(r, zoo_teacher_fused, images=lambda n: images[:n], measure_latency=False)
     info = built.info["depth"]
-    assert info["recognised"]["arch"] == "cifar_resnet14" and info["bn_recalibration"] == "function-preserving"
+    assert info["recognised"]["arch"] == "cifar_resnet14" and info["bn_recalibration"] == "teacher-matched"
     plain = build(load_recipe(None, {"student.init": "depth", "student.arch": "cifar_resnet8",
                                      "student.derived.recalibrate_bn": False}), zoo_teacher_fused,
                   measure_latency=False).module
     from dfkd_deploy.students.recognise import recognise
 
-    t = recognise(zoo_teacher_fused).module.state_dict()   # the folded file's convs, in zoo names
+    zoo = recognise(zoo_teacher_fused).module       # the folded file as its zoo architecture
+    t = zoo.state_dict()
     blocks = info["blocks"]
     for key, value in plain.state_dict().items():   # convs and head: the teacher file's own weights
         if "conv" in key or key.startswith("linear"):
@@ -124,10 +140,38 @@ def test_depth_on_a_folded_onnx_teacher_copies_its_blocks_and_keeps_its_function
             if parts[0].startswith("layer"):
                 parts[1] = str(blocks[parts[0]][int(parts[1])])
             assert torch.equal(value, t[".".join(parts)]), key
-    x = torch.rand(6, *zoo_teacher_fused.spec.input_shape)
+    student, teacher = _bn_outputs(built.module, images), _bn_outputs(zoo, images)
+    assert len(student) == 7     # stem + 3 blocks of 2 BNs
+    for name, (mean, sd) in student.items():
+        parts = name.split(".")
+        if parts[0].startswith("layer"):
+            parts[1] = str(blocks[parts[0]][int(parts[1])])
+        t_mean, t_sd = teacher[".".join(parts)]
+        assert torch.allclose(mean, t_mean, rtol=1e-3, atol=5e-3 * float(t_sd.mean())), name
+        assert torch.allclose(sd, t_sd, rtol=1e-2, atol=1e-4), name
+    stem = {}
+    for model, key in ((built.module, "s"), (zoo, "t")):
+        h = model.bn1.register_forward_hook(lambda mod, i, o, key=key: stem.__setitem__(key, o))
+        with torch.no_grad():
+            model.eval()(images[:4])
+        h.remove()
+    assert torch.allclose(stem["s"], stem["t"], atol=1e-3)
+    # the eval-mode student is not the copied blocks' function any more (that one is near chance)
     with torch.no_grad():
-        assert torch.allclose(built.module.eval()(x), plain.eval()(x), atol=1e-4)
-    assert not torch.equal(built.module.bn1.running_mean, plain.bn1.running_mean)
+        assert not torch.allclose(built.module.eval()(images[:4]), plain.eval()(images[:4]), atol=1e-3)
+
+
+def test_match_teacher_bn_names_a_missing_teacher_layer(zoo_teacher_fused):
+    from dfkd_deploy.core.errors import UsageError
+    from dfkd_deploy.students.depth import match_teacher_bn
+    from dfkd_deploy.students.recognise import recognise
+
+    plain = build(load_recipe(None, {"student.init": "depth", "student.arch": "cifar_resnet8",
+                                     "student.derived.recalibrate_bn": False}), zoo_teacher_fused,
+                  measure_latency=False).module
+    with pytest.raises(UsageError, match="no BN layer1.5.bn1 that ran"):
+        match_teacher_bn(plain, recognise(zoo_teacher_fused).module, {"layer1": [5], "layer2": [0], "layer3": [0]},
+                         torch.rand(4, *zoo_teacher_fused.spec.input_shape))
 
 
 def test_a_biased_conv_before_its_bn_is_taken_into_the_bn(zoo_teacher):
@@ -162,10 +206,11 @@ def test_a_biased_conv_before_its_bn_is_taken_into_the_bn(zoo_teacher):
         assert torch.allclose(zoo(x), source(x), atol=1e-4)
 
 
-@pytest.mark.parametrize("form", ["zoo_teacher", "zoo_teacher_legacy"])
+@pytest.mark.parametrize("form", ["zoo_teacher", "zoo_teacher_legacy", "zoo_teacher_fused"])
 def test_auto_init_takes_depth_for_a_residual_teacher_and_its_onnx_graph(request, form):
     """``student.init: auto`` resolves to depth where the teacher (a state_dict, or an ONNX graph
-    recognised as one) has a shallower member, and the student built is that depth student."""
+    recognised as one, BN kept or folded) has a shallower member, and the student built is that
+    depth student."""
     from dfkd_deploy.students.build import resolve_init
 
     teacher = request.getfixturevalue(form)
@@ -185,8 +230,6 @@ def test_auto_init_takes_depth_for_a_residual_teacher_and_its_onnx_graph(request
     ("zoo_teacher", {"student.arch": "tiny_cnn"}, "tiny_cnn is not a shallower cifar_resnet14"),
     # the smallest shallower ResNet (resnet8, 0.44 of the ResNet-14's params) is too big for 0.1
     ("zoo_teacher", {"student.target": "params=0.1"}, "no shallower cifar_resnet14 meets params=0.1"),
-    # BN folded: depth is still possible (explicitly), but scratch won on such teachers
-    ("zoo_teacher_fused", {"student.arch": "cifar_resnet8"}, "the teacher has no BN statistics"),
 ])
 def test_auto_init_falls_back_to_scratch(request, form, sets, reason):
     from dfkd_deploy.students.build import resolve_init
