@@ -98,7 +98,9 @@ class DerivedOptions(_Strict):
     depth_blocks: Literal["spread", "last", "first"] = Field(
         "spread", description="which teacher blocks a depth student keeps per stage (block 0 always): "
                               "spread evenly, the last ones, or the first ones")
-    recalibrate_bn: bool = Field(True, description="re-estimate BN statistics on synthesized images before KD")
+    recalibrate_bn: bool = Field(True, description="re-estimate BN statistics on synthesized images before KD "
+                                "(a depth student of a BN-folded teacher: each BN's scale and shift first set "
+                                "to the mean and sd of the teacher layer it was copied from)")
     images: int = Field(256, ge=2, description="synthesized images for BN recalibration / Taylor importance")
     round_to: Optional[int] = Field(None, ge=1, le=64, description="prune: keep a multiple of this many channels "
                                     "in every pruned layer (rounded up, never fewer); null: whatever the ratio "
