@@ -335,8 +335,8 @@ def _first_conv_channels(named_tensors) -> Optional[int]:
 
 
 # torch.export archives keep the program as JSON and the weights as raw bytes, but torch 2.13's
-# torch.export.load also unpickles: tensors marked use_pickle and the sample inputs with
-# torch.load(weights_only=False) as a fallback, "custom_obj" constants with the TorchScript
+# torch.export.load also unpickles: tensors marked use_pickle and the sample inputs with an
+# unrestricted torch.load as a fallback, "custom_obj" constants with the TorchScript
 # unpickler and "opaque_obj" constants with pickle.loads. Without --trust-pickle the object
 # constants are refused by name (from the archive's own config) and every torch.load inside is
 # forced to weights_only=True, so nothing but tensors and plain containers is ever unpickled.
@@ -522,15 +522,7 @@ def _load_torch_pickle(path: Path, options: TeacherOptions, trust_pickle: bool) 
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights_only refuses anything but tensors and containers: here, a pickled module/class.
-        if not trust_pickle:
-            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-            what = f" (it references {found.group(1)})" if found else ""
-            raise TeacherError(f"{path.name} is a pickled Python object, not plain weights{what}; unpickling "
-                               "runs code from the file: pass --trust-pickle only if you trust it") from None
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=False)
-        except Exception as exc2:  # noqa: BLE001 - e.g. the class it needs cannot be imported
-            raise TeacherError(f"{path.name}: cannot unpickle: {one_line(exc2)}") from None
+        obj = _unpickle_if_trusted(path, trust_pickle, refused=exc)
     except Exception as exc:  # noqa: BLE001
         raise TeacherError(f"{path.name}: cannot read the checkpoint: {one_line(exc)}") from None
 
@@ -541,6 +533,21 @@ def _load_torch_pickle(path: Path, options: TeacherOptions, trust_pickle: bool) 
         raise TeacherError(f"{path.name}: holds {type(obj).__name__} with no state_dict of tensors "
                            "(looked at the top level and under state_dict / model / model_state_dict)")
     return _from_state_dict(state, path, options)
+
+
+def _unpickle_if_trusted(path: Path, trust_pickle: bool, refused: Exception):
+    """The one place a torch.save file is unpickled with its Python objects (which runs code from
+    the file): only when the user passed --trust-pickle; otherwise a TeacherError that says so and
+    names the class the file references (from weights_only's refusal)."""
+    if not trust_pickle:
+        found = re.search(r"GLOBAL ([\w.]+)", str(refused))
+        what = f" (it references {found.group(1)})" if found else ""
+        raise TeacherError(f"{path.name} is a pickled Python object, not plain weights{what}; unpickling "
+                           "runs code from the file: pass --trust-pickle only if you trust it")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
+    except Exception as exc:  # noqa: BLE001 - e.g. the class it needs cannot be imported
+        raise TeacherError(f"{path.name}: cannot unpickle: {one_line(exc)}") from None
 
 
 def _from_module(model: nn.Module) -> Detected:

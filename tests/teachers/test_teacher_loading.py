@@ -469,6 +469,38 @@ def test_pt2_pickles_run_only_with_trust(tmp_path):
     assert marker.exists()
 
 
+
+class _Payload:
+    """Unpickling this runs code: it writes a marker file (os.system is not needed to show it)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_torch_save_with_code_runs_nothing_without_trust(tmp_path):
+    """A legacy torch.save file whose pickle runs code: without --trust-pickle it is refused, by
+    name, before anything of it runs (library and CLI); with the flag, and only then, it runs."""
+    from click.testing import CliRunner
+
+    from dfkd_deploy.cli import cli
+
+    marker = tmp_path / "payload-ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": _Payload(marker)}, evil)
+    with pytest.raises(TeacherError, match=r"pickled Python object.*\(it references \w.*--trust-pickle"):
+        load_teacher(evil)
+    assert not marker.exists()
+    result = CliRunner().invoke(cli, ["inspect", str(evil)])
+    assert result.exit_code == 2, result.output
+    assert "--trust-pickle" in result.stderr and "Traceback" not in result.output
+    assert not marker.exists()
+    with pytest.raises(TeacherError):    # trusted: unpickled (the payload runs), then no weights in it
+        load_teacher(evil, trust_pickle=True)
+    assert marker.exists()
+
 # --------------------------------------------------------------------------- ONNX external data links
 
 
