@@ -84,7 +84,7 @@ def applicable(t: Teacher, init: str) -> str | None:
 
 def table(results: list[dict], phase2_init: str | None = None) -> list[tuple[str, str, int]]:
     """(teacher key, init, budget minutes) of the full table; phase 2 follows phase 1's winner, or
-    ``phase2_init`` while phase 1 is not complete (the README says which rows were chosen that way)."""
+    ``phase2_init`` while phase 1 is not complete (docs/benchmarks.md says which rows ran so)."""
     # The derived inits first at 30 minutes: they are the candidates for the 30-minute target.
     rows = [("resnet56/state_dict", init, 10) for init in INITS]
     rows += [("resnet56/state_dict", init, 30) for init in ("prune", "depth", "scratch")]
@@ -240,8 +240,8 @@ def markdown(runs: list[dict]) -> str:
 
 
 def grid(runs: list[dict]) -> str:
-    """The README's table: student top-1 per teacher form, init and student size (rows) and budget
-    (columns); each cell is the latest run of that key (a redone row replaces the earlier one), "-"
+    """The full table of docs/benchmarks.md: student top-1 per teacher form, init and student size
+    (rows) and budget (columns); each cell is the latest run of that key (a redone row replaces the earlier one), "-"
     where none ran. A student whose size changed between budgets (a default changed between
     sessions) gets a row of its own; latency is the row's latest run's."""
     budgets = sorted({r["budget_min"] for r in runs})
@@ -295,7 +295,7 @@ def main(argv=None) -> int:
     ap.add_argument("--redo-errors", action="store_true",
                     help="run again the rows (of --only/--budgets, if given) whose record is an error")
     ap.add_argument("--budgets", default=None, help="comma-separated budgets in minutes to run now, e.g. 10")
-    ap.add_argument("--grid", action="store_true", help="print the README's table from the results and stop")
+    ap.add_argument("--grid", action="store_true", help="print the full table (docs/benchmarks.md) from the results and stop")
     ap.add_argument("--inits", default=None, help=f"comma-separated inits to run now, of {', '.join(INITS)}")
     ap.add_argument("--rerun", action="store_true",
                     help="run again the rows of --only/--budgets/--inits that have a record (after a change of "
