@@ -18,6 +18,9 @@ comparison is side by side on one machine rather than against a table row from a
   Series 1-4 ran before cutmix became the budgeted default (``distillation.mix: auto``); from
   series 5 on ``baseline`` mixes with cutmix and ``no_mix`` is the old setting.
 - ``share_70_cutmix``: both winners of series 2-3 together.
+- ``lr_scale_03`` / ``lr_scale_1``: a derived student's KD learning rate at 0.3 / 1.0 of a scratch
+  student's (``student.derived.lr_scale``; the default 0.1 fine-tunes what the teacher gave).
+``--teacher resnet56/onnx_dynamo`` runs the same on the BN-fused dynamo export of the teacher.
 Records belong to a ``--series`` (one sitting on one machine; the default is the file's last
 series): each series has its own ``baseline`` (run first when the call does not name it), and a
 variant is compared only with the baseline of its own series, since the same host can run 40%
@@ -42,7 +45,9 @@ VARIANTS = {"baseline": {}, "synth_batch_64": {"synthesis.batch_size": 64},
             "fast2": {"synthesis.g_steps": 2}, "cached_logits": {"distillation.teacher_logits": "cached"},
             "mixup": {"distillation.mix": "mixup"}, "cutmix": {"distillation.mix": "cutmix"},
             "no_mix": {"distillation.mix": "none"},
-            "share_70_cutmix": {"distillation.synthesis_share": 0.7, "distillation.mix": "cutmix"}}
+            "share_70_cutmix": {"distillation.synthesis_share": 0.7, "distillation.mix": "cutmix"},
+            "lr_scale_03": {"student.derived.lr_scale": 0.3}, "lr_scale_1": {"student.derived.lr_scale": 1.0}}
+TEACHERS = ("resnet56/state_dict", "resnet56/onnx_dynamo")
 
 
 def main(argv=None) -> int:
@@ -52,6 +57,7 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shared", default=str(REPO.parent / "shared"))
+    ap.add_argument("--teacher", default=TEACHERS[0], choices=TEACHERS, help="the shared ResNet-56 in which form")
     ap.add_argument("--init", default="prune", choices=tta.INITS)
     ap.add_argument("--minutes", type=int, default=10)
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
@@ -62,7 +68,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     shared, work, out = Path(args.shared), Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    t = tta.teachers(shared, work)["resnet56/state_dict"]
+    t = tta.teachers(shared, work)[args.teacher]
+    if t.form == "onnx_dynamo":
+        tta.ensure_dynamo(shared, work)
     runs = json.loads(out.read_text())["runs"] if out.is_file() else []
     names = args.variants.split(",")
     unknown = set(names) - set(VARIANTS)
@@ -71,8 +79,8 @@ def main(argv=None) -> int:
     series = args.series if args.series is not None else max((r.get("series", 1) for r in runs), default=1)
 
     def done(name):
-        return any((r.get("series", 1), r["init"], r["budget_min"], r["variant"])
-                   == (series, args.init, args.minutes, name) for r in runs)
+        return any((r.get("series", 1), r["teacher_form"], r["init"], r["budget_min"], r["variant"])
+                   == (series, t.form, args.init, args.minutes, name) for r in runs)
 
     if "baseline" not in names and not done("baseline"):
         names.insert(0, "baseline")
@@ -81,7 +89,7 @@ def main(argv=None) -> int:
             continue
         base = tta.recipe_for(t, args.init, args.minutes).model_dump(mode="json")
         recipe = load_recipe(None, {**_flat(base), **VARIANTS[name]})
-        run_dir = work / f"{args.init}-{args.minutes}m-{name}"
+        run_dir = work / f"{t.form}-{args.init}-{args.minutes}m-{name}"
         if run_dir.exists():
             import shutil
             shutil.rmtree(run_dir)
@@ -94,21 +102,23 @@ def main(argv=None) -> int:
                      "top1": r["student"].get("onnx_accuracy"), "params": r["student"]["params"], "plan": plan,
                      "final": (r.get("distillation") or {}).get("final"),
                      "loadavg": [round(v, 2) for v in os.getloadavg()]})
-        write_json(out, {"setting": "budgeted compress, shared ResNet-56 state_dict, CIFAR-10 test set",
+        write_json(out, {"setting": "budgeted compress, shared ResNet-56 (teacher_form: state_dict, or its "
+                                    "BN-fused dynamo ONNX export), CIFAR-10 test set",
                          "baseline": "the baseline variant of the same series, init and budget (series 1's "
                                      "synth_batch_64 ran before baseline existed: time_to_accuracy.json's row)",
                          "machine": f"{os.cpu_count()} CPU cores", "runs": runs})
         print(json.dumps({k: runs[-1][k] for k in ("series", "variant", "wall_min", "top1")}), flush=True)
-    for line in summary(runs, series, args.init, args.minutes):
+    for line in summary(runs, series, args.init, args.minutes, t.form):
         print(line)
     return 0
 
 
-def summary(runs: list[dict], series: int, init: str, minutes: int) -> list[str]:
+def summary(runs: list[dict], series: int, init: str, minutes: int, form: str = "state_dict") -> list[str]:
     """One line per variant of the series: top-1 and KD steps against the series' baseline."""
-    mine = [r for r in runs if (r.get("series", 1), r["init"], r["budget_min"]) == (series, init, minutes)]
+    mine = [r for r in runs if (r.get("series", 1), r["teacher_form"], r["init"], r["budget_min"])
+            == (series, form, init, minutes)]
     base = next((r for r in mine if r["variant"] == "baseline"), None)
-    lines = [f"series {series}, {init}, {minutes} min:"]
+    lines = [f"series {series}, {form}, {init}, {minutes} min:"]
     for r in mine:
         delta = "" if base is None or r is base else f" ({100 * (r['top1'] - base['top1']):+.1f} points)"
         lines.append(f"  {r['variant']:<15} top-1 {100 * r['top1']:.1f}%{delta}, "
