@@ -97,7 +97,7 @@ def _recipe(recipe_path, sets, teacher_arch=None, seed=None):
 
 def teacher_options(fn):
     fn = click.option("--teacher-arch", help="zoo architecture of a plain state_dict teacher (see `list students`)")(fn)
-    fn = click.option("--trust-pickle", is_flag=True, help="allow loading a pickled whole module (unpickling runs code)")(fn)
+    fn = click.option("--trust-pickle", is_flag=True, help="allow loading a pickled whole module or a TorchScript archive (both run code from the file)")(fn)
     return fn
 
 

@@ -76,7 +76,7 @@ def load_teacher(path, options: TeacherOptions | None = None, *, trust_pickle: b
         from dfkd_deploy.teachers.onnx_teacher import load_onnx  # onnx/onnx2torch are heavy: import on demand
         detected = load_onnx(p, options)
     elif kind == "torchscript":
-        detected = _load_torchscript(p)
+        detected = _load_torchscript(p, trust_pickle)
     elif kind == "exported":
         detected = _load_exported(p, trust_pickle)
     else:
@@ -268,7 +268,14 @@ def _batch_adapter(model, batch, shape, layout, notes):
 # --------------------------------------------------------------------------- TorchScript
 
 
-def _load_torchscript(path: Path) -> Detected:
+def _load_torchscript(path: Path, trust_pickle: bool) -> Detected:
+    # A TorchScript archive is a program (its code/ and its pickled constants), and torch.jit.load
+    # has no restricted mode: PyTorch's security policy says to treat one like an executable from
+    # its source. Reading the traced input shape below is safe; loading the program is not.
+    if not trust_pickle:
+        raise TeacherError(f"{path.name} is a TorchScript archive: torch.jit.load unpickles it and the "
+                           "teacher then runs its code, with no safe mode; pass --trust-pickle only if you "
+                           "trust it, or give the teacher as ONNX or a state_dict")
     try:
         model = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # noqa: BLE001

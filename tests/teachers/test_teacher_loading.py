@@ -230,10 +230,28 @@ def test_truncated_onnx(resnet8_onnx, tmp_path, cut):
 # --------------------------------------------------------------------------- torch formats
 
 
+def test_torchscript_needs_trust(tiny, tmp_path):
+    """A TorchScript archive is a program that torch.jit.load has no safe mode for: refused in one
+    line that says so, by the library and by the CLI, unless --trust-pickle is given."""
+    from click.testing import CliRunner
+
+    from dfkd_deploy.cli import cli
+
+    path = tmp_path / "traced.pt"
+    torch.jit.save(torch.jit.trace(tiny, torch.randn(2, 3, 32, 32)), str(path))
+    with pytest.raises(TeacherError, match=r"TorchScript archive.*no safe mode.*--trust-pickle"):
+        load_teacher(path)
+    result = CliRunner().invoke(cli, ["inspect", str(path)])
+    assert result.exit_code == 2 and "--trust-pickle" in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = CliRunner().invoke(cli, ["inspect", str(path), "--trust-pickle"])
+    assert result.exit_code == 0, result.output
+
+
 def test_torchscript_traced(tiny, tmp_path):
     path = tmp_path / "traced.pt"
     torch.jit.save(torch.jit.trace(tiny, torch.randn(2, 3, 32, 32)), str(path))
-    teacher = load_teacher(path)
+    teacher = load_teacher(path, trust_pickle=True)
     spec = teacher.spec
     assert spec.format == "torchscript" and spec.input_shape == (3, 32, 32) and spec.num_classes == 7
     assert spec.bn_layers == 0 and any("forward hooks" in n for n in spec.notes)
@@ -246,10 +264,10 @@ def test_torchscript_scripted_probes_shape_and_records_it(tmp_path):
     model = randomise_bn(build_model("tiny_cnn", num_classes=4, in_channels=1))
     path = tmp_path / "scripted.ts"
     torch.jit.save(torch.jit.script(model), str(path))
-    spec = load_teacher(path).spec
+    spec = load_teacher(path, trust_pickle=True).spec
     assert spec.input_shape == (1, 32, 32)
     assert any("guessed" in n for n in spec.notes)
-    spec = load_teacher(path, TeacherOptions(input_shape=(1, 28, 28))).spec
+    spec = load_teacher(path, TeacherOptions(input_shape=(1, 28, 28)), trust_pickle=True).spec
     assert spec.input_shape == (1, 28, 28) and not any("guessed" in n for n in spec.notes)
 
 
