@@ -25,6 +25,11 @@ MAX_SIDE = 16_384
 AUTO_GRAD_CLIP = 5.0
 SYNTHESIS_SHARE = 0.5     # of a budgeted run's training time (distillation.synthesis_share)
 BUDGETED_MIX = "cutmix"   # distillation.mix: auto with a budget (docs/method.md, "KD settings at equal wall time")
+# student.derived.lr_scale: auto. A derived student is fine-tuned at a tenth of the KD lr; a depth
+# student of a BN-folded teacher (its BNs matched to the teacher's layers) at 0.03: at 15 minutes on
+# the dynamo ResNet-56, 0.03 / 0.1 / 0.3 gave 56.1% / 43.1% / 30.2% (budget_settings.py, series 6).
+DERIVED_LR_SCALE = 0.1
+FOLDED_DEPTH_LR_SCALE = 0.03
 # A recipe is a few dozen values; YAML aliases can make a few hundred bytes expand to billions.
 MAX_RECIPE_VALUES = 10_000
 MAX_ERROR_CHARS = 2_000
@@ -105,9 +110,18 @@ class DerivedOptions(_Strict):
     round_to: Optional[int] = Field(None, ge=1, le=64, description="prune: keep a multiple of this many channels "
                                     "in every pruned layer (rounded up, never fewer); null: whatever the ratio "
                                     "leaves (see docs/method.md for the measured latency of both)")
-    lr_scale: float = Field(0.1, gt=0, le=1, description="KD learning rate of a derived student as a fraction of "
-                            "distillation.lr: it starts from the teacher's weights and is fine-tuned (at the full "
-                            "lr a pruned ResNet-56 diverged, logits reaching 3e7)")
+    lr_scale: float | Literal["auto"] = Field(
+        "auto", description="KD learning rate of a derived student as a fraction of distillation.lr: it starts "
+                            "from the teacher's weights and is fine-tuned (at the full lr a pruned ResNet-56 "
+                            f"diverged, logits reaching 3e7); auto: {FOLDED_DEPTH_LR_SCALE:g} for a depth student "
+                            f"of a BN-folded teacher, {DERIVED_LR_SCALE:g} otherwise (measured: docs/method.md)")
+
+    @field_validator("lr_scale")
+    @classmethod
+    def _scale(cls, v):
+        if v != "auto" and not 0 < v <= 1:
+            raise ValueError("student.derived.lr_scale must be in (0, 1] or auto")
+        return v
 
 
 class StudentOptions(_Strict):

@@ -28,7 +28,7 @@ from dfkd_deploy.core import distributed
 from dfkd_deploy.core.errors import TrainingError, UsageError, one_line
 from dfkd_deploy.core.io import OutputError
 from dfkd_deploy.core.progress import task
-from dfkd_deploy.recipe import AUTO_GRAD_CLIP, Recipe
+from dfkd_deploy.recipe import AUTO_GRAD_CLIP, DERIVED_LR_SCALE, Recipe
 from dfkd_deploy.core.augment import crop_flip, mix_batch
 from dfkd_deploy.core.precision import autocast_factory, resolve_precision
 from dfkd_deploy.distill.attention import AttentionTransfer
@@ -86,9 +86,14 @@ def kd_grad_clip(recipe: Recipe, student: nn.Module) -> float | None:
 
 def kd_lr(recipe: Recipe) -> float:
     """The KD learning rate: distillation.lr, times student.derived.lr_scale for a student derived
-    from the teacher (prune, depth), which is fine-tuned rather than trained from scratch."""
+    from the teacher (prune, depth), which is fine-tuned rather than trained from scratch. A scale
+    still ``auto`` (a recipe not resolved against its teacher, students.build.resolve_init) is the
+    general derived-student scale."""
     lr = recipe.distillation.lr
-    return lr * recipe.student.derived.lr_scale if recipe.student.init in ("prune", "depth") else lr
+    if recipe.student.init not in ("prune", "depth"):
+        return lr
+    scale = recipe.student.derived.lr_scale
+    return lr * (DERIVED_LR_SCALE if scale == "auto" else scale)
 
 
 class Distiller:

@@ -19,6 +19,7 @@ from dfkd_deploy.models.mlp import MLP_NAMES
 from dfkd_deploy.students import architecture, depth, prune
 from dfkd_deploy.students.recognise import recognise
 from dfkd_deploy.core.units import Target, parse_target
+from dfkd_deploy.recipe import DERIVED_LR_SCALE, FOLDED_DEPTH_LR_SCALE
 from dfkd_deploy.students.targets import (DEFAULT_FRACTION, SizeFigures, measure, meets, ratios,
                                                 size_warnings, teacher_figures, worst_latency_ratio)
 
@@ -240,6 +241,31 @@ def depth_source(teacher):
 
 
 def resolve_init(recipe, teacher):
+    """The student's ``auto`` choices made concrete for this teacher, before anything reads them:
+    ``student.init`` (:func:`_resolve_init`) and then ``student.derived.lr_scale``
+    (:func:`_resolve_lr_scale`). Returns (the recipe, a copy when it changed; the reasons, or None)."""
+    recipe, why = _resolve_init(recipe, teacher)
+    recipe, why_lr = _resolve_lr_scale(recipe, teacher)
+    return recipe, "; ".join(w for w in (why, why_lr) if w) or None
+
+
+def _resolve_lr_scale(recipe, teacher):
+    """``student.derived.lr_scale: auto``: a depth student of a BN-folded teacher (its BNs matched
+    to the teacher's layers) is fine-tuned at FOLDED_DEPTH_LR_SCALE, any other at DERIVED_LR_SCALE
+    (recipe.py says what was measured)."""
+    s = recipe.student
+    if s.derived.lr_scale != "auto":
+        return recipe, None
+    recognised = depth_source(teacher)[2] if s.init == "depth" else None
+    folded = recognised is not None and recognised.bn != "kept"
+    scale = FOLDED_DEPTH_LR_SCALE if folded else DERIVED_LR_SCALE
+    derived = s.derived.model_copy(update={"lr_scale": scale})
+    recipe = recipe.model_copy(update={"student": s.model_copy(update={"derived": derived})})
+    why = f"student.derived.lr_scale auto -> {scale:g}: a depth student of a BN-folded teacher" if folded else None
+    return recipe, why
+
+
+def _resolve_init(recipe, teacher):
     """``student.init: auto`` made concrete for this teacher: ``depth`` where the teacher is a
     residual zoo net (or computes one) with a shallower member, of ``student.arch``'s family when
     one is named (it beat scratch and prune at every CPU budget measured, docs/benchmarks.md, BN

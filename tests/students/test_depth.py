@@ -6,7 +6,7 @@ import torch
 
 from dfkd_deploy.students import build
 from dfkd_deploy.students.depth import block_map, choose_blocks, recalibrate_bn, shallower
-from dfkd_deploy.recipe import load_recipe
+from dfkd_deploy.recipe import DERIVED_LR_SCALE, FOLDED_DEPTH_LR_SCALE, load_recipe
 
 
 @pytest.mark.parametrize("t,s,how,want", [(9, 3, "spread", [0, 4, 8]), (9, 3, "last", [0, 7, 8]),
@@ -255,5 +255,28 @@ def test_the_plan_and_the_run_recipe_hold_the_resolved_init(zoo_teacher):
     from dfkd_deploy.students.build import resolve_init
 
     resolved = resolve_init(r, zoo_teacher)[0]
-    assert kd_lr(resolved) == pytest.approx(r.distillation.lr * r.student.derived.lr_scale)
+    assert resolved.student.derived.lr_scale == DERIVED_LR_SCALE    # BN kept: the general fine-tuning scale
+    assert kd_lr(resolved) == pytest.approx(r.distillation.lr * DERIVED_LR_SCALE)
     assert yaml.safe_load(resolved.resolved_yaml())["student"]["init"] == "depth"
+    assert yaml.safe_load(resolved.resolved_yaml())["student"]["derived"]["lr_scale"] == DERIVED_LR_SCALE
+
+
+@pytest.mark.parametrize("form,init,want", [("zoo_teacher_fused", "auto", FOLDED_DEPTH_LR_SCALE),
+                                            ("zoo_teacher_fused", "prune", DERIVED_LR_SCALE),
+                                            ("zoo_teacher_legacy", "depth", DERIVED_LR_SCALE)])
+def test_auto_lr_scale_is_lower_for_a_depth_student_of_a_folded_teacher(request, form, init, want):
+    """student.derived.lr_scale: auto resolves against the teacher: a depth student of a BN-folded
+    teacher is fine-tuned at the lower scale (and the run says so); a number given is kept."""
+    from dfkd_deploy.distill.trainer import kd_lr
+    from dfkd_deploy.students.build import resolve_init
+
+    teacher = request.getfixturevalue(form)
+    r = load_recipe(None, {"student.init": init, "student.arch": "cifar_resnet8"})
+    resolved, why = resolve_init(r, teacher)
+    assert resolved.student.derived.lr_scale == want
+    assert kd_lr(resolved) == pytest.approx(r.distillation.lr * want)
+    assert ("lr_scale auto -> 0.03" in (why or "")) == (want == FOLDED_DEPTH_LR_SCALE)
+    given = load_recipe(None, {"student.init": init, "student.arch": "cifar_resnet8", "student.derived.lr_scale": 0.5})
+    assert resolve_init(given, teacher)[0].student.derived.lr_scale == 0.5
+    with pytest.raises(Exception, match="lr_scale"):
+        load_recipe(None, {"student.derived.lr_scale": 0})
