@@ -19,7 +19,8 @@ comparison is side by side on one machine rather than against a table row from a
   series 5 on ``baseline`` mixes with cutmix and ``no_mix`` is the old setting.
 - ``share_70_cutmix``: both winners of series 2-3 together.
 - ``lr_scale_003`` / ``lr_scale_03`` / ``lr_scale_1``: a derived student's KD learning rate at
-  0.03 / 0.3 / 1.0 of a scratch student's (``student.derived.lr_scale``; the default 0.1 fine-tunes what the teacher gave).
+  0.03 / 0.3 / 1.0 of a scratch student's (``student.derived.lr_scale``; ``auto`` resolves to 0.1, or to
+  0.03 for a depth student of a BN-folded teacher after series 6).
 ``--teacher resnet56/onnx_dynamo`` runs the same on the BN-fused dynamo export of the teacher.
 Records belong to a ``--series`` (one sitting on one machine; the default is the file's last
 series): each series has its own ``baseline`` (run first when the call does not name it), and a

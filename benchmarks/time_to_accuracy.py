@@ -241,8 +241,8 @@ def markdown(runs: list[dict]) -> str:
 
 def grid(runs: list[dict]) -> str:
     """The full table of docs/benchmarks.md: student top-1 per teacher form, init and student size
-    (rows) and budget (columns); each cell is the latest run of that key (a redone row replaces the earlier one), "-"
-    where none ran. A student whose size changed between budgets (a default changed between
+    (rows) and budget (columns); each cell is the latest run of that key (a redone row replaces the
+    earlier one), "-" where none ran. A student whose size changed between budgets (a default changed between
     sessions) gets a row of its own; latency is the row's latest run's."""
     budgets = sorted({r["budget_min"] for r in runs})
     cells: dict[tuple, dict] = {}

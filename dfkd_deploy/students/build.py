@@ -249,6 +249,12 @@ def resolve_init(recipe, teacher):
     return recipe, "; ".join(w for w in (why, why_lr) if w) or None
 
 
+def _bn_folded(recognised) -> bool:
+    """An ONNX graph recognised as a zoo net whose BNs were folded away (its depth student's BNs
+    are matched to the teacher's layers, and it is fine-tuned at FOLDED_DEPTH_LR_SCALE)."""
+    return recognised is not None and recognised.bn != "kept"
+
+
 def _resolve_lr_scale(recipe, teacher):
     """``student.derived.lr_scale: auto``: a depth student of a BN-folded teacher (its BNs matched
     to the teacher's layers) is fine-tuned at FOLDED_DEPTH_LR_SCALE, any other at DERIVED_LR_SCALE
@@ -256,8 +262,7 @@ def _resolve_lr_scale(recipe, teacher):
     s = recipe.student
     if s.derived.lr_scale != "auto":
         return recipe, None
-    recognised = depth_source(teacher)[2] if s.init == "depth" else None
-    folded = recognised is not None and recognised.bn != "kept"
+    folded = s.init == "depth" and _bn_folded(depth_source(teacher)[2])
     scale = FOLDED_DEPTH_LR_SCALE if folded else DERIVED_LR_SCALE
     derived = s.derived.model_copy(update={"lr_scale": scale})
     recipe = recipe.model_copy(update={"student": s.model_copy(update={"derived": derived})})
@@ -311,7 +316,7 @@ def _depth(recipe, teacher, target, t_fig: SizeFigures, images, measure_latency:
     blocks = depth.block_map(t_arch, arch, s.derived.depth_blocks)
     model = depth.copy_blocks(source, architecture.trainable(_zoo(arch, spec)), blocks)
     # A folded teacher's BNs are identities: their scales and shifts come from the teacher's outputs.
-    matched = recognised is not None and recognised.bn != "kept"
+    matched = _bn_folded(recognised)
     calibrated = False
     if s.derived.recalibrate_bn and images is not None:
         if matched:

@@ -550,7 +550,7 @@ def _unpickle_if_trusted(path: Path, trust_pickle: bool, refused: Exception):
         found = re.search(r"GLOBAL ([\w.]+)", str(refused))
         what = f" (it references {found.group(1)})" if found else ""
         raise TeacherError(f"{path.name} is a pickled Python object, not plain weights{what}; unpickling "
-                           "runs code from the file: pass --trust-pickle only if you trust it")
+                           "runs code from the file: pass --trust-pickle only if you trust it") from None
     try:
         return torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
     except Exception as exc:  # noqa: BLE001 - e.g. the class it needs cannot be imported
