@@ -18,9 +18,11 @@ comparison is side by side on one machine rather than against a table row from a
   Series 1-4 ran before cutmix became the budgeted default (``distillation.mix: auto``); from
   series 5 on ``baseline`` mixes with cutmix and ``no_mix`` is the old setting.
 - ``share_70_cutmix``: both winners of series 2-3 together.
-- ``lr_scale_003`` / ``lr_scale_03`` / ``lr_scale_1``: a derived student's KD learning rate at
-  0.03 / 0.3 / 1.0 of a scratch student's (``student.derived.lr_scale``; ``auto`` resolves to 0.1, or to
+- ``lr_scale_001`` / ``lr_scale_003`` / ``lr_scale_03`` / ``lr_scale_1``: a derived student's KD
+  learning rate at 0.01 / 0.03 / 0.3 / 1.0 of a scratch student's (``student.derived.lr_scale``; ``auto`` resolves to 0.1, or to
   0.03 for a depth student of a BN-folded teacher after series 6).
+- ``features_2``: feature matching (``distillation.features``) at weight 2: the student's stage-end
+  feature maps matched to the teacher's where their shapes agree (a depth student's three stages).
 ``--teacher resnet56/onnx_dynamo`` runs the same on the BN-fused dynamo export of the teacher.
 Records belong to a ``--series`` (one sitting on one machine; the default is the file's last
 series): each series has its own ``baseline`` (run first when the call does not name it), and a
@@ -47,8 +49,9 @@ VARIANTS = {"baseline": {}, "synth_batch_64": {"synthesis.batch_size": 64},
             "mixup": {"distillation.mix": "mixup"}, "cutmix": {"distillation.mix": "cutmix"},
             "no_mix": {"distillation.mix": "none"},
             "share_70_cutmix": {"distillation.synthesis_share": 0.7, "distillation.mix": "cutmix"},
-            "lr_scale_003": {"student.derived.lr_scale": 0.03}, "lr_scale_03": {"student.derived.lr_scale": 0.3},
-            "lr_scale_1": {"student.derived.lr_scale": 1.0}}
+            "lr_scale_001": {"student.derived.lr_scale": 0.01}, "lr_scale_003": {"student.derived.lr_scale": 0.03}, "lr_scale_03": {"student.derived.lr_scale": 0.3},
+            "lr_scale_1": {"student.derived.lr_scale": 1.0},
+            "features_2": {"distillation.features": 2.0}}
 TEACHERS = ("resnet56/state_dict", "resnet56/onnx_dynamo")
 
 

@@ -236,6 +236,10 @@ class DistillationOptions(_Strict):
     attention: float = Field(0.0, ge=0, description="weight of attention transfer (ZSKT): the student's spatial "
                              "attention maps matched to the teacher's at the end of every resolution both nets "
                              "share, added to the KD loss; 0: off (needs teacher_logits: recompute)")
+    features: float = Field(0.0, ge=0, description="weight of feature matching: the student's feature maps "
+                            "matched to the teacher's (squared error relative to the teacher's mean square) at "
+                            "the end of every resolution where both nets have the same shape, e.g. a depth "
+                            "student's stages, added to the KD loss; 0: off (needs teacher_logits: recompute)")
     teacher_logits: Literal["recompute", "cached"] = Field(
         "recompute", description="recompute: the teacher labels every augmented KD batch; cached: once per pool "
                                  "image (un-augmented), reused on every draw, so a KD step runs only the student")
@@ -244,9 +248,10 @@ class DistillationOptions(_Strict):
     def _mix_needs_labels(self):
         if self.mix not in ("none", "auto") and self.teacher_logits == "cached":
             raise ValueError("distillation.mix needs teacher_logits: recompute (a mixed image has no cached logits)")
-        if self.attention > 0 and self.teacher_logits == "cached":
-            raise ValueError("distillation.attention needs teacher_logits: recompute (it reads the teacher's "
-                             "feature maps of each augmented batch)")
+        for key in ("attention", "features"):
+            if getattr(self, key) > 0 and self.teacher_logits == "cached":
+                raise ValueError(f"distillation.{key} needs teacher_logits: recompute (it reads the teacher's "
+                                 "feature maps of each augmented batch)")
         return self
 
     @field_validator("grad_clip")

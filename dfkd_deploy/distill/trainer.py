@@ -138,7 +138,8 @@ class Distiller:
         self.epoch_hooks: list = []
         self._last_batch: torch.Tensor | None = None
         self._logits: dict[str, torch.Tensor] = {}    # teacher_logits: cached, by pool shard
-        self._attention: AttentionTransfer | None = None   # distillation.attention > 0: set up at the first KD step
+        # distillation.attention or .features > 0: the stage-end hooks, set up at the first KD step
+        self._attention: AttentionTransfer | None = None
         self.attention_note: str | None = None
 
     # -- one epoch ---------------------------------------------------------------------------
@@ -209,7 +210,7 @@ class Distiller:
         d, a = self.recipe.distillation, self.recipe.synthesis.augment
         model = self._kd_model()
         self.student.train()
-        total, agree, seen, clipped, at_total = 0.0, 0, 0, 0, 0.0
+        total, agree, seen, clipped, at_total, ft_total = 0.0, 0, 0, 0, 0.0, 0.0
         t0 = time.perf_counter()
         cached = d.teacher_logits == "cached"
         for step in range(d.kd_steps):
@@ -226,10 +227,14 @@ class Distiller:
                 with self._autocast():
                     s_out = model(x).float()
             loss = kd_kl(s_out, t_out, d.temperature)
-            if at:
+            if at and d.attention > 0:
                 at_loss = at.loss()
                 at_total += float(at_loss.detach())
                 loss = loss + d.attention * at_loss
+            if at and d.features > 0 and at.feature_resolutions:
+                ft_loss = at.feature_loss()
+                ft_total += float(ft_loss.detach())
+                loss = loss + d.features * ft_loss
             bad = not bool(torch.isfinite(loss))
             if self.ctx.any(bad):   # every rank stops at the same step
                 where = f"at epoch {self.epoch + 1}, step {step + 1}"
@@ -256,23 +261,38 @@ class Distiller:
                "lr": self.optimizer.param_groups[0]["lr"]}
         if self.grad_clip is not None:   # the share of this epoch's steps whose gradient was clipped
             row["kd_clipped"] = clipped / d.kd_steps
-        if self._attention is not None:   # the unweighted attention term, this rank's mean
+        if self._attention is not None and d.attention > 0:   # the unweighted attention term, this rank's mean
             row["kd_attention"] = at_total / d.kd_steps
+        if self._attention is not None and d.features > 0 and self._attention.feature_resolutions:
+            row["kd_features"] = ft_total / d.kd_steps   # the unweighted feature-matching term
         return row
 
     def _attention_transfer(self, x: torch.Tensor) -> AttentionTransfer | None:
-        """The attention-transfer term (``distillation.attention`` > 0), probed on the first KD batch;
-        None when it is off or the two nets share no feature-map resolution (said once)."""
-        if self.recipe.distillation.attention <= 0 or self.attention_note is not None:
+        """The stage-end hooks of attention transfer (``distillation.attention`` > 0) and feature
+        matching (``distillation.features`` > 0), probed on the first KD batch; None when both are
+        off or the two nets share no feature-map resolution (said once, as is a feature matching
+        that finds no stage of equal shape)."""
+        d = self.recipe.distillation
+        if (d.attention <= 0 and d.features <= 0) or self.attention_note is not None:
             return self._attention
         at = AttentionTransfer(self.teacher, self.student, x[:2])
+        notes = []
+
+        def sizes(resolutions):
+            return ", ".join(f"{h}x{w}" for h, w in resolutions)
+
         if at.available:
             self._attention = at
-            sizes = ", ".join(f"{h}x{w}" for h, w in at.resolutions)
-            self.attention_note = f"attention transfer at {sizes}"
+            if d.attention > 0:
+                notes.append(f"attention transfer at {sizes(at.resolutions)}")
+            if d.features > 0:
+                notes.append(f"feature matching at {sizes(at.feature_resolutions)}" if at.feature_resolutions else
+                             "feature matching off: no stage end where teacher and student have the same shape")
         else:
-            self.attention_note = ("attention transfer off: teacher and student share no feature-map resolution "
-                                   "(or refuse hooks)")
+            what = " and ".join(n for n, w in (("attention transfer", d.attention), ("feature matching", d.features))
+                                if w > 0)
+            notes.append(f"{what} off: teacher and student share no feature-map resolution (or refuse hooks)")
+        self.attention_note = "; ".join(notes)
         if self.ctx.is_main:
             print(self.attention_note, flush=True)
         return self._attention
