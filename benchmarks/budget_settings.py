@@ -23,6 +23,9 @@ comparison is side by side on one machine rather than against a table row from a
   0.03 for a depth student of a BN-folded teacher after series 6).
 - ``features_2``: feature matching (``distillation.features``) at weight 2: the student's stage-end
   feature maps matched to the teacher's where their shapes agree (a depth student's three stages).
+  Series 7 ran before it became the default for a depth student of a BN-folded teacher
+  (``distillation.features: auto``); from then on ``baseline`` has it there and ``no_features`` is
+  the old setting.
 ``--teacher resnet56/onnx_dynamo`` runs the same on the BN-fused dynamo export of the teacher.
 Records belong to a ``--series`` (one sitting on one machine; the default is the file's last
 series): each series has its own ``baseline`` (run first when the call does not name it), and a
@@ -51,7 +54,7 @@ VARIANTS = {"baseline": {}, "synth_batch_64": {"synthesis.batch_size": 64},
             "share_70_cutmix": {"distillation.synthesis_share": 0.7, "distillation.mix": "cutmix"},
             "lr_scale_001": {"student.derived.lr_scale": 0.01}, "lr_scale_003": {"student.derived.lr_scale": 0.03}, "lr_scale_03": {"student.derived.lr_scale": 0.3},
             "lr_scale_1": {"student.derived.lr_scale": 1.0},
-            "features_2": {"distillation.features": 2.0}}
+            "features_2": {"distillation.features": 2.0}, "no_features": {"distillation.features": 0.0}}
 TEACHERS = ("resnet56/state_dict", "resnet56/onnx_dynamo")
 
 

@@ -160,6 +160,7 @@ def run_one(t: Teacher, init: str, minutes: int, work: Path, overrides: dict | N
                 "kd_settings": kd, "loadavg": [round(v, 2) for v in os.getloadavg()]}
     wall = time.time() - t0
     r = result.report
+    kd["resolved"] = resolved_kd(out)
     lat = (r.get("latency") or {}).get("student") or {}
     return {"teacher": t.name, "teacher_form": t.form, "init": init, "budget_min": minutes,
             "wall_min": round(wall / 60, 3), "top1": r["student"].get("onnx_accuracy", r["student"].get("accuracy")),
@@ -170,6 +171,20 @@ def run_one(t: Teacher, init: str, minutes: int, work: Path, overrides: dict | N
             "warnings": r["student"].get("warnings"), "eval_images": (r.get("eval_data") or {}).get("images"),
             "budget_notes": (r.get("budget") or {}).get("notes"), "kd_settings": kd,
             "loadavg": [round(v, 2) for v in os.getloadavg()]}
+
+
+def resolved_kd(run_dir: Path) -> dict | None:
+    """The KD settings the run trained with, its ``auto`` choices made (recipe.resolved.yaml)."""
+    import yaml
+
+    f = run_dir / "recipe.resolved.yaml"
+    if not f.is_file():
+        return None
+    r = yaml.safe_load(f.read_text(encoding="utf-8"))
+    d = r.get("distillation", {})
+    return {"mix": d.get("mix"), "features": d.get("features"), "attention": d.get("attention"),
+            "lr_scale": r.get("student", {}).get("derived", {}).get("lr_scale"),
+            "synthesis_share": d.get("synthesis_share")}
 
 
 def load_results(path: Path) -> list[dict]:

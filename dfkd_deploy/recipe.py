@@ -30,6 +30,9 @@ BUDGETED_MIX = "cutmix"   # distillation.mix: auto with a budget (docs/method.md
 # the dynamo ResNet-56, 0.03 / 0.1 / 0.3 gave 56.1% / 43.1% / 30.2% (budget_settings.py, series 6).
 DERIVED_LR_SCALE = 0.1
 FOLDED_DEPTH_LR_SCALE = 0.03
+# distillation.features: auto. Feature matching at the stage ends for a depth student of a
+# BN-folded teacher, off for every other student (budget_settings.py series 7, docs/method.md).
+FOLDED_DEPTH_FEATURES = 2.0
 # A recipe is a few dozen values; YAML aliases can make a few hundred bytes expand to billions.
 MAX_RECIPE_VALUES = 10_000
 MAX_ERROR_CHARS = 2_000
@@ -236,10 +239,13 @@ class DistillationOptions(_Strict):
     attention: float = Field(0.0, ge=0, description="weight of attention transfer (ZSKT): the student's spatial "
                              "attention maps matched to the teacher's at the end of every resolution both nets "
                              "share, added to the KD loss; 0: off (needs teacher_logits: recompute)")
-    features: float = Field(0.0, ge=0, description="weight of feature matching: the student's feature maps "
-                            "matched to the teacher's (squared error relative to the teacher's mean square) at "
-                            "the end of every resolution where both nets have the same shape, e.g. a depth "
-                            "student's stages, added to the KD loss; 0: off (needs teacher_logits: recompute)")
+    features: float | Literal["auto"] = Field(
+        "auto", description="weight of feature matching: the student's feature maps matched to the teacher's "
+                            "(squared error relative to the teacher's mean square) at the end of every "
+                            "resolution where both nets have the same shape, e.g. a depth student's stages, "
+                            "added to the KD loss; 0: off (needs teacher_logits: recompute); auto: "
+                            f"{FOLDED_DEPTH_FEATURES:g} for a depth student of a BN-folded teacher with recomputed "
+                            "teacher logits, 0 otherwise (measured: docs/method.md)")
     teacher_logits: Literal["recompute", "cached"] = Field(
         "recompute", description="recompute: the teacher labels every augmented KD batch; cached: once per pool "
                                  "image (un-augmented), reused on every draw, so a KD step runs only the student")
@@ -249,10 +255,17 @@ class DistillationOptions(_Strict):
         if self.mix not in ("none", "auto") and self.teacher_logits == "cached":
             raise ValueError("distillation.mix needs teacher_logits: recompute (a mixed image has no cached logits)")
         for key in ("attention", "features"):
-            if getattr(self, key) > 0 and self.teacher_logits == "cached":
+            if getattr(self, key) not in ("auto", 0) and self.teacher_logits == "cached":
                 raise ValueError(f"distillation.{key} needs teacher_logits: recompute (it reads the teacher's "
                                  "feature maps of each augmented batch)")
         return self
+
+    @field_validator("features")
+    @classmethod
+    def _features(cls, v):
+        if v != "auto" and v < 0:
+            raise ValueError("distillation.features must be >= 0 (0: off) or auto")
+        return v
 
     @field_validator("grad_clip")
     @classmethod

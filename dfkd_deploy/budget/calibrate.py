@@ -8,6 +8,7 @@ import math
 import statistics
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -44,7 +45,9 @@ def calibrate(teacher, recipe, student, device, *, eval_images: int = 0) -> Cost
     from dfkd_deploy.synthesis import make_synthesizer
     from dfkd_deploy.core.augment import crop_flip, mix_batch
     from dfkd_deploy.core.precision import autocast_factory, resolve_precision
+    from dfkd_deploy.distill.attention import AttentionTransfer
     from dfkd_deploy.distill.kd import kd_kl
+    from dfkd_deploy.distill.trainer import feature_weight
 
     s, d = recipe.synthesis, recipe.distillation
     student = copy.deepcopy(student).to(device)
@@ -66,23 +69,38 @@ def calibrate(teacher, recipe, student, device, *, eval_images: int = 0) -> Cost
         with torch.no_grad(), autocast():
             fixed = teacher.module(norm(pixels)).float()
 
+    # the stage-end terms the trainer adds (attention transfer, feature matching) cost hooks and maps
+    fw = feature_weight(recipe)
+    stage = AttentionTransfer(teacher.module, student, norm(pixels[:2])) if d.attention > 0 or fw > 0 else None
+    if stage is not None and not stage.available:
+        stage = None
+
     def kd_step():
         x = norm(mix_batch(crop_flip(pixels, s.augment.crop_padding, s.augment.flip), d.mix, d.mix_alpha))
-        if cached:
-            t = fixed
-        else:
-            with torch.no_grad(), autocast():
-                t = teacher.module(x).float()
-        with autocast():
-            out = student(x).float()
+        with stage.capture() if stage else nullcontext():
+            if cached:
+                t = fixed
+            else:
+                with torch.no_grad(), autocast():
+                    t = teacher.module(x).float()
+            with autocast():
+                out = student(x).float()
         loss = kd_kl(out, t, d.temperature)
+        if stage and d.attention > 0:
+            loss = loss + d.attention * stage.loss()
+        if stage and fw > 0 and stage.feature_resolutions:
+            loss = loss + fw * stage.feature_loss()
         opt.zero_grad()
         loss.backward()
         opt.step()
 
     student.train()
-    kd_step()
-    kd_s = statistics.median(_timed(kd_step) for _ in range(KD_STEPS_TIMED))
+    try:
+        kd_step()
+        kd_s = statistics.median(_timed(kd_step) for _ in range(KD_STEPS_TIMED))
+    finally:
+        if stage is not None:   # the teacher leaves the calibration without its hooks
+            stage.remove()
     teacher_img_s, student_img_s = _forward_seconds(teacher.module, student, norm(pixels))
     # cached logits: each round's images get one teacher forward when KD first draws them
     labelling_s = teacher_img_s * s.batch_size if cached else 0.0

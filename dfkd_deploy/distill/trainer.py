@@ -96,6 +96,13 @@ def kd_lr(recipe: Recipe) -> float:
     return lr * (DERIVED_LR_SCALE if scale == "auto" else scale)
 
 
+def feature_weight(recipe: Recipe) -> float:
+    """The weight of feature matching in the KD loss: distillation.features, or 0 while it is still
+    ``auto`` (a recipe not resolved against its teacher, students.build.resolve_init)."""
+    w = recipe.distillation.features
+    return 0.0 if w == "auto" else float(w)
+
+
 class Distiller:
     def __init__(self, teacher: nn.Module, normalizer: nn.Module, student: nn.Module,
                  synthesizer: Synthesizer | None, pool: ImagePool, recipe: Recipe,
@@ -115,6 +122,7 @@ class Distiller:
         self.optimizer = torch.optim.SGD(self.student.parameters(), lr=kd_lr(recipe), momentum=d.momentum,
                                          weight_decay=d.weight_decay)
         self.grad_clip = kd_grad_clip(recipe, self.student)
+        self.feature_weight = feature_weight(recipe)
         kd_epochs = max(1, d.epochs - d.warmup)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, kd_epochs, eta_min=d.eta_min)
         # torch/python streams (latents, labels, crops) are per rank; the numpy stream that draws
@@ -231,10 +239,10 @@ class Distiller:
                 at_loss = at.loss()
                 at_total += float(at_loss.detach())
                 loss = loss + d.attention * at_loss
-            if at and d.features > 0 and at.feature_resolutions:
+            if at and self.feature_weight > 0 and at.feature_resolutions:
                 ft_loss = at.feature_loss()
                 ft_total += float(ft_loss.detach())
-                loss = loss + d.features * ft_loss
+                loss = loss + self.feature_weight * ft_loss
             bad = not bool(torch.isfinite(loss))
             if self.ctx.any(bad):   # every rank stops at the same step
                 where = f"at epoch {self.epoch + 1}, step {step + 1}"
@@ -263,7 +271,7 @@ class Distiller:
             row["kd_clipped"] = clipped / d.kd_steps
         if self._attention is not None and d.attention > 0:   # the unweighted attention term, this rank's mean
             row["kd_attention"] = at_total / d.kd_steps
-        if self._attention is not None and d.features > 0 and self._attention.feature_resolutions:
+        if self._attention is not None and self.feature_weight > 0 and self._attention.feature_resolutions:
             row["kd_features"] = ft_total / d.kd_steps   # the unweighted feature-matching term
         return row
 
@@ -273,7 +281,7 @@ class Distiller:
         off or the two nets share no feature-map resolution (said once, as is a feature matching
         that finds no stage of equal shape)."""
         d = self.recipe.distillation
-        if (d.attention <= 0 and d.features <= 0) or self.attention_note is not None:
+        if (d.attention <= 0 and self.feature_weight <= 0) or self.attention_note is not None:
             return self._attention
         at = AttentionTransfer(self.teacher, self.student, x[:2])
         notes = []
@@ -285,12 +293,12 @@ class Distiller:
             self._attention = at
             if d.attention > 0:
                 notes.append(f"attention transfer at {sizes(at.resolutions)}")
-            if d.features > 0:
+            if self.feature_weight > 0:
                 notes.append(f"feature matching at {sizes(at.feature_resolutions)}" if at.feature_resolutions else
                              "feature matching off: no stage end where teacher and student have the same shape")
         else:
-            what = " and ".join(n for n, w in (("attention transfer", d.attention), ("feature matching", d.features))
-                                if w > 0)
+            terms = (("attention transfer", d.attention), ("feature matching", self.feature_weight))
+            what = " and ".join(n for n, w in terms if w > 0)
             notes.append(f"{what} off: teacher and student share no feature-map resolution (or refuse hooks)")
         self.attention_note = "; ".join(notes)
         if self.ctx.is_main:

@@ -19,7 +19,7 @@ from dfkd_deploy.models.mlp import MLP_NAMES
 from dfkd_deploy.students import architecture, depth, prune
 from dfkd_deploy.students.recognise import recognise
 from dfkd_deploy.core.units import Target, parse_target
-from dfkd_deploy.recipe import DERIVED_LR_SCALE, FOLDED_DEPTH_LR_SCALE
+from dfkd_deploy.recipe import DERIVED_LR_SCALE, FOLDED_DEPTH_FEATURES, FOLDED_DEPTH_LR_SCALE
 from dfkd_deploy.students.targets import (DEFAULT_FRACTION, SizeFigures, measure, meets, ratios,
                                                 size_warnings, teacher_figures, worst_latency_ratio)
 
@@ -242,11 +242,13 @@ def depth_source(teacher):
 
 def resolve_init(recipe, teacher):
     """The student's ``auto`` choices made concrete for this teacher, before anything reads them:
-    ``student.init`` (:func:`_resolve_init`) and then ``student.derived.lr_scale``
-    (:func:`_resolve_lr_scale`). Returns (the recipe, a copy when it changed; the reasons, or None)."""
+    ``student.init`` (:func:`_resolve_init`), then ``student.derived.lr_scale``
+    (:func:`_resolve_lr_scale`) and ``distillation.features`` (:func:`_resolve_features`).
+    Returns (the recipe, a copy when it changed; the reasons, or None)."""
     recipe, why = _resolve_init(recipe, teacher)
     recipe, why_lr = _resolve_lr_scale(recipe, teacher)
-    return recipe, "; ".join(w for w in (why, why_lr) if w) or None
+    recipe, why_ft = _resolve_features(recipe, teacher)
+    return recipe, "; ".join(w for w in (why, why_lr, why_ft) if w) or None
 
 
 def _bn_folded(recognised) -> bool:
@@ -267,6 +269,21 @@ def _resolve_lr_scale(recipe, teacher):
     derived = s.derived.model_copy(update={"lr_scale": scale})
     recipe = recipe.model_copy(update={"student": s.model_copy(update={"derived": derived})})
     why = f"student.derived.lr_scale auto -> {scale:g}: a depth student of a BN-folded teacher" if folded else None
+    return recipe, why
+
+
+def _resolve_features(recipe, teacher):
+    """``distillation.features: auto``: feature matching at FOLDED_DEPTH_FEATURES for a depth
+    student of a BN-folded teacher (KD labels recomputed per batch, which the term needs), off
+    for any other student (recipe.py says what was measured)."""
+    d = recipe.distillation
+    if d.features != "auto":
+        return recipe, None
+    on = (recipe.student.init == "depth" and d.teacher_logits == "recompute"
+          and _bn_folded(depth_source(teacher)[2]))
+    weight = FOLDED_DEPTH_FEATURES if on else 0.0
+    recipe = recipe.model_copy(update={"distillation": d.model_copy(update={"features": weight})})
+    why = f"distillation.features auto -> {weight:g}: a depth student of a BN-folded teacher" if on else None
     return recipe, why
 
 

@@ -84,3 +84,41 @@ def test_calibration_times_the_kd_step_in_the_runs_precision(digits_teacher):
         cal.calibrate(digits_teacher, recipe, student, "cpu")
         kd_forwards = [autocast for training, autocast in seen if training]
         assert kd_forwards and all(a == (precision == "bf16") for a in kd_forwards), (precision, seen)
+
+
+def test_calibration_times_the_kd_step_with_its_stage_terms(digits_teacher, digits_teacher_onnx, monkeypatch):
+    """With attention transfer or feature matching on, the trainer's KD step computes them, so the
+    timed step must too (or the plan holds a step cheaper than the run's); the hooks leave the
+    teacher and student afterwards. Counted in calls, nothing timed."""
+    from dfkd_deploy.budget import calibrate as cal
+    from dfkd_deploy.distill.attention import AttentionTransfer
+    from dfkd_deploy.run import build_student
+    from dfkd_deploy.teachers import load_teacher
+
+    calls = {"loss": 0, "feature_loss": 0}
+    for name in calls:
+        original = getattr(AttentionTransfer, name)
+
+        def counted(self, _original=original, _name=name):
+            calls[_name] += 1
+            return _original(self)
+
+        monkeypatch.setattr(AttentionTransfer, name, counted)
+
+    def hooks(*nets):
+        return [sum(len(m._forward_hooks) for m in net.modules()) for net in nets]
+
+    recipe = quick_recipe(**{"distillation.attention": 1000.0})
+    student = build_student(recipe, digits_teacher)
+    before = hooks(digits_teacher.module, student)
+    cal.calibrate(digits_teacher, recipe, student, "cpu")
+    assert calls == {"loss": 1 + cal.KD_STEPS_TIMED, "feature_loss": 0}
+    assert hooks(digits_teacher.module, student) == before
+
+    twin = load_teacher(digits_teacher_onnx).module.train()   # every stage has the teacher's shape
+    for p in twin.parameters():
+        p.requires_grad_(True)
+    before = hooks(digits_teacher.module, twin)
+    cal.calibrate(digits_teacher, quick_recipe(**{"distillation.features": 2.0}), twin, "cpu")
+    assert calls == {"loss": 1 + cal.KD_STEPS_TIMED, "feature_loss": 1 + cal.KD_STEPS_TIMED}
+    assert hooks(digits_teacher.module, twin) == before

@@ -6,7 +6,7 @@ import torch
 
 from dfkd_deploy.students import build
 from dfkd_deploy.students.depth import block_map, choose_blocks, recalibrate_bn, shallower
-from dfkd_deploy.recipe import DERIVED_LR_SCALE, FOLDED_DEPTH_LR_SCALE, load_recipe
+from dfkd_deploy.recipe import DERIVED_LR_SCALE, FOLDED_DEPTH_FEATURES, FOLDED_DEPTH_LR_SCALE, load_recipe
 
 
 @pytest.mark.parametrize("t,s,how,want", [(9, 3, "spread", [0, 4, 8]), (9, 3, "last", [0, 7, 8]),
@@ -280,3 +280,29 @@ def test_auto_lr_scale_is_lower_for_a_depth_student_of_a_folded_teacher(request,
     assert resolve_init(given, teacher)[0].student.derived.lr_scale == 0.5
     with pytest.raises(Exception, match="lr_scale"):
         load_recipe(None, {"student.derived.lr_scale": 0})
+
+
+@pytest.mark.parametrize("form,init,logits,want", [("zoo_teacher_fused", "auto", "recompute", FOLDED_DEPTH_FEATURES),
+                                                   ("zoo_teacher_fused", "depth", "cached", 0.0),
+                                                   ("zoo_teacher_fused", "prune", "recompute", 0.0),
+                                                   ("zoo_teacher_legacy", "depth", "recompute", 0.0)])
+def test_auto_features_match_stages_for_a_depth_student_of_a_folded_teacher(request, form, init, logits, want):
+    """distillation.features: auto resolves against the teacher: feature matching is on for a
+    depth student of a BN-folded teacher (and the run says so), off otherwise; a number given is kept."""
+    import yaml
+
+    from dfkd_deploy.distill.trainer import feature_weight
+    from dfkd_deploy.students.build import resolve_init
+
+    teacher = request.getfixturevalue(form)
+    r = load_recipe(None, {"student.init": init, "student.arch": "cifar_resnet8",
+                           "distillation.teacher_logits": logits})
+    assert feature_weight(r) == 0.0   # unresolved auto trains without the term
+    resolved, why = resolve_init(r, teacher)
+    assert resolved.distillation.features == want and feature_weight(resolved) == want
+    assert yaml.safe_load(resolved.resolved_yaml())["distillation"]["features"] == want
+    assert ("features auto ->" in (why or "")) == (want > 0)
+    given = load_recipe(None, {"student.init": init, "student.arch": "cifar_resnet8", "distillation.features": 0.5})
+    assert resolve_init(given, teacher)[0].distillation.features == 0.5
+    with pytest.raises(Exception, match="features"):
+        load_recipe(None, {"distillation.features": -1})
