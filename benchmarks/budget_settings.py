@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         runs.append({"series": series, "teacher": t.name, "teacher_form": t.form, "init": args.init, "budget_min": args.minutes,
                      "variant": name, "overrides": VARIANTS[name], "wall_min": round((time.time() - t0) / 60, 3),
                      "top1": r["student"].get("onnx_accuracy"), "params": r["student"]["params"], "plan": plan,
-                     "final": (r.get("distillation") or {}).get("final"),
+                     "final": (r.get("distillation") or {}).get("final"), **as_run(r, recipe),
                      "loadavg": [round(v, 2) for v in os.getloadavg()]})
         write_json(out, {"setting": "budgeted compress, shared ResNet-56 (teacher_form: state_dict, or its "
                                     "BN-fused dynamo ONNX export), CIFAR-10 test set",
@@ -129,16 +129,35 @@ def summary(runs: list[dict], series: int, init: str, minutes: int, form: str = 
     lines = [f"series {series}, {form}, {init}, {minutes} min:"]
     for r in mine:
         delta = "" if base is None or r is base else f" ({100 * (r['top1'] - base['top1']):+.1f} points)"
-        lines.append(f"  {r['variant']:<15} top-1 {100 * r['top1']:.1f}%{delta}, "
-                     f"{r['plan'].get('kd_steps_total')} KD steps, {r['plan'].get('rounds')} rounds, "
-                     f"synthesis {100 * share_as_run(r['plan']):.0f}% of the training time, {r['wall_min']:.1f} min")
+        if r.get("kd_steps_run"):
+            kd = f"{r['kd_steps_run']} KD steps"
+        elif r.get("kd_s"):   # recorded before the steps run were counted
+            kd = f"{r['kd_s']:.0f} s of KD"
+        else:                 # older still: the plan's counts after its last re-tune
+            kd = f"{r['plan'].get('kd_steps_total')} KD steps as last planned"
+        rounds = r.get("rounds_run") or r["plan"].get("rounds")
+        lines.append(f"  {r['variant']:<15} top-1 {100 * r['top1']:.1f}%{delta}, {kd}, {rounds} rounds, "
+                     f"synthesis {100 * share_as_run(r):.0f}% of the training time, {r['wall_min']:.1f} min")
     return lines
 
 
-def share_as_run(plan: dict) -> float:
-    """Synthesis's share of the training time the run spent, at the costs its last re-tune measured
+def as_run(report: dict, recipe) -> dict:
+    """What the run did, from its report: synthesis rounds and KD steps run, and the seconds of
+    each (a re-tuned plan's counts hold only for the epochs after its last re-tune)."""
+    s, d = report.get("synthesis") or {}, report.get("distillation") or {}
+    images = s.get("images")
+    return {"rounds_run": images // recipe.synthesis.batch_size if images else None, "kd_steps_run": d.get("kd_steps"),
+            "synthesis_s": s.get("seconds"), "kd_s": d.get("seconds")}
+
+
+def share_as_run(r: dict) -> float:
+    """Synthesis's share of the training time the run spent: its synthesis and KD seconds where the
+    record has them; older records, at the costs its last re-tune measured times the plan's counts
     (the plan's ``synthesis_share`` is what it aimed at: a re-tune can only give freed time to KD
     steps while an epoch has one round)."""
+    if r.get("synthesis_s") and r.get("kd_s"):
+        return r["synthesis_s"] / (r["synthesis_s"] + r["kd_s"])
+    plan = r["plan"]
     synth = plan["rounds"] * plan["costs"]["synth_round_s"]
     return synth / (synth + plan["kd_steps_total"] * plan["costs"]["kd_step_s"])
 

@@ -170,6 +170,9 @@ def run_one(t: Teacher, init: str, minutes: int, work: Path, overrides: dict | N
             "budget_used_s": (r.get("budget") or {}).get("used_s"), "plan": (r.get("budget") or {}).get("plan"),
             "warnings": r["student"].get("warnings"), "eval_images": (r.get("eval_data") or {}).get("images"),
             "budget_notes": (r.get("budget") or {}).get("notes"), "kd_settings": kd,
+            "rounds_run": (r.get("synthesis") or {}).get("images", 0) // recipe.synthesis.batch_size or None,
+            "kd_steps_run": (r.get("distillation") or {}).get("kd_steps"),
+            "synthesis_s": (r.get("synthesis") or {}).get("seconds"), "kd_s": (r.get("distillation") or {}).get("seconds"),
             "loadavg": [round(v, 2) for v in os.getloadavg()]}
 
 

@@ -350,6 +350,7 @@ def finish_run(teacher: Teacher, student: nn.Module, recipe: Recipe, run_dir: Pa
                    "images_per_second": round(r.images / r.synthesis_seconds, 2) if r and r.synthesis_seconds else None},
         distillation={"epochs": r.epochs if r else None,
                       "seconds": round(r.distillation_seconds, 2) if r else None,
+                      "kd_steps": r.kd_steps if r else None,
                       "final": r.history[-1] if r and r.history else None},
         extra={"seed": recipe.seed, "device": str(device),
                "wall_seconds": round(wall_seconds, 2) if wall_seconds is not None else None,

@@ -55,6 +55,8 @@ class Plan:
 
     def to_dict(self) -> dict:
         out = asdict(self)
+        # the counts of this plan over every epoch: after a re-tune, the epochs before it ran other
+        # counts (report.json's synthesis.images and distillation.kd_steps say what ran)
         out["rounds"] = self.rounds
         out["kd_steps_total"] = self.kd_steps * (self.epochs - self.warmup)
         out["costs"] = {k: round(v, 4) for k, v in asdict(self.costs).items()}

@@ -51,6 +51,7 @@ class DistillResult:
     distillation_seconds: float
     images: int
     history: list[dict] = field(default_factory=list)
+    kd_steps: int = 0   # KD steps run, over every session of a resumed run (a re-tuned plan's counts vary by epoch)
 
 
 def _params_sha(params) -> str:
@@ -140,6 +141,7 @@ class Distiller:
         self.epoch = 0
         self.synthesis_seconds = 0.0
         self.distillation_seconds = 0.0
+        self.kd_steps_done = 0
         self.history: list[dict] = []
         # Called with each finished epoch's row and its last synthesized batch (pixels, or None),
         # before the checkpoint (e.g. dfkd_deploy.distill.metrics_log.MetricsLog).
@@ -260,13 +262,14 @@ class Distiller:
             seen += x.shape[0]
             reached(f"kd:{self.epoch + 1}:{step + 1}")
         self.scheduler.step()
+        self.kd_steps_done += d.kd_steps
         if self.ctx.enabled:
             # DDP keeps the weights equal; BN running statistics follow rank 0 from here on.
             self.ctx.broadcast_module(self.student)
             total, agree, seen = self.ctx.sum([total / self.ctx.world_size, agree, seen])
         self.distillation_seconds += time.perf_counter() - t0
         row = {"kd_loss": total / d.kd_steps, "train_agreement": agree / max(seen, 1),
-               "lr": self.optimizer.param_groups[0]["lr"]}
+               "lr": self.optimizer.param_groups[0]["lr"], "kd_steps": d.kd_steps}
         if self.grad_clip is not None:   # the share of this epoch's steps whose gradient was clipped
             row["kd_clipped"] = clipped / d.kd_steps
         if self._attention is not None and d.attention > 0:   # the unweighted attention term, this rank's mean
@@ -375,7 +378,7 @@ class Distiller:
                 "synthesizer": self.synth.state_dict() if self.synth else None,
                 "ranks": ranks if ranks is not None else [self.rank_state()],
                 "synthesis_seconds": self.synthesis_seconds, "distillation_seconds": self.distillation_seconds,
-                "history": self.history, "recipe": self.recipe.model_dump(mode="json")}
+                "kd_steps_done": self.kd_steps_done, "history": self.history, "recipe": self.recipe.model_dump(mode="json")}
 
     def save(self) -> None:
         """Write the checkpoint (rank 0; every rank must call this, it gathers their state)."""
@@ -423,6 +426,7 @@ class Distiller:
         set_rng_state(mine["rng"], self.np_rng)
         self.synthesis_seconds = state["synthesis_seconds"]
         self.distillation_seconds = state["distillation_seconds"]
+        self.kd_steps_done = state.get("kd_steps_done", 0)   # 0: a checkpoint from before the count was kept
         self.history = state["history"]
 
     def _sync_pool(self) -> None:
@@ -468,5 +472,6 @@ class Distiller:
         if self.epoch >= d.epochs and self._attention is not None:   # the student leaves without our hooks
             self._attention.remove()
             self._attention, self.attention_note = None, None
-        return DistillResult(d.epochs, self.synthesis_seconds, self.distillation_seconds, len(self.pool), self.history)
+        return DistillResult(d.epochs, self.synthesis_seconds, self.distillation_seconds, len(self.pool), self.history,
+                             self.kd_steps_done)
 

@@ -71,7 +71,7 @@ def build_report(teacher: TeacherSpec, *, student: Optional[Mapping[str, Any]] =
     - ``probe_agreement``: ``{"top1": float, "images": int}`` on held-out synthetic probes.
     - ``export``: an ``OnnxExportResult`` or its ``to_dict()``.
     - ``synthesis``: ``{"method", "g_steps", "images", "seconds", ...}``.
-    - ``distillation``: ``{"epochs", "seconds", ...}``.
+    - ``distillation``: ``{"epochs", "seconds", "kd_steps", ...}`` (``kd_steps``: the steps run).
     - ``extra``: further top-level sections, merged in last.
 
     ``agreement.top1`` is measured on real data when there is any, otherwise on the probes;
@@ -120,7 +120,7 @@ def build_report(teacher: TeacherSpec, *, student: Optional[Mapping[str, Any]] =
         "agreement": agreement,
         "fidelity": fidelity,
         "synthesis": _section(("method", "g_steps", "images", "seconds"), synthesis),
-        "distillation": _section(("epochs", "seconds"), distillation),
+        "distillation": _section(("epochs", "seconds", "kd_steps"), distillation),
         "eval_data": ({"source": ev.get("source"), "images": ev.get("images")} if ev else None),
     }
     for key, value in (extra or {}).items():

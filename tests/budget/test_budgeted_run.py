@@ -33,6 +33,11 @@ def test_a_budgeted_run_retunes_to_its_measured_costs(digits_teacher_onnx, digit
     resolved = yaml.safe_load((tmp_path / "run" / "recipe.resolved.yaml").read_text())
     assert saved["plan"]["kd_steps"] == plan["kd_steps"] == resolved["distillation"]["kd_steps"]
     assert resolved["distillation"]["epochs"] == plan["epochs"]
+    # the KD steps run: the plan's counts changed mid-run, so only the per-epoch record adds them up
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    per_epoch = [r["kd_steps"] for r in rows if "kd_steps" in r]
+    assert len(set(per_epoch)) > 1 and per_epoch[-1] == plan["kd_steps"]
+    assert result.report["distillation"]["kd_steps"] == sum(per_epoch)
 
 
 def test_calibration_with_cached_logits_times_kd_steps_without_the_teacher(digits_teacher):

@@ -75,7 +75,9 @@ def test_resume_continues_to_the_same_student(digits_teacher, tmp_path):
     resumed = _distiller(digits_teacher, recipe, tmp_path / "b")
     resumed.resume()
     assert resumed.epoch == 2
-    resumed.run()
+    result = resumed.run()
+    # the steps run are counted over both sessions
+    assert result.kd_steps == full.kd_steps_done == (4 - recipe.distillation.warmup) * recipe.distillation.kd_steps
     for (k, a), b in zip(full.student.state_dict().items(), resumed.student.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-5), k
 
