@@ -260,18 +260,12 @@ class DistillationOptions(_Strict):
                                  "feature maps of each augmented batch)")
         return self
 
-    @field_validator("features")
+    @field_validator("grad_clip", "features")
     @classmethod
-    def _features(cls, v):
+    def _non_negative_or_auto(cls, v, info):
         if v != "auto" and v < 0:
-            raise ValueError("distillation.features must be >= 0 (0: off) or auto")
-        return v
-
-    @field_validator("grad_clip")
-    @classmethod
-    def _clip(cls, v):
-        if v != "auto" and v < 0:
-            raise ValueError("distillation.grad_clip must be >= 0 (0: no clipping) or auto")
+            zero = {"grad_clip": "no clipping", "features": "off"}[info.field_name]
+            raise ValueError(f"distillation.{info.field_name} must be >= 0 (0: {zero}) or auto")
         return v
 
     @model_validator(mode="after")

@@ -45,29 +45,32 @@ def test_a_module_called_twice_is_keyed_by_its_call():
     assert torch.equal(at._t.out[(8, 8)], net.second)
 
 
-def test_loss_is_zero_for_the_same_net_and_trains_only_the_student():
+def _forward(at, teacher, student, x):
+    with at.capture():
+        with torch.no_grad():
+            teacher(x)
+        student(x)
+
+
+@pytest.mark.parametrize("term", ["loss", "feature_loss"])
+def test_a_stage_term_is_zero_for_the_same_net_and_trains_only_the_student(term):
     torch.manual_seed(0)
     teacher = build_model("cifar_resnet20", num_classes=10).eval()
     student = build_model("cifar_resnet8", num_classes=10)
     x = torch.randn(4, 3, 32, 32)
     at = AttentionTransfer(teacher, student, x[:2])
     assert at.resolutions == [(32, 32), (16, 16), (8, 8)]
-    with at.capture():
-        with torch.no_grad():
-            teacher(x)
-        student(x)
-    loss = at.loss()
+    _forward(at, teacher, student, x)
+    loss = getattr(at, term)()
     assert loss.item() > 0 and loss.requires_grad
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     twin = copy.deepcopy(teacher)
     at2 = AttentionTransfer(teacher, twin, x[:2])
-    with at2.capture():
-        with torch.no_grad():
-            teacher(x)
-            twin(x)
-    assert at2.loss().item() == pytest.approx(0.0, abs=1e-12)
+    with torch.no_grad():
+        _forward(at2, teacher, twin, x)
+    assert getattr(at2, term)().item() == pytest.approx(0.0, abs=1e-12)
 
 
 def test_attention_map_is_unit_norm_channel_mean_of_squares():
@@ -132,30 +135,16 @@ def test_feature_matching_only_where_the_shapes_are_equal():
     assert narrow.resolutions == [(32, 32), (16, 16)] and narrow.feature_resolutions == [(32, 32)]
 
 
-def test_feature_loss_is_relative_squared_error_and_trains_only_the_student():
+def test_feature_loss_is_the_squared_error_relative_to_the_teachers_mean_square():
     torch.manual_seed(0)
     teacher = build_model("cifar_resnet20", num_classes=10).eval()
     student = build_model("cifar_resnet8", num_classes=10)
     x = torch.randn(4, 3, 32, 32)
     at = AttentionTransfer(teacher, student, x[:2])
-    with at.capture():
-        with torch.no_grad():
-            teacher(x)
-        student(x)
+    _forward(at, teacher, student, x)
     t, s = at._t.out, at._s.out
     want = sum(((s[r] - t[r]).pow(2).mean() / t[r].pow(2).mean()).item() for r in at.feature_resolutions)
-    loss = at.feature_loss()
-    assert loss.item() == pytest.approx(want, rel=1e-5) and loss.requires_grad
-    loss.backward()
-    assert all(p.grad is None for p in teacher.parameters())
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
-    twin = copy.deepcopy(teacher)
-    at2 = AttentionTransfer(teacher, twin, x[:2])
-    with at2.capture():
-        with torch.no_grad():
-            teacher(x)
-            twin(x)
-    assert at2.feature_loss().item() == pytest.approx(0.0, abs=1e-12)
+    assert at.feature_loss().item() == pytest.approx(want, rel=1e-5)
 
 
 def test_features_need_recomputed_teacher_logits():
