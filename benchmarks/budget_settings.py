@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         runs.append({"series": series, "teacher": t.name, "teacher_form": t.form, "init": args.init, "budget_min": args.minutes,
                      "variant": name, "overrides": VARIANTS[name], "wall_min": round((time.time() - t0) / 60, 3),
                      "top1": r["student"].get("onnx_accuracy"), "params": r["student"]["params"], "plan": plan,
-                     "final": (r.get("distillation") or {}).get("final"), **as_run(r, recipe),
+                     "final": (r.get("distillation") or {}).get("final"), **tta.as_run(r, recipe),
                      "loadavg": [round(v, 2) for v in os.getloadavg()]})
         write_json(out, {"setting": "budgeted compress, shared ResNet-56 (teacher_form: state_dict, or its "
                                     "BN-fused dynamo ONNX export), CIFAR-10 test set",
@@ -139,15 +139,6 @@ def summary(runs: list[dict], series: int, init: str, minutes: int, form: str = 
         lines.append(f"  {r['variant']:<15} top-1 {100 * r['top1']:.1f}%{delta}, {kd}, {rounds} rounds, "
                      f"synthesis {100 * share_as_run(r):.0f}% of the training time, {r['wall_min']:.1f} min")
     return lines
-
-
-def as_run(report: dict, recipe) -> dict:
-    """What the run did, from its report: synthesis rounds and KD steps run, and the seconds of
-    each (a re-tuned plan's counts hold only for the epochs after its last re-tune)."""
-    s, d = report.get("synthesis") or {}, report.get("distillation") or {}
-    images = s.get("images")
-    return {"rounds_run": images // recipe.synthesis.batch_size if images else None, "kd_steps_run": d.get("kd_steps"),
-            "synthesis_s": s.get("seconds"), "kd_s": d.get("seconds")}
 
 
 def share_as_run(r: dict) -> float:

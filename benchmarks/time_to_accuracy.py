@@ -169,11 +169,17 @@ def run_one(t: Teacher, init: str, minutes: int, work: Path, overrides: dict | N
             "latency_b32_ms": lat.get("batch_32_ms"), "latency_b1_ms": lat.get("batch_1_ms"),
             "budget_used_s": (r.get("budget") or {}).get("used_s"), "plan": (r.get("budget") or {}).get("plan"),
             "warnings": r["student"].get("warnings"), "eval_images": (r.get("eval_data") or {}).get("images"),
-            "budget_notes": (r.get("budget") or {}).get("notes"), "kd_settings": kd,
-            "rounds_run": (r.get("synthesis") or {}).get("images", 0) // recipe.synthesis.batch_size or None,
-            "kd_steps_run": (r.get("distillation") or {}).get("kd_steps"),
-            "synthesis_s": (r.get("synthesis") or {}).get("seconds"), "kd_s": (r.get("distillation") or {}).get("seconds"),
+            "budget_notes": (r.get("budget") or {}).get("notes"), "kd_settings": kd, **as_run(r, recipe),
             "loadavg": [round(v, 2) for v in os.getloadavg()]}
+
+
+def as_run(report: dict, recipe) -> dict:
+    """What the run did, from its report: synthesis rounds and KD steps run, and the seconds of
+    each (a re-tuned plan's counts hold only for the epochs after its last re-tune)."""
+    s, d = report.get("synthesis") or {}, report.get("distillation") or {}
+    images = s.get("images")
+    return {"rounds_run": images // recipe.synthesis.batch_size if images else None, "kd_steps_run": d.get("kd_steps"),
+            "synthesis_s": s.get("seconds"), "kd_s": d.get("seconds")}
 
 
 def resolved_kd(run_dir: Path) -> dict | None:

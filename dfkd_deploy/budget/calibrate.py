@@ -86,10 +86,8 @@ def calibrate(teacher, recipe, student, device, *, eval_images: int = 0) -> Cost
             with autocast():
                 out = student(x).float()
         loss = kd_kl(out, t, d.temperature)
-        if stage and d.attention > 0:
-            loss = loss + d.attention * stage.loss()
-        if stage and fw > 0 and stage.feature_resolutions:
-            loss = loss + fw * stage.feature_loss()
+        for weight, term in (stage.terms(d.attention, fw) if stage else {}).values():
+            loss = loss + weight * term
         opt.zero_grad()
         loss.backward()
         opt.step()

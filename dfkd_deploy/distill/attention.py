@@ -147,6 +147,18 @@ class AttentionTransfer:
         t, s = self._maps(self.feature_resolutions)
         return sum(feature_distance(s[r], t[r]) for r in self.feature_resolutions)
 
+    def terms(self, attention: float, features: float) -> dict[str, tuple[float, torch.Tensor]]:
+        """{name: (weight, unweighted term)} of the terms these weights turn on, after a forward
+        inside :meth:`capture`: ``attention`` when its weight is > 0, ``features`` when its weight
+        is > 0 and some stage has the same shape in both nets. What the trainer adds to its KD
+        loss (and logs) and what the budget calibration times."""
+        out = {}
+        if attention > 0:
+            out["attention"] = (attention, self.loss())
+        if features > 0 and self.feature_resolutions:
+            out["features"] = (features, self.feature_loss())
+        return out
+
     def remove(self) -> None:
         for c in (self._t, self._s):
             if c is not None:

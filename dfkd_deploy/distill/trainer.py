@@ -220,7 +220,8 @@ class Distiller:
         d, a = self.recipe.distillation, self.recipe.synthesis.augment
         model = self._kd_model()
         self.student.train()
-        total, agree, seen, clipped, at_total, ft_total = 0.0, 0, 0, 0, 0.0, 0.0
+        total, agree, seen, clipped = 0.0, 0, 0, 0
+        term_totals: dict[str, float] = {}   # the unweighted stage-end terms, by name
         t0 = time.perf_counter()
         cached = d.teacher_logits == "cached"
         for step in range(d.kd_steps):
@@ -237,14 +238,9 @@ class Distiller:
                 with self._autocast():
                     s_out = model(x).float()
             loss = kd_kl(s_out, t_out, d.temperature)
-            if at and d.attention > 0:
-                at_loss = at.loss()
-                at_total += float(at_loss.detach())
-                loss = loss + d.attention * at_loss
-            if at and self.feature_weight > 0 and at.feature_resolutions:
-                ft_loss = at.feature_loss()
-                ft_total += float(ft_loss.detach())
-                loss = loss + self.feature_weight * ft_loss
+            for name, (weight, term) in (at.terms(d.attention, self.feature_weight) if at else {}).items():
+                term_totals[name] = term_totals.get(name, 0.0) + float(term.detach())
+                loss = loss + weight * term
             bad = not bool(torch.isfinite(loss))
             if self.ctx.any(bad):   # every rank stops at the same step
                 where = f"at epoch {self.epoch + 1}, step {step + 1}"
@@ -272,10 +268,8 @@ class Distiller:
                "lr": self.optimizer.param_groups[0]["lr"], "kd_steps": d.kd_steps}
         if self.grad_clip is not None:   # the share of this epoch's steps whose gradient was clipped
             row["kd_clipped"] = clipped / d.kd_steps
-        if self._attention is not None and d.attention > 0:   # the unweighted attention term, this rank's mean
-            row["kd_attention"] = at_total / d.kd_steps
-        if self._attention is not None and self.feature_weight > 0 and self._attention.feature_resolutions:
-            row["kd_features"] = ft_total / d.kd_steps   # the unweighted feature-matching term
+        for name, term_total in term_totals.items():   # kd_attention, kd_features: unweighted, this rank's mean
+            row[f"kd_{name}"] = term_total / d.kd_steps
         return row
 
     def _attention_transfer(self, x: torch.Tensor) -> AttentionTransfer | None:

@@ -251,6 +251,12 @@ def resolve_init(recipe, teacher):
     return recipe, "; ".join(w for w in (why, why_lr, why_ft) if w) or None
 
 
+def _folded_depth(recipe, teacher) -> bool:
+    """A depth student of a BN-folded teacher: its BNs are matched to the teacher's layers, and its
+    auto KD settings differ (lr scale, feature matching)."""
+    return recipe.student.init == "depth" and _bn_folded(depth_source(teacher)[2])
+
+
 def _bn_folded(recognised) -> bool:
     """An ONNX graph recognised as a zoo net whose BNs were folded away (its depth student's BNs
     are matched to the teacher's layers, and it is fine-tuned at FOLDED_DEPTH_LR_SCALE)."""
@@ -264,7 +270,7 @@ def _resolve_lr_scale(recipe, teacher):
     s = recipe.student
     if s.derived.lr_scale != "auto":
         return recipe, None
-    folded = s.init == "depth" and _bn_folded(depth_source(teacher)[2])
+    folded = _folded_depth(recipe, teacher)
     scale = FOLDED_DEPTH_LR_SCALE if folded else DERIVED_LR_SCALE
     derived = s.derived.model_copy(update={"lr_scale": scale})
     recipe = recipe.model_copy(update={"student": s.model_copy(update={"derived": derived})})
@@ -279,8 +285,7 @@ def _resolve_features(recipe, teacher):
     d = recipe.distillation
     if d.features != "auto":
         return recipe, None
-    on = (recipe.student.init == "depth" and d.teacher_logits == "recompute"
-          and _bn_folded(depth_source(teacher)[2]))
+    on = d.teacher_logits == "recompute" and _folded_depth(recipe, teacher)
     weight = FOLDED_DEPTH_FEATURES if on else 0.0
     recipe = recipe.model_copy(update={"distillation": d.model_copy(update={"features": weight})})
     why = f"distillation.features auto -> {weight:g}: a depth student of a BN-folded teacher" if on else None
