@@ -397,6 +397,10 @@ def main(argv=None) -> int:
         out.with_suffix(".md").write_text(markdown(runs), encoding="utf-8")
         print(json.dumps({k: record.get(k) for k in ("teacher", "teacher_form", "init", "budget_min", "wall_min",
                                                       "top1", "params", "latency_b32_ms", "error")}), flush=True)
+    if new == 0:
+        print(f"nothing to run: every selected row is in {out} already (--rerun runs it again), or the "
+              "selection names no row of the table (the 60-minute and dynamo rows need phase 1's rows in "
+              "that file, or --phase2-init)", flush=True)
     return 0
 
 

@@ -24,6 +24,11 @@ MAX_SIDE = 16_384
 # of the lr; clipped at 5 its loss fell from 67 to 0.9 in 100 steps (runs/dbg, noise images).
 AUTO_GRAD_CLIP = 5.0
 SYNTHESIS_SHARE = 0.5     # of a budgeted run's training time (distillation.synthesis_share)
+# distillation.synthesis_share: auto. A depth student of a BN-folded teacher learns more from KD
+# steps than from more rounds: at 15 minutes on the dynamo ResNet-56, shares 0.3 / 0.5 / 0.7 gave
+# 62.9% / 60.3% / 55.6% (budget_settings.py series 8); every other student keeps 0.5 (series 2-4,
+# the BN-kept teacher, where 0.3 lost 10 points and 0.7 tied with cutmix on).
+FOLDED_DEPTH_SHARE = 0.3
 BUDGETED_MIX = "cutmix"   # distillation.mix: auto with a budget (docs/method.md, "KD settings at equal wall time")
 # student.derived.lr_scale: auto. A derived student is fine-tuned at a tenth of the KD lr; a depth
 # student of a BN-folded teacher (its BNs matched to the teacher's layers) at 0.03: at 15 minutes on
@@ -230,8 +235,10 @@ class DistillationOptions(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="KD forward passes (teacher and student; weights, optimizer and loss stay fp32): "
                             "bf16 autocast, fp32, or auto (bf16 where the device runs it natively)")
-    synthesis_share: float = Field(SYNTHESIS_SHARE, gt=0, lt=1, description="with a budget: the share of the "
-                                   "training time that synthesizes; the rest trains the student")
+    synthesis_share: float | Literal["auto"] = Field(
+        "auto", description="with a budget: the share of the training time that synthesizes (the rest trains "
+                            f"the student), in (0, 1); auto: {FOLDED_DEPTH_SHARE:g} for a depth student of a "
+                            f"BN-folded teacher, {SYNTHESIS_SHARE:g} for any other")
     mix: Literal["auto", "none", "mixup", "cutmix"] = Field(
         "auto", description="mixing of KD batches after crop/flip: mixup blends two pool images, cutmix pastes a "
                             "box of one into another; the teacher labels the mixed image (needs teacher_logits: "
@@ -268,6 +275,13 @@ class DistillationOptions(_Strict):
         if v != "auto" and v < 0:
             zero = {"grad_clip": "no clipping", "features": "off"}[info.field_name]
             raise ValueError(f"distillation.{info.field_name} must be >= 0 (0: {zero}) or auto")
+        return v
+
+    @field_validator("synthesis_share")
+    @classmethod
+    def _share_or_auto(cls, v):
+        if v != "auto" and not 0 < v < 1:
+            raise ValueError("distillation.synthesis_share must be in (0, 1) or auto")
         return v
 
     @model_validator(mode="after")

@@ -89,6 +89,13 @@ def minimum_seconds(costs: Costs, spent_s: float = 0.0) -> float:
     return (spent_s + estimate(costs, spent_s=0, epochs=2, warmup=1, rounds_per_epoch=1, kd_steps=1)) / (1 - MARGIN)
 
 
+def synthesis_share(recipe) -> float:
+    """The recipe's ``distillation.synthesis_share``; ``auto`` not yet resolved against a teacher
+    (students/build.resolve_init does that) plans with SYNTHESIS_SHARE."""
+    share = recipe.distillation.synthesis_share
+    return SYNTHESIS_SHARE if share == "auto" else float(share)
+
+
 def plan_budget(budget_s: float, costs: Costs, *, spent_s: float, synth_batch: int,
                 synthesis_share: float = SYNTHESIS_SHARE, warmup_share: float = WARMUP_SHARE,
                 max_epochs: int = MAX_EPOCHS, margin: float = MARGIN) -> Plan:

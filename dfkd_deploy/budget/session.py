@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from dfkd_deploy.budget.calibrate import calibrate
-from dfkd_deploy.budget.planner import PROBE_SHARE, Costs, Plan, cap_probes, plan_budget, replan_remaining, retune
+from dfkd_deploy.budget.planner import (PROBE_SHARE, Costs, Plan, cap_probes, plan_budget, replan_remaining, retune,
+                                        synthesis_share)
 from dfkd_deploy.core.units import parse_duration
 from dfkd_deploy.core.errors import UsageError
 from dfkd_deploy.core.io import write_json
@@ -67,7 +68,7 @@ def plan_for(teacher, recipe, student, device, *, spent_s: float, eval_images: i
 
     def plan() -> Plan:
         kw = dict(spent_s=spent, synth_batch=recipe.synthesis.batch_size,
-                  synthesis_share=recipe.distillation.synthesis_share)
+                  synthesis_share=synthesis_share(recipe))
         cut = {"costs": costs, "probe_images": probes if probes < recipe.validation.probe_images else None}
         try:
             return replace(plan_budget(budget_s, costs, **kw), **cut)

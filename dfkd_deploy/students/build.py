@@ -19,7 +19,8 @@ from dfkd_deploy.models.mlp import MLP_NAMES
 from dfkd_deploy.students import architecture, depth, prune
 from dfkd_deploy.students.recognise import recognise
 from dfkd_deploy.core.units import Target, parse_target
-from dfkd_deploy.recipe import DERIVED_LR_SCALE, FOLDED_DEPTH_FEATURES, FOLDED_DEPTH_LR_SCALE
+from dfkd_deploy.recipe import (DERIVED_LR_SCALE, FOLDED_DEPTH_FEATURES, FOLDED_DEPTH_LR_SCALE, FOLDED_DEPTH_SHARE,
+                                SYNTHESIS_SHARE)
 from dfkd_deploy.students.targets import (DEFAULT_FRACTION, SizeFigures, measure, meets, ratios,
                                                 size_warnings, teacher_figures, worst_latency_ratio)
 
@@ -243,12 +244,14 @@ def depth_source(teacher):
 def resolve_init(recipe, teacher):
     """The student's ``auto`` choices made concrete for this teacher, before anything reads them:
     ``student.init`` (:func:`_resolve_init`), then ``student.derived.lr_scale``
-    (:func:`_resolve_lr_scale`) and ``distillation.features`` (:func:`_resolve_features`).
+    (:func:`_resolve_lr_scale`), ``distillation.features`` (:func:`_resolve_features`) and
+    ``distillation.synthesis_share`` (:func:`_resolve_synthesis_share`).
     Returns (the recipe, a copy when it changed; the reasons, or None)."""
     recipe, why = _resolve_init(recipe, teacher)
     recipe, why_lr = _resolve_lr_scale(recipe, teacher)
     recipe, why_ft = _resolve_features(recipe, teacher)
-    return recipe, "; ".join(w for w in (why, why_lr, why_ft) if w) or None
+    recipe, why_sh = _resolve_synthesis_share(recipe, teacher)
+    return recipe, "; ".join(w for w in (why, why_lr, why_ft, why_sh) if w) or None
 
 
 def _folded_depth(recipe, teacher) -> bool:
@@ -289,6 +292,21 @@ def _resolve_features(recipe, teacher):
     weight = FOLDED_DEPTH_FEATURES if on else 0.0
     recipe = recipe.model_copy(update={"distillation": d.model_copy(update={"features": weight})})
     why = f"distillation.features auto -> {weight:g}: a depth student of a BN-folded teacher" if on else None
+    return recipe, why
+
+
+def _resolve_synthesis_share(recipe, teacher):
+    """``distillation.synthesis_share: auto``: FOLDED_DEPTH_SHARE of a budgeted run's training time
+    synthesizes for a depth student of a BN-folded teacher, SYNTHESIS_SHARE for any other (recipe.py
+    says what was measured). Said in the run output only where it matters: with a budget."""
+    d = recipe.distillation
+    if d.synthesis_share != "auto":
+        return recipe, None
+    folded = _folded_depth(recipe, teacher)
+    share = FOLDED_DEPTH_SHARE if folded else SYNTHESIS_SHARE
+    recipe = recipe.model_copy(update={"distillation": d.model_copy(update={"synthesis_share": share})})
+    why = (f"distillation.synthesis_share auto -> {share:g}: a depth student of a BN-folded teacher"
+           if folded and recipe.budget else None)
     return recipe, why
 
 

@@ -6,7 +6,8 @@ import torch
 
 from dfkd_deploy.students import build
 from dfkd_deploy.students.depth import block_map, choose_blocks, recalibrate_bn, shallower
-from dfkd_deploy.recipe import DERIVED_LR_SCALE, FOLDED_DEPTH_FEATURES, FOLDED_DEPTH_LR_SCALE, load_recipe
+from dfkd_deploy.recipe import (DERIVED_LR_SCALE, FOLDED_DEPTH_FEATURES, FOLDED_DEPTH_LR_SCALE, FOLDED_DEPTH_SHARE,
+                               SYNTHESIS_SHARE, load_recipe)
 
 
 @pytest.mark.parametrize("t,s,how,want", [(9, 3, "spread", [0, 4, 8]), (9, 3, "last", [0, 7, 8]),
@@ -306,3 +307,32 @@ def test_auto_features_match_stages_for_a_depth_student_of_a_folded_teacher(requ
     assert resolve_init(given, teacher)[0].distillation.features == 0.5
     with pytest.raises(Exception, match="features"):
         load_recipe(None, {"distillation.features": -1})
+
+
+@pytest.mark.parametrize("form,init,budget,want", [("zoo_teacher_fused", "auto", "30m", FOLDED_DEPTH_SHARE),
+                                                   ("zoo_teacher_fused", "depth", None, FOLDED_DEPTH_SHARE),
+                                                   ("zoo_teacher_fused", "prune", "30m", SYNTHESIS_SHARE),
+                                                   ("zoo_teacher_legacy", "depth", "30m", SYNTHESIS_SHARE)])
+def test_auto_synthesis_share_favours_kd_for_a_depth_student_of_a_folded_teacher(request, form, init, budget, want):
+    """distillation.synthesis_share: auto resolves against the teacher: a depth student of a
+    BN-folded teacher gives KD the larger share (said in the run output when there is a budget),
+    any other student keeps the default split; a number given is kept, and the planner reads the
+    resolved share (an unresolved auto plans with the default)."""
+    import yaml
+
+    from dfkd_deploy.budget.planner import synthesis_share
+    from dfkd_deploy.students.build import resolve_init
+
+    teacher = request.getfixturevalue(form)
+    r = load_recipe(None, {"student.init": init, "student.arch": "cifar_resnet8", "budget": budget})
+    assert r.distillation.synthesis_share == "auto" and synthesis_share(r) == SYNTHESIS_SHARE
+    resolved, why = resolve_init(r, teacher)
+    assert resolved.distillation.synthesis_share == want and synthesis_share(resolved) == want
+    assert yaml.safe_load(resolved.resolved_yaml())["distillation"]["synthesis_share"] == want
+    assert ("synthesis_share auto ->" in (why or "")) == (want == FOLDED_DEPTH_SHARE and budget is not None)
+    given = load_recipe(None, {"student.init": init, "student.arch": "cifar_resnet8",
+                               "distillation.synthesis_share": 0.6})
+    assert resolve_init(given, teacher)[0].distillation.synthesis_share == 0.6
+    for bad in (0, 1, 1.5):
+        with pytest.raises(Exception, match="synthesis_share"):
+            load_recipe(None, {"distillation.synthesis_share": bad})
