@@ -26,7 +26,8 @@ AUTO_GRAD_CLIP = 5.0
 SYNTHESIS_SHARE = 0.5     # of a budgeted run's training time (distillation.synthesis_share)
 # distillation.synthesis_share: auto. A depth student of a BN-folded teacher learns more from KD
 # steps than from more rounds: at 15 minutes on the dynamo ResNet-56, shares 0.3 / 0.5 / 0.7 gave
-# 62.9% / 60.3% / 55.6% (budget_settings.py series 8); every other student keeps 0.5 (series 2-4,
+# 62.9% / 60.3% / 55.6% (budget_settings.py series 8), and 69.7% at 60 minutes (67.4% at 0.5 in an
+# earlier session on a slower host; docs/benchmarks.md); every other student keeps 0.5 (series 2-4,
 # the BN-kept teacher, where 0.3 lost 10 points and 0.7 tied with cutmix on).
 FOLDED_DEPTH_SHARE = 0.3
 BUDGETED_MIX = "cutmix"   # distillation.mix: auto with a budget (docs/method.md, "KD settings at equal wall time")
