@@ -47,7 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 VARIANTS = {"baseline": {}, "synth_batch_64": {"synthesis.batch_size": 64},
-            "share_30": {"distillation.synthesis_share": 0.3}, "share_70": {"distillation.synthesis_share": 0.7},
+            "share_20": {"distillation.synthesis_share": 0.2}, "share_30": {"distillation.synthesis_share": 0.3},
+            "share_70": {"distillation.synthesis_share": 0.7},
             "fast2": {"synthesis.g_steps": 2}, "cached_logits": {"distillation.teacher_logits": "cached"},
             "mixup": {"distillation.mix": "mixup"}, "cutmix": {"distillation.mix": "cutmix"},
             "no_mix": {"distillation.mix": "none"},
