@@ -7,6 +7,7 @@ and warnings that go into report.json / report.md.
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -243,20 +244,26 @@ def depth_source(teacher):
 
 def resolve_init(recipe, teacher):
     """The student's ``auto`` choices made concrete for this teacher, before anything reads them:
-    ``student.init`` (:func:`_resolve_init`), then ``student.derived.lr_scale``
-    (:func:`_resolve_lr_scale`), ``distillation.features`` (:func:`_resolve_features`) and
-    ``distillation.synthesis_share`` (:func:`_resolve_synthesis_share`).
-    Returns (the recipe, a copy when it changed; the reasons, or None)."""
+    ``student.init`` (:func:`_resolve_init`), then the KD settings whose ``auto`` differs for a
+    depth student of a BN-folded teacher (:func:`_resolve_folded_auto`; recipe.py says what was
+    measured): ``student.derived.lr_scale``, ``distillation.features`` (only with KD labels
+    recomputed per batch, which the term needs) and ``distillation.synthesis_share`` (said only
+    with a budget, where it matters). Returns (the recipe, a copy when it changed; the reasons, or None)."""
     recipe, why = _resolve_init(recipe, teacher)
-    recipe, why_lr = _resolve_lr_scale(recipe, teacher)
-    recipe, why_ft = _resolve_features(recipe, teacher)
-    recipe, why_sh = _resolve_synthesis_share(recipe, teacher)
+    folded = _folded_depth(recipe, teacher)
+    recipe, why_lr = _resolve_folded_auto(recipe, "student.derived.lr_scale", folded,
+                                          FOLDED_DEPTH_LR_SCALE, DERIVED_LR_SCALE)
+    recipe, why_ft = _resolve_folded_auto(recipe, "distillation.features",
+                                          folded and recipe.distillation.teacher_logits == "recompute",
+                                          FOLDED_DEPTH_FEATURES, 0.0)
+    recipe, why_sh = _resolve_folded_auto(recipe, "distillation.synthesis_share", folded,
+                                          FOLDED_DEPTH_SHARE, SYNTHESIS_SHARE, say=bool(recipe.budget))
     return recipe, "; ".join(w for w in (why, why_lr, why_ft, why_sh) if w) or None
 
 
 def _folded_depth(recipe, teacher) -> bool:
     """A depth student of a BN-folded teacher: its BNs are matched to the teacher's layers, and its
-    auto KD settings differ (lr scale, feature matching)."""
+    auto KD settings differ (lr scale, feature matching, synthesis share)."""
     return recipe.student.init == "depth" and _bn_folded(depth_source(teacher)[2])
 
 
@@ -266,48 +273,21 @@ def _bn_folded(recognised) -> bool:
     return recognised is not None and recognised.bn != "kept"
 
 
-def _resolve_lr_scale(recipe, teacher):
-    """``student.derived.lr_scale: auto``: a depth student of a BN-folded teacher (its BNs matched
-    to the teacher's layers) is fine-tuned at FOLDED_DEPTH_LR_SCALE, any other at DERIVED_LR_SCALE
-    (recipe.py says what was measured)."""
-    s = recipe.student
-    if s.derived.lr_scale != "auto":
+def _resolve_folded_auto(recipe, path: str, folded: bool, folded_value: float, other_value: float, *,
+                         say: bool = True):
+    """The recipe value at dotted ``path`` when it is ``auto``: ``folded_value`` for a depth
+    student of a BN-folded teacher (``folded``), ``other_value`` for any other. Returns (the
+    recipe, a copy when it changed; the reason for the run output when ``folded`` and ``say``)."""
+    if functools.reduce(getattr, path.split("."), recipe) != "auto":
         return recipe, None
-    folded = _folded_depth(recipe, teacher)
-    scale = FOLDED_DEPTH_LR_SCALE if folded else DERIVED_LR_SCALE
-    derived = s.derived.model_copy(update={"lr_scale": scale})
-    recipe = recipe.model_copy(update={"student": s.model_copy(update={"derived": derived})})
-    why = f"student.derived.lr_scale auto -> {scale:g}: a depth student of a BN-folded teacher" if folded else None
-    return recipe, why
+    value = folded_value if folded else other_value
 
+    def put(model, keys):
+        head, *rest = keys
+        return model.model_copy(update={head: put(getattr(model, head), rest) if rest else value})
 
-def _resolve_features(recipe, teacher):
-    """``distillation.features: auto``: feature matching at FOLDED_DEPTH_FEATURES for a depth
-    student of a BN-folded teacher (KD labels recomputed per batch, which the term needs), off
-    for any other student (recipe.py says what was measured)."""
-    d = recipe.distillation
-    if d.features != "auto":
-        return recipe, None
-    on = d.teacher_logits == "recompute" and _folded_depth(recipe, teacher)
-    weight = FOLDED_DEPTH_FEATURES if on else 0.0
-    recipe = recipe.model_copy(update={"distillation": d.model_copy(update={"features": weight})})
-    why = f"distillation.features auto -> {weight:g}: a depth student of a BN-folded teacher" if on else None
-    return recipe, why
-
-
-def _resolve_synthesis_share(recipe, teacher):
-    """``distillation.synthesis_share: auto``: FOLDED_DEPTH_SHARE of a budgeted run's training time
-    synthesizes for a depth student of a BN-folded teacher, SYNTHESIS_SHARE for any other (recipe.py
-    says what was measured). Said in the run output only where it matters: with a budget."""
-    d = recipe.distillation
-    if d.synthesis_share != "auto":
-        return recipe, None
-    folded = _folded_depth(recipe, teacher)
-    share = FOLDED_DEPTH_SHARE if folded else SYNTHESIS_SHARE
-    recipe = recipe.model_copy(update={"distillation": d.model_copy(update={"synthesis_share": share})})
-    why = (f"distillation.synthesis_share auto -> {share:g}: a depth student of a BN-folded teacher"
-           if folded and recipe.budget else None)
-    return recipe, why
+    why = f"{path} auto -> {value:g}: a depth student of a BN-folded teacher" if folded and say else None
+    return put(recipe, path.split(".")), why
 
 
 def _resolve_init(recipe, teacher):
