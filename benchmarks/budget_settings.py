@@ -10,7 +10,11 @@ comparison is side by side on one machine rather than against a table row from a
 - ``baseline``: the time_to_accuracy recipe as it is.
 - ``synth_batch_64``: synthesis rounds of 64 images instead of 256: four times as many generator
   (meta) updates for the same number of images, which FastDFKD's few-step synthesis relies on.
-- ``share_30`` / ``share_70``: 30% / 70% of the training time synthesizes (the planner's 50%).
+  Series 9 ran before 64 became the default for a budgeted depth student of a BN-folded teacher
+  (``synthesis.batch_size: auto``); from then on its ``baseline`` has 64 and ``synth_batch_256``
+  is the old setting.
+- ``share_20`` / ``share_30`` / ``share_70``: 20% / 30% / 70% of the training time synthesizes
+  (``distillation.synthesis_share: auto``: 50%, or 30% for a depth student of a BN-folded teacher).
 - ``fast2``: Fast-2 (two generator steps per batch) instead of Fast-5: cheaper rounds, more of them.
 - ``cached_logits``: the teacher labels each pool image once (un-augmented) instead of every
   augmented KD batch: cheaper KD steps, more of them.
@@ -46,7 +50,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-VARIANTS = {"baseline": {}, "synth_batch_64": {"synthesis.batch_size": 64},
+VARIANTS = {"baseline": {}, "synth_batch_64": {"synthesis.batch_size": 64}, "synth_batch_256": {"synthesis.batch_size": 256},
             "share_20": {"distillation.synthesis_share": 0.2}, "share_30": {"distillation.synthesis_share": 0.3},
             "share_70": {"distillation.synthesis_share": 0.7},
             "fast2": {"synthesis.g_steps": 2}, "cached_logits": {"distillation.teacher_logits": "cached"},

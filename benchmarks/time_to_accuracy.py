@@ -177,8 +177,8 @@ def as_run(report: dict, recipe) -> dict:
     """What the run did, from its report: synthesis rounds and KD steps run, and the seconds of
     each (a re-tuned plan's counts hold only for the epochs after its last re-tune)."""
     s, d = report.get("synthesis") or {}, report.get("distillation") or {}
-    images = s.get("images")
-    return {"rounds_run": images // recipe.synthesis.batch_size if images else None, "kd_steps_run": d.get("kd_steps"),
+    images, batch = s.get("images"), s.get("batch_size", recipe.synthesis.batch_size)   # resolved by the run
+    return {"rounds_run": images // batch if images else None, "kd_steps_run": d.get("kd_steps"),
             "synthesis_s": s.get("seconds"), "kd_s": d.get("seconds")}
 
 

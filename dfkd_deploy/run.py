@@ -346,7 +346,7 @@ def finish_run(teacher: Teacher, student: nn.Module, recipe: Recipe, run_dir: Pa
                  "teacher_params": count_parameters(teacher.module), **getattr(student, "dfkd_info", {})},
         evaluation=evaluation, probe_agreement=agreement, export=export,
         synthesis={"method": recipe.synthesis.method, "g_steps": recipe.synthesis.g_steps,
-                   "images": r.images if r else None, "seconds": round(r.synthesis_seconds, 2) if r else None,
+                   "batch_size": recipe.synthesis.batch_size, "images": r.images if r else None, "seconds": round(r.synthesis_seconds, 2) if r else None,
                    "images_per_second": round(r.images / r.synthesis_seconds, 2) if r and r.synthesis_seconds else None},
         distillation={"epochs": r.epochs if r else None,
                       "seconds": round(r.distillation_seconds, 2) if r else None,

@@ -15,7 +15,7 @@ import torch
 from dfkd_deploy.core import distributed, lock
 from dfkd_deploy.core.errors import UsageError
 from dfkd_deploy.core.io import OUTPUT_ERRNOS, OutputError, is_temporary, os_error_reason
-from dfkd_deploy.recipe import Recipe
+from dfkd_deploy.recipe import Recipe, synthesis_batch
 from dfkd_deploy.validate.data import check_eval_data
 
 _HELD_LOCKS: dict[Path, lock.RunLock] = {}
@@ -162,7 +162,7 @@ def check_batch_memory(recipe: Recipe, input_shape, device: torch.device) -> Non
     if free is None:
         return
     per_image = 4 * int(np.prod(input_shape)) * _BATCH_COPIES
-    for key, batch in (("synthesis.batch_size", recipe.synthesis.batch_size),
+    for key, batch in (("synthesis.batch_size", synthesis_batch(recipe.synthesis)),
                        ("distillation.batch_size", recipe.distillation.batch_size),
                        ("validation.batch_size", recipe.validation.batch_size)):
         need = batch * per_image

@@ -15,7 +15,7 @@ from dfkd_deploy.distill.trainer import seed_everything
 from dfkd_deploy.core.errors import UsageError
 from dfkd_deploy.students.student_file import load_student, save_student
 from dfkd_deploy.core.progress import task, warn
-from dfkd_deploy.recipe import Recipe
+from dfkd_deploy.recipe import Recipe, synthesis_batch
 from dfkd_deploy.runtime.onnxruntime import OrtRunner
 from dfkd_deploy.students.build import resolve_init
 from dfkd_deploy.synthesis.pool import ImagePool
@@ -113,7 +113,7 @@ def validate(student_path, teacher_path, recipe: Recipe, *, eval_data=None, prob
         for _ in range(PROBE_WARMUP_ROUNDS):   # a fresh generator first learns what the teacher likes
             synth.synthesize(None)
             bar.advance()
-    probe_pixels = make_probes(synth, probes, recipe.synthesis.batch_size, recipe.seed)
+    probe_pixels = make_probes(synth, probes, synthesis_batch(recipe.synthesis), recipe.seed)
     t = predict(teacher.module, probe_pixels, normalizer=norm, device=dev)
     out = {"probe_images": probes, "probe_agreement": top1_agreement(t, student_logits(probe_pixels))}
     if eval_data is None:

@@ -45,7 +45,9 @@ def _allowed(field) -> str:
     args = [a for a in typing.get_args(field.annotation) if a is not type(None)]
     for a in (field.annotation, *args):
         if typing.get_origin(a) is typing.Literal:
-            return " / ".join(f"`{v}`" for v in typing.get_args(a))
+            words = " / ".join(f"`{v}`" for v in typing.get_args(a))
+            numbers = [t for t in args if t in (int, float)]   # e.g. float | Literal["auto"]
+            return f"{'an integer' if numbers == [int] else 'a number'} or {words}" if numbers else words
     bounds = []
     for m in field.metadata:
         for name, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):

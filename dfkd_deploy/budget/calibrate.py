@@ -48,6 +48,7 @@ def calibrate(teacher, recipe, student, device, *, eval_images: int = 0) -> Cost
     from dfkd_deploy.distill.attention import AttentionTransfer
     from dfkd_deploy.distill.kd import kd_kl
     from dfkd_deploy.distill.trainer import feature_weight
+    from dfkd_deploy.recipe import synthesis_batch
 
     s, d = recipe.synthesis, recipe.distillation
     student = copy.deepcopy(student).to(device)
@@ -59,7 +60,7 @@ def calibrate(teacher, recipe, student, device, *, eval_images: int = 0) -> Cost
         # one, measured by benchmarks/calibration_warmup.py): the second is the one planned with
         synth.synthesize(student, adversarial=True)
         round_s = _timed(lambda: synth.synthesize(student, adversarial=True))
-        images, _ = synth.synthesize(None, adversarial=False, meta_update=False, batch_size=min(s.batch_size, 8))
+        images, _ = synth.synthesize(None, adversarial=False, meta_update=False, batch_size=min(synthesis_batch(s), 8))
     norm = teacher.normalizer().to(device)
     pixels = images.repeat(math.ceil(d.batch_size / len(images)), 1, 1, 1)[:d.batch_size].to(device)
     opt = torch.optim.SGD(student.parameters(), lr=1e-6)

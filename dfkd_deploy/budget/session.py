@@ -13,6 +13,7 @@ from dfkd_deploy.budget.planner import (PROBE_SHARE, Costs, Plan, cap_probes, pl
 from dfkd_deploy.core.units import parse_duration
 from dfkd_deploy.core.errors import UsageError
 from dfkd_deploy.core.io import write_json
+from dfkd_deploy.recipe import synthesis_batch
 
 BUDGET_FILE = "budget.json"
 # A budgeted run re-tunes its per-epoch counts with the costs it measures (planner.retune) after
@@ -63,11 +64,11 @@ def plan_for(teacher, recipe, student, device, *, spent_s: float, eval_images: i
     if ctx.enabled:
         spent = ctx.broadcast(spent)
     budget_s = parse_duration(recipe.budget)
-    probes, saved = cap_probes(budget_s, costs, recipe.validation.probe_images, recipe.synthesis.batch_size)
+    probes, saved = cap_probes(budget_s, costs, recipe.validation.probe_images, synthesis_batch(recipe.synthesis))
     costs = replace(costs, finish_s=costs.finish_s - saved)   # (what the plan and a resume count on)
 
     def plan() -> Plan:
-        kw = dict(spent_s=spent, synth_batch=recipe.synthesis.batch_size,
+        kw = dict(spent_s=spent, synth_batch=synthesis_batch(recipe.synthesis),
                   synthesis_share=synthesis_share(recipe))
         cut = {"costs": costs, "probe_images": probes if probes < recipe.validation.probe_images else None}
         try:
@@ -167,7 +168,7 @@ def start(teacher, recipe, student, run_dir: Path, device, *, started: float, re
         notes = []
         if plan.probe_images is not None:
             asked = recipe.validation.probe_images
-            all_s = -(-asked // recipe.synthesis.batch_size) * plan.costs.probe_batch_s
+            all_s = -(-asked // synthesis_batch(recipe.synthesis)) * plan.costs.probe_batch_s
             notes.append(f"held-out probes cut from {asked} to {plan.probe_images}: synthesizing them all would "
                          f"take about {all_s:.0f} s, over {PROBE_SHARE:.0%} of the budget (the data-free "
                          "estimate's interval is wider)")

@@ -21,7 +21,7 @@ from dfkd_deploy.students import architecture, depth, prune
 from dfkd_deploy.students.recognise import recognise
 from dfkd_deploy.core.units import Target, parse_target
 from dfkd_deploy.recipe import (DERIVED_LR_SCALE, FOLDED_DEPTH_FEATURES, FOLDED_DEPTH_LR_SCALE, FOLDED_DEPTH_SHARE,
-                                SYNTHESIS_SHARE)
+                                FOLDED_DEPTH_SYNTH_BATCH, SYNTHESIS_BATCH, SYNTHESIS_SHARE)
 from dfkd_deploy.students.targets import (DEFAULT_FRACTION, SizeFigures, measure, meets, ratios,
                                                 size_warnings, teacher_figures, worst_latency_ratio)
 
@@ -247,8 +247,8 @@ def resolve_init(recipe, teacher):
     ``student.init`` (:func:`_resolve_init`), then the KD settings whose ``auto`` differs for a
     depth student of a BN-folded teacher (:func:`_resolve_folded_auto`; recipe.py says what was
     measured): ``student.derived.lr_scale``, ``distillation.features`` (only with KD labels
-    recomputed per batch, which the term needs) and ``distillation.synthesis_share`` (said only
-    with a budget, where it matters). Returns (the recipe, a copy when it changed; the reasons, or None)."""
+    recomputed per batch, which the term needs), ``distillation.synthesis_share`` (said only
+    with a budget, where it matters) and ``synthesis.batch_size`` (only with a budget). Returns (the recipe, a copy when it changed; the reasons, or None)."""
     recipe, why = _resolve_init(recipe, teacher)
     folded = _folded_depth(recipe, teacher)
     recipe, why_lr = _resolve_folded_auto(recipe, "student.derived.lr_scale", folded,
@@ -258,12 +258,14 @@ def resolve_init(recipe, teacher):
                                           FOLDED_DEPTH_FEATURES, 0.0)
     recipe, why_sh = _resolve_folded_auto(recipe, "distillation.synthesis_share", folded,
                                           FOLDED_DEPTH_SHARE, SYNTHESIS_SHARE, say=bool(recipe.budget))
-    return recipe, "; ".join(w for w in (why, why_lr, why_ft, why_sh) if w) or None
+    recipe, why_sb = _resolve_folded_auto(recipe, "synthesis.batch_size", folded and bool(recipe.budget),
+                                          FOLDED_DEPTH_SYNTH_BATCH, SYNTHESIS_BATCH)
+    return recipe, "; ".join(w for w in (why, why_lr, why_ft, why_sh, why_sb) if w) or None
 
 
 def _folded_depth(recipe, teacher) -> bool:
     """A depth student of a BN-folded teacher: its BNs are matched to the teacher's layers, and its
-    auto KD settings differ (lr scale, feature matching, synthesis share)."""
+    auto settings differ (KD lr scale, feature matching, synthesis share, synthesis batch)."""
     return recipe.student.init == "depth" and _bn_folded(depth_source(teacher)[2])
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from dfkd_deploy.core.errors import UsageError
+from dfkd_deploy.recipe import synthesis_batch
 from dfkd_deploy.synthesis.priors import Priors
 
 if TYPE_CHECKING:
@@ -49,4 +50,6 @@ def make_synthesizer(teacher: "Teacher", recipe, device) -> "Synthesizer":
     without BN statistics (``spec.bn_layers == 0``) gets no BN term, and the BN-free priors (TV, L2,
     DAFL entropy and activation) at their defaults wherever the recipe leaves ``synthesis.priors.*`` null."""
     s = recipe.synthesis
+    if s.batch_size == "auto":   # no student to resolve it against (a teacher-only synthesis)
+        s = s.model_copy(update={"batch_size": synthesis_batch(s)})
     return build_synthesizer(s.method, teacher, s, torch.device(device), Priors.for_teacher(teacher.spec, s.priors))

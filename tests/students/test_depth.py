@@ -7,7 +7,7 @@ import torch
 from dfkd_deploy.students import build
 from dfkd_deploy.students.depth import block_map, choose_blocks, recalibrate_bn, shallower
 from dfkd_deploy.recipe import (DERIVED_LR_SCALE, FOLDED_DEPTH_FEATURES, FOLDED_DEPTH_LR_SCALE, FOLDED_DEPTH_SHARE,
-                               SYNTHESIS_SHARE, load_recipe)
+                               FOLDED_DEPTH_SYNTH_BATCH, SYNTHESIS_BATCH, SYNTHESIS_SHARE, load_recipe)
 
 
 @pytest.mark.parametrize("t,s,how,want", [(9, 3, "spread", [0, 4, 8]), (9, 3, "last", [0, 7, 8]),
@@ -336,3 +336,33 @@ def test_auto_synthesis_share_favours_kd_for_a_depth_student_of_a_folded_teacher
     for bad in (0, 1, 1.5):
         with pytest.raises(Exception, match="synthesis_share"):
             load_recipe(None, {"distillation.synthesis_share": bad})
+
+
+@pytest.mark.parametrize("form,init,budget,want", [("zoo_teacher_fused", "auto", "30m", FOLDED_DEPTH_SYNTH_BATCH),
+                                                   ("zoo_teacher_fused", "depth", None, SYNTHESIS_BATCH),
+                                                   ("zoo_teacher_fused", "prune", "30m", SYNTHESIS_BATCH),
+                                                   ("zoo_teacher_legacy", "depth", "30m", SYNTHESIS_BATCH)])
+def test_auto_synthesis_batch_is_smaller_for_a_budgeted_depth_student_of_a_folded_teacher(request, form, init,
+                                                                                            budget, want):
+    """synthesis.batch_size: auto resolves against the teacher: a budgeted depth student of a
+    BN-folded teacher synthesizes in rounds of FOLDED_DEPTH_SYNTH_BATCH (said in the run output),
+    any other run in rounds of SYNTHESIS_BATCH, which is also what an unresolved auto reads as (a
+    teacher-only synthesis, the memory check); a number given is kept; below 2 is refused."""
+    import yaml
+
+    from dfkd_deploy.recipe import synthesis_batch
+    from dfkd_deploy.students.build import resolve_init
+
+    teacher = request.getfixturevalue(form)
+    r = load_recipe(None, {"student.init": init, "student.arch": "cifar_resnet8", "budget": budget})
+    assert r.synthesis.batch_size == "auto" and synthesis_batch(r.synthesis) == SYNTHESIS_BATCH
+    resolved, why = resolve_init(r, teacher)
+    assert resolved.synthesis.batch_size == want and synthesis_batch(resolved.synthesis) == want
+    assert yaml.safe_load(resolved.resolved_yaml())["synthesis"]["batch_size"] == want
+    assert ("synthesis.batch_size auto -> 64" in (why or "")) == (want == FOLDED_DEPTH_SYNTH_BATCH)
+    given = load_recipe(None, {"student.init": init, "student.arch": "cifar_resnet8", "budget": budget,
+                               "synthesis.batch_size": 32})
+    assert resolve_init(given, teacher)[0].synthesis.batch_size == 32
+    for bad in (0, 1):
+        with pytest.raises(Exception, match="batch_size"):
+            load_recipe(None, {"synthesis.batch_size": bad})

@@ -114,3 +114,17 @@ def test_a_closed_synthesizer_leaves_no_hook_on_the_teacher(digits_teacher):
         assert hooks(digits_teacher.module) > before
         synth.synthesize(None)
     assert hooks(digits_teacher.module) == before
+
+
+def test_an_unresolved_auto_batch_synthesizes_in_rounds_of_the_default(digits_teacher):
+    """A teacher-only synthesis has no student to resolve synthesis.batch_size: auto against; the
+    synthesizer takes SYNTHESIS_BATCH and leaves the recipe as it was."""
+    from dfkd_deploy.recipe import SYNTHESIS_BATCH
+    from dfkd_deploy.synthesis import make_synthesizer
+
+    recipe = quick_recipe(**{"synthesis.batch_size": "auto", "synthesis.g_steps": 1, "synthesis.nz": 8,
+                             "synthesis.ngf": 4})
+    with make_synthesizer(digits_teacher, recipe, "cpu") as synth:
+        assert synth.opts.batch_size == SYNTHESIS_BATCH
+        images, _ = synth.synthesize(None, meta_update=False, batch_size=4)
+    assert images.shape[0] == 4 and recipe.synthesis.batch_size == "auto"
