@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from dfkd_deploy.budget.planner import Costs
+from dfkd_deploy.recipe import synthesis_batch
 
 KD_STEPS_TIMED = 3        # after one untimed warm-up step; the median is taken
 LATENCY_RUNS = 7 * 3      # (2 warm-up + 5 timed) runs of teacher, student and INT8 student, per batch size
@@ -48,7 +49,6 @@ def calibrate(teacher, recipe, student, device, *, eval_images: int = 0) -> Cost
     from dfkd_deploy.distill.attention import AttentionTransfer
     from dfkd_deploy.distill.kd import kd_kl
     from dfkd_deploy.distill.trainer import feature_weight
-    from dfkd_deploy.recipe import synthesis_batch
 
     s, d = recipe.synthesis, recipe.distillation
     student = copy.deepcopy(student).to(device)
@@ -102,7 +102,7 @@ def calibrate(teacher, recipe, student, device, *, eval_images: int = 0) -> Cost
             stage.remove()
     teacher_img_s, student_img_s = _forward_seconds(teacher.module, student, norm(pixels))
     # cached logits: each round's images get one teacher forward when KD first draws them
-    labelling_s = teacher_img_s * s.batch_size if cached else 0.0
+    labelling_s = teacher_img_s * synthesis_batch(s) if cached else 0.0
     overhead_s, export_s = _bookkeeping(student.cpu(), teacher.spec.input_shape)
     kw = dict(round_s=round_s, export_s=export_s, teacher_img_s=teacher_img_s, student_img_s=student_img_s,
               eval_images=eval_images, latency_s=_latency_seconds(student))
@@ -125,7 +125,7 @@ def finish_seconds(recipe, *, round_s: float, export_s: float, teacher_img_s: fl
     runtimes = [r for r in recipe.deploy.edge_runtimes if (installed or _installed)(r)]
     backends = 3 + sum(EDGE_FILES[r] for r in runtimes)          # ORT fp32, ORT int8 (x2), edge files
     compare = min(eval_images, BUDGET_COMPARE_IMAGES)
-    return (math.ceil(probes / s.batch_size) * round_s * PROBE_ROUND   # probes: no adversarial term, no meta update
+    return (math.ceil(probes / synthesis_batch(s)) * round_s * PROBE_ROUND   # probes: no adversarial term, no meta update
             + 4 * export_s                                        # export + parity, INT8 quantisation and checks
             + eval_images * (teacher_img_s + 2 * student_img_s)
             + (recipe.deploy.calibration_images + probes) * student_img_s * 2

@@ -187,15 +187,18 @@ def cap_probes(budget_s: float, costs: Costs, probes: int, batch: int,
     return allowed * batch, (batches - allowed) * costs.probe_batch_s
 
 
-def _fit_counts(plan: Plan, done_epochs: int, target_s: float, max_scale: float) -> tuple[int, int]:
+def _fit_counts(plan: Plan, done_epochs: int, target_s: float, max_scale: float,
+                base: tuple[float, float] | None = None) -> tuple[int, int]:
     """(rounds per epoch, KD steps per epoch) for the epochs after ``done_epochs``: the largest
-    common scale of the plan's counts (at most ``max_scale``) whose rest fits ``target_s``, then
-    the KD steps that the time still left pays for. (1, 1) when nothing fits."""
+    common scale of ``base`` (default: the plan's counts) whose rest fits ``target_s``, neither
+    count above ``max_scale`` times the plan's, then the KD steps that the time still left pays
+    for. (1, 1) when nothing fits."""
+    base_r, base_k = base or (plan.rounds_per_epoch, plan.kd_steps)
     best = (1, 1)
-    lo, hi = 0.0, max_scale
+    lo, hi = 0.0, max_scale / max(base_r / plan.rounds_per_epoch, base_k / max(1, plan.kd_steps), 1e-9)
     for _ in range(40):
         mid = (lo + hi) / 2
-        rpe, kd = max(1, int(plan.rounds_per_epoch * mid)), max(1, int(plan.kd_steps * mid))
+        rpe, kd = max(1, int(base_r * mid)), max(1, int(base_k * mid))
         if remaining_seconds(plan, done_epochs, rounds_per_epoch=rpe, kd_steps=kd) <= target_s:
             lo, best = mid, (rpe, kd)
         else:
@@ -228,16 +231,26 @@ def retune(plan: Plan, done_epochs: int, left_s: float, measured: Costs, *, marg
     epoch that end the run inside what is left of the budget. More of both where the short
     calibration overestimated them (in the 60-minute ResNet-56 run it timed a KD step at 0.74 s
     and a round at 7.8 s that ran at 0.54 s and 6.5 s, leaving 23% of the hour unused), fewer
-    where the machine got slower (another job beside the run). (plan, a note for report.json, or
-    None when the rest already fits within ``tolerance`` of the budget.)"""
+    where the machine got slower (another job beside the run); either way the epoch's time stays
+    split between synthesis and KD as the plan split it (its synthesis share). (plan, a note for
+    report.json, or None when the rest already fits within ``tolerance`` of the budget and the
+    split holds to within a round.)"""
     if done_epochs >= plan.epochs:
         return plan, None
     target = left_s - margin * plan.budget_s
     rest = replace(plan, costs=measured)
     need = remaining_seconds(rest, done_epochs)
-    if abs(need - target) <= tolerance * plan.budget_s:
+    # scaled from the counts that keep the plan's split at the measured costs, not from the counts
+    # themselves: a calibration that timed a round of 64 at 2.33 s that ran at 1.48 s (KD steps
+    # timed right) would otherwise have kept 3 rounds an epoch and given KD the time left, a
+    # synthesis share of 18% where the plan asked for 30%
+    c = plan.costs
+    base = (plan.rounds_per_epoch * c.synth_round_s / measured.synth_round_s if measured.synth_round_s > 0
+            else plan.rounds_per_epoch,
+            plan.kd_steps * c.kd_step_s / measured.kd_step_s if measured.kd_step_s > 0 else plan.kd_steps)
+    if abs(need - target) <= tolerance * plan.budget_s and abs(base[0] - plan.rounds_per_epoch) < 1:
         return plan, None
-    rpe, kd = _fit_counts(rest, done_epochs, target, max_scale)
+    rpe, kd = _fit_counts(rest, done_epochs, target, max_scale, base)
     if (rpe, kd) == (plan.rounds_per_epoch, plan.kd_steps):
         return plan, None
     before = remaining_seconds(plan, done_epochs)

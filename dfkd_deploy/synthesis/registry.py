@@ -42,6 +42,8 @@ def build_synthesizer(name: str, teacher: "Teacher", options, device: torch.devi
     cls = _REGISTRY.get(name)
     if cls is None:
         raise UsageError(f"unknown synthesis method {name!r}; choose one of: {', '.join(synthesizer_names())}")
+    if options.batch_size == "auto":   # not resolved against a student (a teacher-only synthesis, probes)
+        options = options.model_copy(update={"batch_size": synthesis_batch(options)})
     return cls(teacher, options, device, priors)
 
 
@@ -50,6 +52,4 @@ def make_synthesizer(teacher: "Teacher", recipe, device) -> "Synthesizer":
     without BN statistics (``spec.bn_layers == 0``) gets no BN term, and the BN-free priors (TV, L2,
     DAFL entropy and activation) at their defaults wherever the recipe leaves ``synthesis.priors.*`` null."""
     s = recipe.synthesis
-    if s.batch_size == "auto":   # no student to resolve it against (a teacher-only synthesis)
-        s = s.model_copy(update={"batch_size": synthesis_batch(s)})
     return build_synthesizer(s.method, teacher, s, torch.device(device), Priors.for_teacher(teacher.spec, s.priors))

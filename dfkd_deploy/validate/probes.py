@@ -85,7 +85,7 @@ def fresh_generator(teacher, synthesis_options, device, *, seed: int, count: int
                                Priors.for_teacher(teacher.spec, opts.priors)) as synth:
             for _ in range(rounds):
                 synth.synthesize(None, adversarial=False)
-            pixels = _sample(synth, count, opts.batch_size)
+            pixels = _sample(synth, count, synth.opts.batch_size)
     return ProbeSource("fresh", pixels,
                        f"fresh FastDFKD generator (seed +{seed_offset}, {rounds} rounds, no adversarial term)",
                        {"rounds": rounds})
@@ -101,7 +101,7 @@ def deepinversion(teacher, synthesis_options, device, *, seed: int, count: int =
         torch.manual_seed(seed + seed_offset)
         with build_synthesizer("deepinversion", teacher, opts, device,
                                Priors.for_teacher(teacher.spec, opts.priors)) as synth:
-            pixels = _sample(synth, count, opts.batch_size)
+            pixels = _sample(synth, count, synth.opts.batch_size)
     return ProbeSource("deepinversion", pixels,
                        f"DeepInversion from noise ({steps} steps, lr {lr:g})", {"steps": steps})
 

@@ -263,6 +263,37 @@ def test_retune_fits_the_rest_to_the_measured_costs(kd_ratio, synth_ratio, done)
         assert new.kd_steps < plan.kd_steps
 
 
+@pytest.mark.parametrize("synth_ratio,kd_ratio", [(0.63, 0.97), (1.5, 1.0), (0.63, 0.63), (1.0, 0.5)])
+def test_retune_keeps_the_plans_split_between_synthesis_and_kd(synth_ratio, kd_ratio):
+    """A calibration that mis-times one cost more than the other (a round of 64 timed at 2.33 s
+    that ran at 1.48 s, KD steps timed right, in a 60-minute dynamo ResNet-56 run) must not move
+    the synthesis share the plan chose: the re-tuned counts split the rest of each epoch as the
+    plan did, to within one synthesis round, and still fit what is left."""
+    from dataclasses import replace
+
+    from dfkd_deploy.budget.planner import remaining_seconds, retune
+
+    costs = Costs(synth_round_s=2.33, kd_step_s=0.524, epoch_overhead_s=0.02, finish_s=150.0)
+    plan = plan_budget(3600, costs, spent_s=40, synth_batch=64, synthesis_share=0.3)
+    measured = replace(costs, synth_round_s=2.33 * synth_ratio, kd_step_s=0.524 * kd_ratio)
+    done = plan.warmup + 2
+    left = 3600 - 40 - done * plan.rounds_per_epoch * measured.synth_round_s \
+        - 2 * plan.kd_steps * measured.kd_step_s
+
+    def share(p, c):
+        synth = p.rounds_per_epoch * c.synth_round_s
+        return synth / (synth + p.kd_steps * c.kd_step_s)
+
+    new, note = retune(plan, done, left, measured)
+    assert note is not None and (new.epochs, new.warmup) == (plan.epochs, plan.warmup)
+    assert remaining_seconds(new, done) <= left - MARGIN * 3600 + 1e-6
+    one_round = measured.synth_round_s / (new.rounds_per_epoch * measured.synth_round_s
+                                          + new.kd_steps * measured.kd_step_s)
+    assert abs(share(new, measured) - share(plan, costs)) <= one_round + 0.01, (share(new, measured), share(plan, costs))
+    if synth_ratio < kd_ratio:   # rounds cheaper than timed, relative to KD steps: more rounds an epoch
+        assert new.rounds_per_epoch > plan.rounds_per_epoch
+
+
 def test_retune_hook_changes_the_distillers_counts_and_budget_json(tmp_path):
     """The Retuner, called as the distiller's epoch hook, re-tunes once the warm-up and two KD
     epochs are done: the distiller's recipe, the session's plan and budget.json get the new counts."""
